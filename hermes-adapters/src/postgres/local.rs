@@ -1,0 +1,954 @@
+//! A private PostgreSQL cluster in a directory, started from the machine's
+//! PostgreSQL server binaries (`initdb`, `pg_ctl`, `postgres`).
+//!
+//! The host uses it when `DATABASE_URL` is unset (data under `./.hermes/pg`),
+//! and the test suites use it through [`test_database`], so that nothing
+//! depends on a Postgres service that happens to run on the machine.
+//!
+//! What [`LocalPostgres::start`] does:
+//!
+//! - finds the server binaries: `$HERMES_PG_BINDIR`, then `PATH`, then the
+//!   newest `/usr/lib/postgresql/*/bin` (Debian/Ubuntu) or `/usr/pgsql-*/bin`
+//!   (RHEL); none found is an error that names the package to install;
+//! - the first time, runs `initdb` (superuser `postgres`, trust authentication,
+//!   UTF8, C locale) into a fresh sibling directory and renames it into place,
+//!   so two processes initialising the same directory cannot trip over a
+//!   half-written cluster;
+//! - if a server for that directory already runs (its `postmaster.pid` is
+//!   alive), reuses it and its port; otherwise starts one with `pg_ctl` on a
+//!   free loopback port, listening on 127.0.0.1 only, with the Unix socket
+//!   disabled. Two processes racing to start the same directory are settled by
+//!   the server's own `postmaster.pid` lock: the loser reuses the winner;
+//! - waits until the server accepts connections, creates the database if it is
+//!   missing, and hands back its `postgres://` URL.
+//!
+//! PostgreSQL refuses to run as root. When the current user is root (CI
+//! containers), the binaries run as the unprivileged `postgres` system user
+//! through `runuser` (or `setpriv`), the data directory is owned by that user,
+//! and every parent directory is made traversable (search permission only) for
+//! it.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+/// Name of the superuser role created by `initdb` in every local cluster.
+pub const SUPERUSER: &str = "postgres";
+
+/// Environment variable naming a directory that holds `initdb`, `pg_ctl` and
+/// `postgres`; it takes precedence over `PATH` and the well-known locations.
+pub const BINDIR_ENV: &str = "HERMES_PG_BINDIR";
+
+/// Environment variable that overrides where [`test_database`] keeps its
+/// shared cluster (default: `<cargo target dir>/tmp/hermes-pg-test`).
+pub const TEST_DIR_ENV: &str = "HERMES_TEST_PG_DIR";
+
+/// How long to wait for a server to start and accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many times to try starting a server before giving up (a start can fail
+/// because another process took the chosen port, or started the same cluster).
+const START_ATTEMPTS: u32 = 5;
+
+/// The configuration file, inside the data directory, that Hermes rewrites on
+/// every start and that `postgresql.conf` includes.
+const HERMES_CONF: &str = "hermes.conf";
+
+/// The server log, inside the data directory.
+const SERVER_LOG: &str = "server.log";
+
+/// How hard the cluster works to keep committed data across a machine crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `fsync`, `synchronous_commit` and `full_page_writes` on (PostgreSQL's
+    /// defaults): a committed transaction survives a power loss. Use this for
+    /// anything that holds data someone relies on.
+    #[default]
+    Durable,
+    /// `fsync`, `synchronous_commit` and `full_page_writes` off. Much faster,
+    /// and a crash of the machine (not of the server process) can lose or
+    /// corrupt data. For throwaway test clusters only.
+    Relaxed,
+}
+
+/// Options for [`LocalPostgres::start_with`].
+#[derive(Debug, Clone)]
+pub struct LocalPostgresConfig {
+    /// Directory of the cluster (created if missing). Relative paths are
+    /// resolved against the current directory.
+    pub data_dir: PathBuf,
+    /// Database to create if missing; the returned URL points at it.
+    pub database: String,
+    /// Durability settings of the server (see [`Durability`]).
+    pub durability: Durability,
+    /// `max_connections` of the server.
+    pub max_connections: u32,
+}
+
+impl LocalPostgresConfig {
+    /// A durable cluster in `data_dir` with one database `database` and
+    /// `max_connections = 100`.
+    pub fn new(data_dir: impl Into<PathBuf>, database: impl Into<String>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            database: database.into(),
+            durability: Durability::Durable,
+            max_connections: 100,
+        }
+    }
+
+    /// Sets the durability settings (see [`Durability`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Sets `max_connections`.
+    pub fn max_connections(mut self, max_connections: u32) -> Self {
+        self.max_connections = max_connections;
+        self
+    }
+}
+
+/// Why a local cluster could not be started, stopped or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPostgresError {
+    /// No directory holds all of `initdb`, `pg_ctl` and `postgres`.
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found on PATH, \
+         under /usr/lib/postgresql/*/bin or /usr/pgsql-*/bin: install the 'postgresql' package \
+         (e.g. `apt-get install postgresql`), or set {BINDIR_ENV} to the directory that holds them"
+    )]
+    BinariesNotFound,
+    /// Running as root, and there is no `postgres` user to run the server as.
+    #[error(
+        "PostgreSQL refuses to run as root, and this machine has no 'postgres' system user to run \
+         it as: create one (`useradd --system --user-group --home-dir /var/lib/postgresql \
+         --shell /bin/sh postgres`), or run as an unprivileged user"
+    )]
+    NoUnprivilegedUser,
+    /// Running as root, and neither `runuser` nor `setpriv` is available.
+    #[error(
+        "PostgreSQL refuses to run as root, and neither `runuser` nor `setpriv` (util-linux) was \
+         found to run it as the 'postgres' user: install the 'util-linux' package, or run as an \
+         unprivileged user"
+    )]
+    NoPrivilegeDropTool,
+    /// The data directory exists, is not empty, and is not a PostgreSQL cluster.
+    #[error("{0} exists and is not a PostgreSQL data directory (no PG_VERSION); move it away")]
+    NotADataDirectory(PathBuf),
+    /// The database name contains characters other than ASCII letters, digits and `_`.
+    #[error("invalid database name {0:?}: use ASCII letters, digits and '_' only")]
+    InvalidDatabaseName(String),
+    /// A file-system operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A command exited unsuccessfully (or could not be run).
+    #[error("`{command}` failed ({status}): {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status, or why it could not run.
+        status: String,
+        /// Its standard error and output.
+        output: String,
+    },
+    /// The server did not start or did not accept connections in time.
+    #[error("PostgreSQL in {} did not become ready: {reason}; server log {}:\n{log_tail}", data_dir.display(), data_dir.join(SERVER_LOG).display())]
+    NotReady {
+        /// The cluster's directory.
+        data_dir: PathBuf,
+        /// The last error seen.
+        reason: String,
+        /// The end of the server log.
+        log_tail: String,
+    },
+    /// A SQL statement against the cluster failed.
+    #[error("PostgreSQL on port {port}: {source}")]
+    Sql {
+        /// The server's port.
+        port: u16,
+        /// The underlying error.
+        source: sqlx::Error,
+    },
+    /// A blocking helper task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalPostgresError {
+    let path = path.to_path_buf();
+    move |source| LocalPostgresError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A running private PostgreSQL cluster (see the [module docs](self)).
+///
+/// Dropping the value leaves the server running, so the next start reuses it;
+/// call [`LocalPostgres::stop`] to shut it down.
+#[derive(Clone)]
+pub struct LocalPostgres {
+    data_dir: PathBuf,
+    port: u16,
+    database: String,
+    reused: bool,
+    runner: Runner,
+}
+
+impl fmt::Debug for LocalPostgres {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalPostgres")
+            .field("data_dir", &self.data_dir)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("reused", &self.reused)
+            .field("bindir", &self.runner.bindir)
+            .field("run_as", &self.runner.run_as.as_ref().map(|r| &r.user))
+            .finish()
+    }
+}
+
+impl LocalPostgres {
+    /// Starts (or reuses) a durable cluster in `data_dir` and creates
+    /// `database` in it if missing. See [`LocalPostgres::start_with`].
+    pub async fn start(
+        data_dir: impl Into<PathBuf>,
+        database: &str,
+    ) -> Result<Self, LocalPostgresError> {
+        Self::start_with(LocalPostgresConfig::new(data_dir, database)).await
+    }
+
+    /// Starts (or reuses) the cluster described by `config`, waits until it
+    /// accepts connections and creates `config.database` if missing.
+    pub async fn start_with(config: LocalPostgresConfig) -> Result<Self, LocalPostgresError> {
+        validate_database_name(&config.database)?;
+        let database = config.database.clone();
+        let (data_dir, port, reused, runner) = blocking(move || start_blocking(&config)).await?;
+        let pg = LocalPostgres {
+            data_dir,
+            port,
+            database,
+            reused,
+            runner,
+        };
+        pg.wait_ready().await?;
+        pg.create_database(&pg.database).await?;
+        Ok(pg)
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/<database>` of the database given at start.
+    pub fn url(&self) -> String {
+        self.url_for(&self.database)
+    }
+
+    /// The URL of another database of the same cluster.
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Connection options for `database` of this cluster.
+    pub fn connect_options(&self, database: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(SUPERUSER)
+            .database(database)
+    }
+
+    /// The loopback TCP port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The cluster's data directory (absolute).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The database given at start.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Whether the server was already running and was reused rather than started.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Creates `name` in this cluster unless it exists. Safe to call
+    /// concurrently from several processes.
+    pub async fn create_database(&self, name: &str) -> Result<(), LocalPostgresError> {
+        validate_database_name(name)?;
+        let mut conn = self.admin_connection().await?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(name)
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(|e| self.sql_err(e))?;
+        if exists.is_none() {
+            let created = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                .execute(&mut conn)
+                .await;
+            match created {
+                Ok(_) => {}
+                // Created concurrently by someone else: duplicate_database, or
+                // unique_violation on pg_database when both raced the catalog.
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
+                Err(e) => return Err(self.sql_err(e)),
+            }
+        }
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// Drops `name` from this cluster if it exists, disconnecting its sessions.
+    pub async fn drop_database(&self, name: &str) -> Result<(), LocalPostgresError> {
+        validate_database_name(name)?;
+        let mut conn = self.admin_connection().await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.sql_err(e))?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// Shuts the server down (fast mode: open sessions are disconnected,
+    /// committed data is kept). Stopping a server that does not run is not an
+    /// error.
+    pub async fn stop(&self) -> Result<(), LocalPostgresError> {
+        let runner = self.runner.clone();
+        let data_dir = self.data_dir.clone();
+        blocking(move || {
+            if runner.server_port(&data_dir)?.is_none() {
+                return Ok(());
+            }
+            let mut cmd = runner.command("pg_ctl");
+            cmd.arg("stop")
+                .arg("-D")
+                .arg(&data_dir)
+                .args(["-m", "fast", "-w", "-t", "60", "-s"]);
+            run(cmd)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn admin_connection(&self) -> Result<PgConnection, LocalPostgresError> {
+        PgConnection::connect_with(&self.connect_options("postgres"))
+            .await
+            .map_err(|e| self.sql_err(e))
+    }
+
+    fn sql_err(&self, source: sqlx::Error) -> LocalPostgresError {
+        LocalPostgresError::Sql {
+            port: self.port,
+            source,
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<(), LocalPostgresError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match PgConnection::connect_with(&self.connect_options("postgres")).await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(port = self.port, error = %e, "waiting for PostgreSQL");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(LocalPostgresError::NotReady {
+                        data_dir: self.data_dir.clone(),
+                        reason: e.to_string(),
+                        log_tail: log_tail(&self.data_dir),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Runs blocking work (processes, file system) off the async executor.
+async fn blocking<T, F>(f: F) -> Result<T, LocalPostgresError>
+where
+    F: FnOnce() -> Result<T, LocalPostgresError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LocalPostgresError::Task(e.to_string()))?
+}
+
+fn validate_database_name(name: &str) -> Result<(), LocalPostgresError> {
+    let valid = !name.is_empty()
+        && name.len() < 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(LocalPostgresError::InvalidDatabaseName(name.to_owned()))
+    }
+}
+
+/// The blocking part of a start: binaries, user, init, start or reuse.
+/// Returns (absolute data dir, port, reused, runner).
+fn start_blocking(
+    config: &LocalPostgresConfig,
+) -> Result<(PathBuf, u16, bool, Runner), LocalPostgresError> {
+    let runner = Runner::detect()?;
+    let data_dir = absolute(&config.data_dir)?;
+    let parent = data_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    std::fs::create_dir_all(&parent).map_err(io_err("creating", &parent))?;
+    if let Some(run_as) = &runner.run_as {
+        make_traversable(&parent, run_as)?;
+    }
+
+    if !data_dir.join("PG_VERSION").exists() {
+        init_cluster(&runner, &data_dir, &parent)?;
+    } else if let Some(run_as) = &runner.run_as {
+        let meta = std::fs::metadata(&data_dir).map_err(io_err("reading", &data_dir))?;
+        if meta.uid() != run_as.uid {
+            let mut cmd = Command::new("chown");
+            cmd.arg("-R")
+                .arg(format!("{}:{}", run_as.uid, run_as.gid))
+                .arg(&data_dir);
+            run(cmd)?;
+        }
+    }
+
+    let mut last_error = String::new();
+    for attempt in 1..=START_ATTEMPTS {
+        if let Some(port) = runner.server_port(&data_dir)? {
+            tracing::info!(data_dir = %data_dir.display(), port, "reusing the running private PostgreSQL");
+            return Ok((data_dir, port, true, runner));
+        }
+        let port = free_port().map_err(io_err("choosing a free port for", &data_dir))?;
+        write_hermes_conf(&data_dir, port, config, &runner)?;
+        tracing::info!(data_dir = %data_dir.display(), port, "starting a private PostgreSQL");
+        let mut cmd = runner.command("pg_ctl");
+        cmd.arg("start")
+            .arg("-D")
+            .arg(&data_dir)
+            .arg("-l")
+            .arg(data_dir.join(SERVER_LOG))
+            .args(["-w", "-t", "60", "-s"]);
+        match run(cmd) {
+            Ok(_) => {
+                // Read the port back from postmaster.pid: if another process
+                // rewrote hermes.conf meanwhile, the server listens on its port.
+                if let Some(port) = runner.server_port(&data_dir)? {
+                    return Ok((data_dir, port, false, runner));
+                }
+                last_error = "pg_ctl start succeeded but the server is not running".into();
+            }
+            Err(e) => {
+                tracing::debug!(attempt, error = %e, "pg_ctl start failed; retrying");
+                last_error = e.to_string();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+    }
+    Err(LocalPostgresError::NotReady {
+        log_tail: log_tail(&data_dir),
+        data_dir,
+        reason: last_error,
+    })
+}
+
+/// Runs initdb into a fresh sibling directory, then renames it to `data_dir`.
+/// If another process got there first, its cluster is kept and ours discarded.
+fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), LocalPostgresError> {
+    if data_dir.exists() {
+        let empty = std::fs::read_dir(data_dir)
+            .map_err(io_err("reading", data_dir))?
+            .next()
+            .is_none();
+        if !empty {
+            // Maybe another process renamed its fresh cluster into place just now.
+            if data_dir.join("PG_VERSION").exists() {
+                return Ok(());
+            }
+            return Err(LocalPostgresError::NotADataDirectory(
+                data_dir.to_path_buf(),
+            ));
+        }
+        // An empty directory: fine to replace (ignore a racing removal).
+        let _ = std::fs::remove_dir(data_dir);
+    }
+
+    let name = data_dir
+        .file_name()
+        .unwrap_or_else(|| OsStr::new("pg"))
+        .to_string_lossy()
+        .into_owned();
+    let staging = parent.join(format!(".{name}.init-{}", unique_suffix()));
+    std::fs::create_dir(&staging).map_err(io_err("creating", &staging))?;
+    let result = (|| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting permissions of", &staging))?;
+        if let Some(run_as) = &runner.run_as {
+            std::os::unix::fs::chown(&staging, Some(run_as.uid), Some(run_as.gid))
+                .map_err(io_err("changing the owner of", &staging))?;
+        }
+        tracing::info!(data_dir = %data_dir.display(), bindir = %runner.bindir.display(), "initialising a private PostgreSQL cluster");
+        let mut cmd = runner.command("initdb");
+        cmd.arg("-D").arg(&staging).args([
+            "-U",
+            SUPERUSER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]);
+        run(cmd)?;
+        let conf = staging.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(io_err("reading", &conf))?;
+        text.push_str(&format!(
+            "\n# Settings managed by Hermes (rewritten on every start).\ninclude_if_exists = '{HERMES_CONF}'\n"
+        ));
+        std::fs::write(&conf, text).map_err(io_err("writing", &conf))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::rename(&staging, data_dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        if data_dir.join("PG_VERSION").exists() {
+            // Lost the race to a concurrent initialisation: use theirs.
+            return Ok(());
+        }
+        return Err(io_err("moving the new cluster to", data_dir)(e));
+    }
+    Ok(())
+}
+
+/// Writes `hermes.conf` atomically (temp file + rename).
+fn write_hermes_conf(
+    data_dir: &Path,
+    port: u16,
+    config: &LocalPostgresConfig,
+    runner: &Runner,
+) -> Result<(), LocalPostgresError> {
+    let durability = match config.durability {
+        Durability::Durable => "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n",
+        Durability::Relaxed => "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+    };
+    let text = format!(
+        "# Written by Hermes on every start; edit the Hermes configuration instead.\n\
+         listen_addresses = '127.0.0.1'\n\
+         port = {port}\n\
+         unix_socket_directories = ''\n\
+         max_connections = {}\n\
+         {durability}",
+        config.max_connections
+    );
+    let tmp = data_dir.join(format!(".{HERMES_CONF}.{}", unique_suffix()));
+    std::fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
+    if let Some(run_as) = &runner.run_as {
+        std::os::unix::fs::chown(&tmp, Some(run_as.uid), Some(run_as.gid))
+            .map_err(io_err("changing the owner of", &tmp))?;
+    }
+    let dest = data_dir.join(HERMES_CONF);
+    std::fs::rename(&tmp, &dest).map_err(io_err("writing", &dest))
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, LocalPostgresError> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let cwd = std::env::current_dir().map_err(io_err("resolving", path))?;
+    Ok(cwd.join(path))
+}
+
+/// Grants search (`x`) permission to `run_as` on `dir` and each of its
+/// ancestors that lacks it, so the server can reach its data directory.
+fn make_traversable(dir: &Path, run_as: &RunAs) -> Result<(), LocalPostgresError> {
+    for ancestor in dir.ancestors() {
+        let meta = std::fs::metadata(ancestor).map_err(io_err("reading", ancestor))?;
+        let mode = meta.mode();
+        let searchable = if meta.uid() == run_as.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == run_as.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !searchable {
+            tracing::warn!(
+                dir = %ancestor.display(),
+                "granting search permission (o+x) so the 'postgres' user can reach the data directory"
+            );
+            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | 0o001))
+                .map_err(io_err("granting search permission on", ancestor))?;
+        }
+    }
+    Ok(())
+}
+
+/// The last lines of the server log, for error messages.
+fn log_tail(data_dir: &Path) -> String {
+    let text = std::fs::read_to_string(data_dir.join(SERVER_LOG)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs a command, turning a failure into [`LocalPostgresError::Command`].
+fn run(mut cmd: Command) -> Result<Output, LocalPostgresError> {
+    let command = format!("{cmd:?}");
+    match cmd.output() {
+        Ok(out) if out.status.success() => Ok(out),
+        Ok(out) => Err(LocalPostgresError::Command {
+            command,
+            status: out.status.to_string(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        }),
+        Err(e) => Err(LocalPostgresError::Command {
+            command,
+            status: "could not run".into(),
+            output: e.to_string(),
+        }),
+    }
+}
+
+/// Output of a command that must succeed, trimmed.
+fn run_stdout(cmd: Command) -> Result<String, LocalPostgresError> {
+    let out = run(cmd)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The unprivileged user the server runs as when we are root.
+#[derive(Debug, Clone)]
+struct RunAs {
+    user: String,
+    uid: u32,
+    gid: u32,
+    tool: DropTool,
+}
+
+#[derive(Debug, Clone)]
+enum DropTool {
+    Runuser(PathBuf),
+    Setpriv(PathBuf),
+}
+
+/// Runs the server binaries, as the `postgres` user when we are root.
+#[derive(Debug, Clone)]
+struct Runner {
+    bindir: PathBuf,
+    run_as: Option<RunAs>,
+}
+
+impl Runner {
+    fn detect() -> Result<Self, LocalPostgresError> {
+        let bindir = find_bindir().ok_or(LocalPostgresError::BinariesNotFound)?;
+        let mut id = Command::new("id");
+        id.arg("-u");
+        let uid = run_stdout(id)?;
+        let run_as = if uid == "0" {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        Ok(Runner { bindir, run_as })
+    }
+
+    /// A command running `program` from the binaries directory.
+    fn command(&self, program: &str) -> Command {
+        let exe = self.bindir.join(program);
+        let mut cmd = match &self.run_as {
+            None => Command::new(exe),
+            Some(RunAs {
+                user,
+                tool: DropTool::Runuser(tool),
+                ..
+            }) => {
+                let mut cmd = Command::new(tool);
+                cmd.args(["-u", user, "--"]).arg(exe);
+                cmd
+            }
+            Some(RunAs {
+                user,
+                tool: DropTool::Setpriv(tool),
+                ..
+            }) => {
+                let mut cmd = Command::new(tool);
+                cmd.arg(format!("--reuid={user}"))
+                    .arg(format!("--regid={user}"))
+                    .args(["--init-groups", "--"])
+                    .arg(exe);
+                cmd
+            }
+        };
+        // The unprivileged user may not be able to enter our working directory.
+        cmd.current_dir("/");
+        for var in ["PGDATA", "PGPORT", "PGHOST", "PGUSER", "PGDATABASE"] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    /// The port of the server running on `data_dir`, if one runs.
+    fn server_port(&self, data_dir: &Path) -> Result<Option<u16>, LocalPostgresError> {
+        let pid_file = data_dir.join("postmaster.pid");
+        if !pid_file.exists() {
+            return Ok(None);
+        }
+        let mut status = self.command("pg_ctl");
+        status.arg("status").arg("-D").arg(data_dir);
+        let running = status
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false);
+        if !running {
+            return Ok(None);
+        }
+        // postmaster.pid: pid, data dir, start time, port, socket dir, listen address, ...
+        let text = match std::fs::read_to_string(&pid_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("reading", &pid_file)(e)),
+        };
+        Ok(text.lines().nth(3).and_then(|l| l.trim().parse().ok()))
+    }
+}
+
+fn postgres_user() -> Result<RunAs, LocalPostgresError> {
+    let user = "postgres".to_owned();
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").arg(flag).arg(&user).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    let (Some(uid), Some(gid)) = (id("-u"), id("-g")) else {
+        return Err(LocalPostgresError::NoUnprivilegedUser);
+    };
+    let tool = if let Some(path) = find_on_path("runuser") {
+        DropTool::Runuser(path)
+    } else if let Some(path) = find_on_path("setpriv") {
+        DropTool::Setpriv(path)
+    } else {
+        return Err(LocalPostgresError::NoPrivilegeDropTool);
+    };
+    Ok(RunAs {
+        user,
+        uid,
+        gid,
+        tool,
+    })
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn has_server_binaries(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|b| dir.join(b).is_file())
+}
+
+/// `$HERMES_PG_BINDIR`, then `PATH`, then the newest versioned install.
+fn find_bindir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(BINDIR_ENV) {
+        let dir = PathBuf::from(dir);
+        if has_server_binaries(&dir) {
+            return Some(dir);
+        }
+        tracing::warn!(dir = %dir.display(), "{BINDIR_ENV} does not hold initdb, pg_ctl and postgres; ignoring it");
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d)) {
+            return Some(dir);
+        }
+    }
+    let mut candidates: Vec<(Vec<u32>, PathBuf)> = Vec::new();
+    let mut scan = |root: &str, prefix: &str, bin: &str| {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(version) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            let version: Vec<u32> = version
+                .split('.')
+                .map(|part| part.parse().unwrap_or(0))
+                .collect();
+            let dir = entry.path().join(bin);
+            if has_server_binaries(&dir) {
+                candidates.push((version, dir));
+            }
+        }
+    };
+    scan("/usr/lib/postgresql", "", "bin");
+    scan("/usr", "pgsql-", "bin");
+    candidates.sort();
+    candidates.pop().map(|(_, dir)| dir)
+}
+
+/// Returns the URL of a fresh, empty, uniquely named database for one test.
+///
+/// The first call in a process starts (or reuses) one cluster shared by every
+/// test binary of the cargo target directory, in
+/// `<target dir>/tmp/hermes-pg-test` (override with `$HERMES_TEST_PG_DIR`),
+/// with [`Durability::Relaxed`]. Test binaries running at the same time share
+/// it safely: initialisation is atomic (see the [module docs](self)) and every
+/// call creates its own database named `hermes_test_<pid>_<n>`, so tests never
+/// see each other's rows. Databases left by test processes that have exited
+/// are dropped when a new process first uses the cluster. The cluster is left
+/// running for the next test run.
+///
+/// # Panics
+///
+/// When the cluster cannot be started or the database cannot be created, with
+/// the reason (for instance, which package to install). Use
+/// [`try_test_database`] to get the error instead.
+///
+/// ```no_run
+/// # async fn example() {
+/// let url = hermes_adapters::postgres::local::test_database().await;
+/// let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+/// # }
+/// ```
+pub async fn test_database() -> String {
+    match try_test_database().await {
+        Ok(url) => url,
+        Err(e) => panic!("cannot provide a test database: {e}"),
+    }
+}
+
+/// Like [`test_database`], returning the error instead of panicking.
+pub async fn try_test_database() -> Result<String, LocalPostgresError> {
+    static CLUSTER: tokio::sync::OnceCell<LocalPostgres> = tokio::sync::OnceCell::const_new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let pg = CLUSTER
+        .get_or_try_init(|| async {
+            let config = LocalPostgresConfig::new(test_cluster_dir(), "postgres")
+                .durability(Durability::Relaxed)
+                .max_connections(300);
+            let pg = LocalPostgres::start_with(config).await?;
+            drop_abandoned_test_databases(&pg).await;
+            Ok::<_, LocalPostgresError>(pg)
+        })
+        .await?;
+    let name = format!(
+        "hermes_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    // A database of that name can only be left over from an earlier process
+    // with the same pid; start from an empty one.
+    pg.drop_database(&name).await?;
+    pg.create_database(&name).await?;
+    Ok(pg.url_for(&name))
+}
+
+/// Where [`test_database`] keeps its cluster.
+fn test_cluster_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(TEST_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in <target>/<profile>/deps; cargo marks <target>
+    // with CACHEDIR.TAG.
+    let target = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
+            .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+            .map(Path::to_path_buf)
+    });
+    let target = target
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
+        .unwrap_or_else(std::env::temp_dir);
+    target.join("tmp").join("hermes-pg-test")
+}
+
+/// Drops `hermes_test_<pid>_<n>` databases whose process has exited.
+async fn drop_abandoned_test_databases(pg: &LocalPostgres) {
+    if !Path::new("/proc/self").exists() {
+        return; // no cheap way to tell live processes apart
+    }
+    let Ok(mut conn) = PgConnection::connect_with(&pg.connect_options("postgres")).await else {
+        return;
+    };
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'hermes\\_test\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    let _ = conn.close().await;
+    for name in names {
+        let pid = name
+            .strip_prefix("hermes_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Err(e) = pg.drop_database(&name).await {
+            tracing::debug!(database = %name, error = %e, "could not drop an abandoned test database");
+        }
+    }
+}

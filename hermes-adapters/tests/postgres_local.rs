@@ -1,0 +1,105 @@
+//! The private local cluster: start, reuse, stop, and the per-test databases.
+
+use hermes_adapters::postgres::local::{self, Durability, LocalPostgres, LocalPostgresConfig};
+use sqlx::{Connection, PgConnection};
+
+fn cluster_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+#[tokio::test]
+async fn starts_reuses_and_stops_a_private_cluster() {
+    let dir = cluster_dir("hermes-pg-local-test");
+    let config = LocalPostgresConfig::new(&dir, "hermes_local").durability(Durability::Relaxed);
+
+    let first = LocalPostgres::start_with(config.clone())
+        .await
+        .expect("start the cluster");
+    assert!(dir.join("PG_VERSION").is_file());
+    assert_ne!(
+        first.port(),
+        5432,
+        "must never use the machine's own server"
+    );
+    assert!(first.url().starts_with("postgres://postgres@127.0.0.1:"));
+    assert!(first.url().ends_with("/hermes_local"));
+
+    let mut conn = PgConnection::connect(&first.url()).await.expect("connect");
+    let (db, port): (String, i32) =
+        sqlx::query_as("SELECT current_database()::text, current_setting('port')::int")
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+    assert_eq!(db, "hermes_local");
+    assert_eq!(port, i32::from(first.port()));
+    let listen: String = sqlx::query_scalar("SELECT current_setting('listen_addresses')")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    assert_eq!(listen, "127.0.0.1");
+    conn.close().await.expect("close");
+
+    // A second start of the same directory reuses the running server.
+    let second = LocalPostgres::start_with(config.clone())
+        .await
+        .expect("reuse the cluster");
+    assert!(second.reused());
+    assert_eq!(second.port(), first.port());
+
+    // After a stop, the next start brings it back with the data intact.
+    first.stop().await.expect("stop");
+    assert!(PgConnection::connect(&first.url()).await.is_err());
+    first.stop().await.expect("stopping twice is fine");
+    let third = LocalPostgres::start_with(config).await.expect("restart");
+    assert!(!third.reused());
+    let mut conn = PgConnection::connect(&third.url()).await.expect("connect");
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    assert_eq!(one, 1);
+    conn.close().await.expect("close");
+    third.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn durable_clusters_keep_fsync_on() {
+    let dir = cluster_dir("hermes-pg-durable-test");
+    let pg = LocalPostgres::start(&dir, "hermes").await.expect("start");
+    let mut conn = PgConnection::connect(&pg.url()).await.expect("connect");
+    let fsync: String = sqlx::query_scalar("SELECT current_setting('fsync')")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    assert_eq!(fsync, "on");
+    conn.close().await.expect("close");
+    pg.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn every_test_database_is_fresh_and_distinct() {
+    let (a, b) = tokio::join!(local::test_database(), local::test_database());
+    assert_ne!(a, b);
+    let mut conn = PgConnection::connect(&a).await.expect("connect a");
+    sqlx::query("CREATE TABLE t (id int)")
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    conn.close().await.expect("close");
+    let mut conn = PgConnection::connect(&b).await.expect("connect b");
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+    assert_eq!(tables, 0);
+    conn.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn rejects_unsafe_database_names() {
+    let err = LocalPostgres::start(cluster_dir("unused"), "bad\"name")
+        .await
+        .expect_err("invalid name");
+    assert!(err.to_string().contains("invalid database name"));
+}
