@@ -1,0 +1,101 @@
+//! The batch processor stage: runs `handle_batch` on each batch, then acknowledges it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::FutureExt;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch_key::BatchKey;
+use crate::handler::{BatchInfo, BatchTrigger, FailedIn, Handler};
+use crate::message::Message;
+use crate::panic_message::panic_message;
+use crate::processor_stage::DEADLINE_EXCEEDED;
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+
+/// A closed batch on its way to a batch processor.
+pub(crate) struct Batch<T> {
+    pub(crate) messages: Vec<Message<T>>,
+    pub(crate) key: BatchKey,
+    pub(crate) trigger: BatchTrigger,
+    pub(crate) opened: Instant,
+}
+
+/// Batches sent to a batch processor and not yet acknowledged, and a signal for
+/// when a batch processor runs out of work.
+#[derive(Clone, Default)]
+pub(crate) struct Outstanding {
+    pub(crate) count: Arc<AtomicUsize>,
+    pub(crate) idle: Arc<Notify>,
+}
+
+pub(crate) struct BatchProcessorStage<H: Handler> {
+    pub(crate) index: usize,
+    pub(crate) pipeline: Arc<str>,
+    pub(crate) batcher: Arc<str>,
+    pub(crate) inbox: mpsc::UnboundedReceiver<Batch<H::Data>>,
+    pub(crate) outstanding: Outstanding,
+    pub(crate) deadline: CancellationToken,
+    pub(crate) terminator: Terminator<H>,
+    pub(crate) metrics: StageMetrics,
+}
+
+impl<H: Handler> BatchProcessorStage<H> {
+    pub(crate) async fn run(mut self) {
+        while let Some(batch) = self.inbox.recv().await {
+            self.handle(batch).await;
+            if self.outstanding.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.outstanding.idle.notify_waiters();
+            }
+        }
+        tracing::debug!(batcher = %self.batcher, batch_processor = self.index, "batch processor stopped");
+    }
+
+    async fn handle(&self, batch: Batch<H::Data>) {
+        let Batch {
+            mut messages,
+            key,
+            trigger,
+            opened,
+        } = batch;
+        let info = BatchInfo {
+            pipeline: self.pipeline.clone(),
+            batcher: self.batcher.clone(),
+            batch_key: key,
+            size: messages.len(),
+            trigger,
+            batch_processor: self.index,
+            age: opened.elapsed(),
+        };
+        self.metrics.received.increment(messages.len() as u64);
+        self.metrics.batch_size.record(messages.len() as f64);
+        let started = Instant::now();
+        let outcome = if self.deadline.is_cancelled() {
+            Err(DEADLINE_EXCEEDED.to_owned())
+        } else {
+            let handle =
+                AssertUnwindSafe(self.terminator.handler.handle_batch(&mut messages, &info))
+                    .catch_unwind();
+            tokio::select! {
+                biased;
+                result = handle => result.map_err(|panic| format!("handle_batch panicked: {}", panic_message(&*panic))),
+                () = self.deadline.cancelled() => Err(DEADLINE_EXCEEDED.to_owned()),
+            }
+        };
+        if let Err(reason) = outcome {
+            messages
+                .iter_mut()
+                .for_each(|message| message.fail(reason.clone()));
+        }
+        self.metrics
+            .duration
+            .record(started.elapsed().as_secs_f64());
+        self.terminator
+            .acknowledge(messages, FailedIn::Batch, &self.metrics)
+            .await;
+    }
+}

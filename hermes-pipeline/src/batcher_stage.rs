@@ -1,0 +1,279 @@
+//! The batcher stage: groups a named batcher's messages into batches by key, size,
+//! bytes and time, and hands each batch to a batch processor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::{DelayQueue, delay_queue};
+use tracing::Instrument;
+
+use crate::batch_key::BatchKey;
+use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
+use crate::handler::{BatchTrigger, Handler};
+use crate::message::Message;
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+
+/// Measures a message for `max_batch_bytes`.
+pub type SizeFn<T> = Arc<dyn Fn(&Message<T>) -> usize + Send + Sync>;
+
+/// A batcher's limits.
+pub(crate) struct BatchLimits<T> {
+    pub(crate) batch_size: usize,
+    pub(crate) batch_timeout: Duration,
+    pub(crate) max_bytes: Option<(usize, SizeFn<T>)>,
+}
+
+/// A request to change the number of batch processors.
+pub(crate) struct Resize {
+    pub(crate) concurrency: usize,
+    pub(crate) done: oneshot::Sender<()>,
+}
+
+/// Everything needed to start a batch processor of this batcher.
+pub(crate) struct BatchProcessorSpawner<H: Handler> {
+    pub(crate) pipeline: Arc<str>,
+    pub(crate) batcher: Arc<str>,
+    pub(crate) deadline: CancellationToken,
+    pub(crate) terminator: Terminator<H>,
+    pub(crate) metrics: StageMetrics,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl<H: Handler> BatchProcessorSpawner<H> {
+    fn spawn(
+        &self,
+        index: usize,
+        outstanding: &Outstanding,
+    ) -> mpsc::UnboundedSender<Batch<H::Data>> {
+        let (tx, inbox) = mpsc::unbounded_channel();
+        let stage = BatchProcessorStage {
+            index,
+            pipeline: self.pipeline.clone(),
+            batcher: self.batcher.clone(),
+            inbox,
+            outstanding: outstanding.clone(),
+            deadline: self.deadline.clone(),
+            terminator: self.terminator.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let span = tracing::info_span!("batch_processor", pipeline = %self.pipeline, batcher = %self.batcher, index);
+        self.tracker.spawn(stage.run().instrument(span));
+        tx
+    }
+}
+
+/// A batch being filled.
+struct OpenBatch<T> {
+    messages: Vec<Message<T>>,
+    bytes: usize,
+    opened: Instant,
+    timer: delay_queue::Key,
+}
+
+pub(crate) struct BatcherStage<H: Handler> {
+    pub(crate) limits: BatchLimits<H::Data>,
+    pub(crate) inbox: mpsc::UnboundedReceiver<Vec<Message<H::Data>>>,
+    pub(crate) control: mpsc::UnboundedReceiver<Resize>,
+    pub(crate) concurrency: Arc<AtomicUsize>,
+    pub(crate) spawner: BatchProcessorSpawner<H>,
+    pub(crate) metrics: StageMetrics,
+}
+
+/// The batcher's running state.
+struct Batching<H: Handler> {
+    stage: BatcherStage<H>,
+    default: Option<OpenBatch<H::Data>>,
+    keyed: HashMap<BatchKey, OpenBatch<H::Data>>,
+    timers: DelayQueue<BatchKey>,
+    processors: Vec<mpsc::UnboundedSender<Batch<H::Data>>>,
+    outstanding: Vec<Outstanding>,
+    next: usize,
+}
+
+impl<H: Handler> BatcherStage<H> {
+    pub(crate) async fn run(self) {
+        let concurrency = self.concurrency.load(Ordering::Relaxed);
+        let mut batching = Batching {
+            stage: self,
+            default: None,
+            keyed: HashMap::new(),
+            timers: DelayQueue::new(),
+            processors: Vec::new(),
+            outstanding: Vec::new(),
+            next: 0,
+        };
+        batching.grow_to(concurrency);
+        batching.run().await;
+    }
+}
+
+impl<H: Handler> Batching<H> {
+    async fn run(&mut self) {
+        loop {
+            tokio::select! {
+                biased;
+                chunk = self.stage.inbox.recv() => match chunk {
+                    Some(chunk) => self.add(chunk),
+                    None => break,
+                },
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    let key = expired.into_inner();
+                    if let Some(batch) = self.take(&key) {
+                        self.dispatch(key, batch, BatchTrigger::Timeout);
+                    }
+                }
+                Some(resize) = self.stage.control.recv() => self.resize(resize).await,
+            }
+        }
+        // Input closed: the pipeline is draining. Flush every partial batch.
+        if let Some(batch) = self.default.take() {
+            self.dispatch(BatchKey::Default, batch, BatchTrigger::Flush);
+        }
+        for (key, batch) in std::mem::take(&mut self.keyed) {
+            self.dispatch(key, batch, BatchTrigger::Flush);
+        }
+        tracing::debug!("batcher stopped");
+    }
+
+    fn add(&mut self, chunk: Vec<Message<H::Data>>) {
+        self.stage.metrics.queue_depth.decrement(chunk.len() as f64);
+        self.stage.metrics.received.increment(chunk.len() as u64);
+        for message in chunk {
+            let key = message.batch_key().clone();
+            let size = self
+                .stage
+                .limits
+                .max_bytes
+                .as_ref()
+                .map(|(max, size_of)| (*max, size_of(&message)));
+            if let Some((max, size)) = size
+                && let Some(open) = self.open_batch(&key)
+                && open.bytes + size > max
+                && let Some(batch) = self.take(&key)
+            {
+                self.timers.remove(&batch.timer);
+                self.dispatch(key.clone(), batch, BatchTrigger::Bytes);
+            }
+            let batch = self.open_or_create(&key);
+            batch.bytes += size.map_or(0, |(_, size)| size);
+            batch.messages.push(message);
+            if batch.messages.len() >= self.stage.limits.batch_size
+                && let Some(batch) = self.take(&key)
+            {
+                self.timers.remove(&batch.timer);
+                self.dispatch(key, batch, BatchTrigger::Size);
+            }
+        }
+    }
+
+    fn open_batch(&mut self, key: &BatchKey) -> Option<&mut OpenBatch<H::Data>> {
+        if key.is_default() {
+            self.default.as_mut()
+        } else {
+            self.keyed.get_mut(key)
+        }
+    }
+
+    fn open_or_create(&mut self, key: &BatchKey) -> &mut OpenBatch<H::Data> {
+        let timers = &mut self.timers;
+        let timeout = self.stage.limits.batch_timeout;
+        let capacity = self.stage.limits.batch_size.min(1024);
+        let create = || OpenBatch {
+            messages: Vec::with_capacity(capacity),
+            bytes: 0,
+            opened: Instant::now(),
+            timer: timers.insert(key.clone(), timeout),
+        };
+        if key.is_default() {
+            self.default.get_or_insert_with(create)
+        } else {
+            self.keyed.entry(key.clone()).or_insert_with(create)
+        }
+    }
+
+    fn take(&mut self, key: &BatchKey) -> Option<OpenBatch<H::Data>> {
+        if key.is_default() {
+            self.default.take()
+        } else {
+            self.keyed.remove(key)
+        }
+    }
+
+    /// Sends a closed batch to a batch processor: the same one for every batch of a
+    /// key, so a key is handled serially; the least busy one for the default key.
+    fn dispatch(&mut self, key: BatchKey, batch: OpenBatch<H::Data>, trigger: BatchTrigger) {
+        let index = if key.is_default() {
+            self.least_busy()
+        } else {
+            // The remainder is below the processor count, itself a usize.
+            (key.route_hash() % self.processors.len() as u64) as usize
+        };
+        self.outstanding[index].count.fetch_add(1, Ordering::AcqRel);
+        let batch = Batch {
+            messages: batch.messages,
+            key,
+            trigger,
+            opened: batch.opened,
+        };
+        if let Err(mpsc::error::SendError(batch)) = self.processors[index].send(batch) {
+            // Batch processors only stop when their sender is dropped, which this
+            // batcher does only after waiting for them to be idle.
+            tracing::error!(lost = batch.messages.len(), "batch processor stopped early");
+        }
+    }
+
+    fn least_busy(&mut self) -> usize {
+        let count = self.processors.len();
+        let start = self.next;
+        self.next = (self.next + 1) % count;
+        (0..count)
+            .map(|offset| (start + offset) % count)
+            .min_by_key(|&index| self.outstanding[index].count.load(Ordering::Acquire))
+            .unwrap_or(0)
+    }
+
+    fn grow_to(&mut self, concurrency: usize) {
+        while self.processors.len() < concurrency {
+            let outstanding = Outstanding::default();
+            let tx = self
+                .stage
+                .spawner
+                .spawn(self.processors.len(), &outstanding);
+            self.processors.push(tx);
+            self.outstanding.push(outstanding);
+        }
+    }
+
+    /// Changes the number of batch processors. Keyed batches are routed by the
+    /// processor count, so first wait until every batch processor is idle: no
+    /// batch of a key can then overtake an earlier one.
+    async fn resize(&mut self, resize: Resize) {
+        for outstanding in &self.outstanding {
+            loop {
+                let idle = outstanding.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if outstanding.count.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        }
+        self.processors.truncate(resize.concurrency);
+        self.outstanding.truncate(resize.concurrency);
+        self.grow_to(resize.concurrency);
+        self.next = 0;
+        self.stage
+            .concurrency
+            .store(resize.concurrency, Ordering::Relaxed);
+        let _ = resize.done.send(());
+    }
+}

@@ -1,0 +1,346 @@
+//! Building and starting a pipeline.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
+use crate::handler::Handler;
+use crate::in_flight::InFlight;
+use crate::ingress::Ingress;
+use crate::options::{BatcherOptions, ProcessorOptions};
+use crate::pipeline::{
+    BatcherHandle, ConfigError, Pipeline, ProcessorPool, ProcessorSpawner, Shared,
+};
+use crate::processor_stage::BatcherInlet;
+use crate::producer::Producer;
+use crate::producer_stage::{DemandSettings, Dispatch, ProducerParts, ProducerStage};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+
+type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, ()> + Send>;
+
+/// Configures a pipeline; [`start`](PipelineBuilder::start) runs it.
+///
+/// ```
+/// # use hermes_pipeline::*;
+/// # struct H;
+/// # impl Handler for H { type Data = u32;
+/// #   async fn handle_message(&self, _: &mut Message<u32>, _: &ProcessorContext) {} }
+/// # #[tokio::main] async fn main() -> Result<(), ConfigError> {
+/// let mut builder = Pipeline::builder("example", H)
+///     .processors(ProcessorOptions::new().concurrency(2))
+///     .batcher("default", BatcherOptions::new().batch_size(10));
+/// let ingress = builder.ingress(100);
+/// let pipeline = builder.start()?;
+/// assert!(ingress.test_message(7).await.is_success());
+/// pipeline.drain(std::time::Duration::from_secs(1)).await;
+/// # Ok(()) }
+/// ```
+pub struct PipelineBuilder<H: Handler> {
+    name: Arc<str>,
+    handler: Arc<H>,
+    producers: Vec<(String, StartProducer<H>)>,
+    processors: ProcessorOptions<H::Data>,
+    batchers: Vec<(String, BatcherOptions<H::Data>)>,
+    rate_limit: Option<RateLimit>,
+    max_in_flight: Option<usize>,
+}
+
+impl<H: Handler> PipelineBuilder<H> {
+    pub(crate) fn new(name: &str, handler: H) -> Self {
+        Self {
+            name: name.into(),
+            handler: Arc::new(handler),
+            producers: Vec::new(),
+            processors: ProcessorOptions::default(),
+            batchers: Vec::new(),
+            rate_limit: None,
+            max_in_flight: None,
+        }
+    }
+
+    /// Adds a producer. Several producers may feed one pipeline; each runs in its
+    /// own task and is asked for messages as in-flight room frees up.
+    pub fn producer<P: Producer<H::Data>>(mut self, producer: P) -> Self {
+        let name = format!("producer_{}", self.producers.len());
+        self.push_producer(name, producer);
+        self
+    }
+
+    /// Adds a push ingress with a buffer of `capacity` messages and returns its handle.
+    pub fn ingress(&mut self, capacity: usize) -> Ingress<H::Data> {
+        let (ingress, producer) = Ingress::new(capacity);
+        let name = format!("ingress_{}", self.producers.len());
+        self.push_producer(name, producer);
+        ingress
+    }
+
+    fn push_producer<P: Producer<H::Data>>(&mut self, name: String, producer: P) {
+        let start: StartProducer<H> = Box::new(move |parts: ProducerParts<H>| {
+            Box::pin(ProducerStage { producer, parts }.run())
+        });
+        self.producers.push((name, start));
+    }
+
+    /// Sets the processor options (see [`ProcessorOptions`] for defaults).
+    pub fn processors(mut self, options: ProcessorOptions<H::Data>) -> Self {
+        self.processors = options;
+        self
+    }
+
+    /// Adds a named batcher. Messages go to the first batcher unless routed with
+    /// [`Message::put_batcher`](crate::Message::put_batcher). Without batchers,
+    /// messages are acknowledged right after their processor.
+    pub fn batcher(mut self, name: &str, options: BatcherOptions<H::Data>) -> Self {
+        self.batchers.push((name.to_owned(), options));
+        self
+    }
+
+    /// Limits how many messages all producers together may produce per interval.
+    /// Adjustable while running with [`Pipeline::set_rate_limit`].
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Bounds the messages in flight (produced, not yet acknowledged). The default
+    /// is `2 × processors × max_demand + Σ batchers (2 × concurrency + 1) × batch_size`:
+    /// enough to keep every stage busy, and no more.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = Some(max_in_flight);
+        self
+    }
+
+    fn default_max_in_flight(&self) -> usize {
+        let processors = 2 * self.processors.concurrency * self.processors.max_demand;
+        let batchers: usize = self
+            .batchers
+            .iter()
+            .map(|(_, b)| (2 * b.concurrency + 1) * b.batch_size)
+            .sum();
+        processors + batchers
+    }
+
+    fn validate(&self, max_in_flight: usize) -> Result<(), ConfigError> {
+        let processors = &self.processors;
+        if self.producers.is_empty() {
+            return Err(ConfigError::NoProducer);
+        }
+        if processors.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "processor concurrency must be at least 1".into(),
+            ));
+        }
+        if processors.max_demand == 0 {
+            return Err(ConfigError::Invalid("max_demand must be at least 1".into()));
+        }
+        if processors.resolved_min_demand() >= processors.max_demand {
+            return Err(ConfigError::Invalid(
+                "min_demand must be below max_demand".into(),
+            ));
+        }
+        if max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "max_in_flight must be at least 1".into(),
+            ));
+        }
+        if let Some(limit) = self.rate_limit
+            && !limit.is_valid()
+        {
+            return Err(ConfigError::Invalid(
+                "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
+            ));
+        }
+        for (index, (name, batcher)) in self.batchers.iter().enumerate() {
+            if self.batchers[..index]
+                .iter()
+                .any(|(other, _)| other == name)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "two batchers are named {name:?}"
+                )));
+            }
+            if batcher.concurrency == 0
+                || batcher.batch_size == 0
+                || batcher.batch_timeout.is_zero()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "batcher {name:?} needs concurrency ≥ 1, batch_size ≥ 1 and a non-zero batch_timeout"
+                )));
+            }
+            if batcher.batch_size > max_in_flight {
+                return Err(ConfigError::Invalid(format!(
+                    "batcher {name:?} has batch_size {} above max_in_flight {max_in_flight}: its batches could only close on timeout",
+                    batcher.batch_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts every stage on the current Tokio runtime and returns the handle.
+    pub fn start(self) -> Result<Pipeline<H>, ConfigError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ConfigError::NoRuntime);
+        }
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or_else(|| self.default_max_in_flight());
+        self.validate(max_in_flight)?;
+
+        let name = self.name.clone();
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let deadline = CancellationToken::new();
+        let in_flight = Arc::new(InFlight::new(max_in_flight, StageMetrics::in_flight(&name)));
+        let terminator = Terminator {
+            handler: self.handler.clone(),
+            in_flight: in_flight.clone(),
+        };
+
+        // Batchers first: processors need their inlets.
+        let mut inlets = Vec::new();
+        let mut batcher_handles = Vec::new();
+        for (batcher_name, options) in self.batchers {
+            let batcher_name: Arc<str> = batcher_name.into();
+            let metrics = StageMetrics::new(&name, &format!("batcher:{batcher_name}"));
+            let (tx, inbox) = mpsc::unbounded_channel();
+            let (control_tx, control) = mpsc::unbounded_channel();
+            let concurrency = Arc::new(AtomicUsize::new(options.concurrency));
+            batcher_handles.push(BatcherHandle {
+                name: batcher_name.to_string(),
+                batch_size: options.batch_size,
+                batch_timeout: options.batch_timeout,
+                max_batch_bytes: options.max_batch_bytes.as_ref().map(|(max, _)| *max),
+                concurrency: concurrency.clone(),
+                control: control_tx,
+            });
+            inlets.push(BatcherInlet {
+                name: batcher_name.clone(),
+                tx,
+                depth: metrics.queue_depth.clone(),
+            });
+            let stage = BatcherStage {
+                limits: BatchLimits {
+                    batch_size: options.batch_size,
+                    batch_timeout: options.batch_timeout,
+                    max_bytes: options.max_batch_bytes,
+                },
+                inbox,
+                control,
+                concurrency,
+                spawner: BatchProcessorSpawner {
+                    pipeline: name.clone(),
+                    batcher: batcher_name.clone(),
+                    deadline: deadline.clone(),
+                    terminator: terminator.clone(),
+                    metrics: metrics.clone(),
+                    tracker: tracker.clone(),
+                },
+                metrics,
+            };
+            let span = tracing::info_span!("batcher", pipeline = %name, batcher = %batcher_name);
+            tracker.spawn(stage.run().instrument(span));
+        }
+
+        // Processors: one shared queue, or one queue per partition.
+        let processor_metrics = StageMetrics::new(&name, "processor");
+        let options = &self.processors;
+        let concurrency = options.concurrency;
+        let (target, _) = watch::channel(concurrency);
+        let spawner = ProcessorSpawner {
+            pipeline: name.clone(),
+            batchers: inlets,
+            deadline: deadline.clone(),
+            terminator: terminator.clone(),
+            metrics: processor_metrics.clone(),
+            tracker: tracker.clone(),
+        };
+        let mut shared_inbox = None;
+        let dispatch = if let Some(partition_by) = options.partition_by.clone() {
+            let mut txs = Vec::new();
+            for index in 0..concurrency {
+                let (tx, inbox) = async_channel::unbounded();
+                txs.push(tx);
+                spawner.spawn(index, inbox, None);
+            }
+            Dispatch::Partitioned {
+                txs,
+                partition_by,
+                depth: processor_metrics.queue_depth.clone(),
+            }
+        } else {
+            let (tx, inbox) = async_channel::unbounded();
+            for index in 0..concurrency {
+                spawner.spawn(index, inbox.clone(), Some(target.subscribe()));
+            }
+            shared_inbox = Some(inbox);
+            Dispatch::Shared {
+                tx,
+                depth: processor_metrics.queue_depth.clone(),
+            }
+        };
+        // Only a shared queue lets processors come and go while running.
+        let spawner = Arc::new(Mutex::new(shared_inbox.map(|inbox| (spawner, inbox))));
+
+        // Producers last, so nothing is produced before every stage runs.
+        let rate_limiter = Arc::new(RateLimiter::new(self.rate_limit));
+        let demand = DemandSettings {
+            max_demand: options.max_demand,
+            refill: options.max_demand - options.resolved_min_demand(),
+        };
+        let producer_tracker = TaskTracker::new();
+        let mut producer_names = Vec::new();
+        for (producer_name, start) in self.producers {
+            let parts = ProducerParts {
+                dispatch: dispatch.clone(),
+                demand,
+                rate_limiter: rate_limiter.clone(),
+                shutdown: shutdown.clone(),
+                terminator: terminator.clone(),
+                metrics: StageMetrics::new(&name, &producer_name),
+            };
+            let span = tracing::info_span!("producer", pipeline = %name, producer = %producer_name);
+            tracker.spawn(producer_tracker.track_future(start(parts).instrument(span)));
+            producer_names.push(producer_name);
+        }
+        drop(dispatch);
+        producer_tracker.close();
+        // Once every producer is done, no processor may be added: release the
+        // spawner's queue and batcher handles so the drain can run to its end.
+        let released = spawner.clone();
+        tracker.spawn(async move {
+            producer_tracker.wait().await;
+            released
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+        });
+        tracker.close();
+
+        Ok(Pipeline::from_shared(Shared {
+            name,
+            producers: producer_names,
+            processors: ProcessorPool {
+                target,
+                spawner,
+                partitioned: options.partition_by.is_some(),
+                max_demand: options.max_demand,
+                min_demand: options.resolved_min_demand(),
+            },
+            batchers: batcher_handles,
+            rate_limiter,
+            in_flight,
+            shutdown,
+            deadline,
+            tracker,
+        }))
+    }
+}

@@ -1,0 +1,111 @@
+//! The user's callbacks: what each stage does to messages.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::batch_key::BatchKey;
+use crate::message::Message;
+
+/// Where a processor callback runs.
+#[derive(Clone, Debug)]
+pub struct ProcessorContext {
+    /// The pipeline's name.
+    pub pipeline: std::sync::Arc<str>,
+    /// Index of the processor running the callback (`0..concurrency`).
+    pub processor: usize,
+}
+
+/// What triggered a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchTrigger {
+    /// The batch reached `batch_size`.
+    Size,
+    /// The next message would have taken the batch over `max_batch_bytes`.
+    Bytes,
+    /// `batch_timeout` passed since the batch's first message arrived.
+    Timeout,
+    /// The pipeline is draining: partial batches are flushed.
+    Flush,
+}
+
+/// Describes the batch given to [`Handler::handle_batch`].
+#[derive(Clone, Debug)]
+pub struct BatchInfo {
+    /// The pipeline's name.
+    pub pipeline: std::sync::Arc<str>,
+    /// The batcher's name.
+    pub batcher: std::sync::Arc<str>,
+    /// The key every message of the batch has.
+    pub batch_key: BatchKey,
+    /// Number of messages in the batch.
+    pub size: usize,
+    /// What closed the batch.
+    pub trigger: BatchTrigger,
+    /// Index of the batch processor handling it.
+    pub batch_processor: usize,
+    /// How long the batch was open, from its first message to its dispatch.
+    pub age: Duration,
+}
+
+/// Where [`Handler::handle_failed`] was called from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailedIn {
+    /// The messages failed in a producer or processor stage (or were failed by shutdown).
+    Processor,
+    /// The messages failed in a batch handler.
+    Batch,
+}
+
+/// A pipeline's callbacks, like a Broadway module: one implementation serves every stage.
+///
+/// Callbacks get `&mut` access to messages they do not own: the pipeline keeps
+/// ownership, so a panic or a cancelled future can never lose a message. A panic in
+/// [`handle_message`](Handler::handle_message) fails that message only; one in
+/// [`prepare_messages`](Handler::prepare_messages) or
+/// [`handle_batch`](Handler::handle_batch) fails the messages it was given.
+pub trait Handler: Send + Sync + 'static {
+    /// The type of [`Message::data`] throughout the pipeline.
+    type Data: Send + 'static;
+
+    /// Optional bulk step before `handle_message`, over each chunk a processor
+    /// receives (at most `max_demand` messages): one database lookup for many
+    /// messages instead of one each. The default does nothing.
+    fn prepare_messages(
+        &self,
+        messages: &mut [Message<Self::Data>],
+        context: &ProcessorContext,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (messages, context);
+        async {}
+    }
+
+    /// Handles one message in a processor. Fail it with [`Message::fail`], route it
+    /// with [`Message::put_batcher`] and [`Message::put_batch_key`], or change its data.
+    fn handle_message(
+        &self,
+        message: &mut Message<Self::Data>,
+        context: &ProcessorContext,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Handles a batch; marks each message that failed with [`Message::fail`].
+    /// Messages left untouched succeed. The default succeeds every message.
+    fn handle_batch(
+        &self,
+        batch: &mut [Message<Self::Data>],
+        info: &BatchInfo,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (batch, info);
+        async {}
+    }
+
+    /// Runs on failed messages right before they are acknowledged (e.g. to log them
+    /// or to record why in their metadata). The default does nothing.
+    fn handle_failed(
+        &self,
+        messages: &mut [Message<Self::Data>],
+        failed_in: FailedIn,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (messages, failed_in);
+        async {}
+    }
+}

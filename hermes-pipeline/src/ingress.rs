@@ -1,0 +1,177 @@
+//! Push ingress: hand messages to a running pipeline, and optionally await their fate.
+
+use std::fmt;
+
+use tokio::sync::mpsc;
+
+use crate::message::Message;
+use crate::outcome::{Completion, Outcome};
+use crate::producer::{Draining, Produced, Producer};
+
+/// Why a push was refused. Either way the message is handed back.
+#[derive(thiserror::Error)]
+pub enum PushError<T> {
+    /// The ingress buffer is full: the pipeline has no room right now. An HTTP
+    /// front end turns this into `503` with `Retry-After`.
+    #[error("the pipeline is full")]
+    Full(Message<T>),
+    /// The pipeline is draining or stopped and accepts nothing more.
+    #[error("the pipeline is not accepting messages")]
+    Closed(Message<T>),
+}
+
+impl<T> PushError<T> {
+    /// The refused message.
+    pub fn into_message(self) -> Message<T> {
+        match self {
+            PushError::Full(message) | PushError::Closed(message) => message,
+        }
+    }
+}
+
+impl<T> fmt::Debug for PushError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushError::Full(_) => f.write_str("Full(..)"),
+            PushError::Closed(_) => f.write_str("Closed(..)"),
+        }
+    }
+}
+
+/// A handle that pushes messages into a running pipeline through a bounded buffer.
+///
+/// Created with [`PipelineBuilder::ingress`](crate::PipelineBuilder::ingress); clone
+/// it freely. [`try_push`](Ingress::try_push) never blocks and never grows memory:
+/// when the buffer is full it hands the message back. The pipeline pulls from the
+/// buffer as demand allows. When the pipeline drains, messages already accepted are
+/// still processed; pushes after that fail with [`PushError::Closed`]. When every
+/// handle is dropped and the buffer is empty, the ingress counts as a finished producer.
+pub struct Ingress<T> {
+    tx: mpsc::Sender<Message<T>>,
+}
+
+impl<T> Clone for Ingress<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Ingress<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ingress")
+            .field("capacity", &self.tx.max_capacity())
+            .field("free", &self.tx.capacity())
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Ingress<T> {
+    pub(crate) fn new(capacity: usize) -> (Self, IngressProducer<T>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self { tx }, IngressProducer { rx })
+    }
+
+    /// Pushes a message if there is room, without waiting.
+    pub fn try_push(&self, message: impl Into<Message<T>>) -> Result<(), PushError<T>> {
+        self.tx
+            .try_send(message.into())
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(message) => PushError::Full(message),
+                mpsc::error::TrySendError::Closed(message) => PushError::Closed(message),
+            })
+    }
+
+    /// Pushes a message if there is room, and returns a [`Completion`] resolving
+    /// with its outcome once it is acknowledged.
+    pub fn try_push_tracked(
+        &self,
+        message: impl Into<Message<T>>,
+    ) -> Result<Completion, PushError<T>> {
+        let mut message = message.into();
+        let completion = message.attach_completion();
+        self.try_push(message)
+            .map(|()| completion)
+            .map_err(|error| match error {
+                PushError::Full(mut message) => {
+                    message.detach_completion();
+                    PushError::Full(message)
+                }
+                PushError::Closed(mut message) => {
+                    message.detach_completion();
+                    PushError::Closed(message)
+                }
+            })
+    }
+
+    /// Pushes a message, waiting for room.
+    pub async fn push(&self, message: impl Into<Message<T>>) -> Result<(), PushError<T>> {
+        self.tx
+            .send(message.into())
+            .await
+            .map_err(|mpsc::error::SendError(message)| PushError::Closed(message))
+    }
+
+    /// Test helper (like Broadway's `test_message`): pushes a message, waiting for
+    /// room, and returns its outcome once acknowledged.
+    pub async fn test_message(&self, message: impl Into<Message<T>>) -> Outcome {
+        let mut message = message.into();
+        let completion = message.attach_completion();
+        match self.push(message).await {
+            Ok(()) => completion.await,
+            Err(_) => Outcome::Failed("the pipeline is not accepting messages".into()),
+        }
+    }
+
+    /// Test helper (like Broadway's `test_batch`): pushes every message, then
+    /// returns their outcomes in the order given.
+    pub async fn test_batch<M: Into<Message<T>>>(
+        &self,
+        messages: impl IntoIterator<Item = M>,
+    ) -> Vec<Outcome> {
+        let mut completions = Vec::new();
+        for message in messages {
+            let mut message = message.into();
+            let completion = message.attach_completion();
+            if self.push(message).await.is_err() {
+                break;
+            }
+            completions.push(completion);
+        }
+        futures::future::join_all(completions).await
+    }
+
+    /// How many more messages the buffer takes right now.
+    pub fn free(&self) -> usize {
+        self.tx.capacity()
+    }
+
+    /// Whether the pipeline stopped accepting messages.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The pipeline side of an [`Ingress`]: a producer over its buffer.
+pub(crate) struct IngressProducer<T> {
+    rx: mpsc::Receiver<Message<T>>,
+}
+
+impl<T: Send + 'static> Producer<T> for IngressProducer<T> {
+    async fn produce(&mut self, demand: usize) -> Produced<T> {
+        let mut messages = Vec::with_capacity(demand.min(self.rx.max_capacity()));
+        // recv_many is cancel-safe and returns 0 only once closed and empty.
+        if self.rx.recv_many(&mut messages, demand).await == 0 {
+            Produced::Finished
+        } else {
+            Produced::Messages(messages)
+        }
+    }
+
+    fn prepare_for_draining(&mut self) -> Draining {
+        // Refuse new pushes but process everything already accepted.
+        self.rx.close();
+        Draining::UntilFinished
+    }
+}

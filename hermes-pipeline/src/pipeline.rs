@@ -1,0 +1,297 @@
+//! The handle of a running pipeline.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::batcher_stage::Resize;
+use crate::builder::PipelineBuilder;
+use crate::handler::{Handler, ProcessorContext};
+use crate::in_flight::InFlight;
+use crate::message::Message;
+use crate::processor_stage::{BatcherInlet, ProcessorStage};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+use crate::topology::{BatcherTopology, ProcessorsTopology, Topology};
+
+/// A pipeline that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `start` was called outside a Tokio runtime.
+    #[error("a pipeline must be started from within a Tokio runtime")]
+    NoRuntime,
+    /// Neither a producer nor an ingress was added.
+    #[error("a pipeline needs at least one producer or ingress")]
+    NoProducer,
+    /// An option is out of range; the text says which.
+    #[error("invalid pipeline configuration: {0}")]
+    Invalid(String),
+}
+
+/// A change of concurrency that was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeError {
+    /// Concurrency must be at least 1.
+    #[error("concurrency must be at least 1")]
+    Zero,
+    /// Partitioned processors keep per-key order by their count: it is fixed.
+    #[error(
+        "partitioned processors cannot be resized while running (it would break per-key order)"
+    )]
+    Partitioned,
+    /// No batcher has that name.
+    #[error("no batcher named {0:?}")]
+    UnknownBatcher(String),
+    /// The pipeline is draining or stopped.
+    #[error("the pipeline is not running")]
+    NotRunning,
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Whether the deadline passed and the remaining messages were acknowledged as failed.
+    pub forced: bool,
+}
+
+/// Everything needed to start one more processor on the shared queue.
+pub(crate) struct ProcessorSpawner<H: Handler> {
+    pub(crate) pipeline: Arc<str>,
+    pub(crate) batchers: Vec<BatcherInlet<H::Data>>,
+    pub(crate) deadline: CancellationToken,
+    pub(crate) terminator: Terminator<H>,
+    pub(crate) metrics: StageMetrics,
+    pub(crate) tracker: TaskTracker,
+}
+
+type Inbox<T> = async_channel::Receiver<Vec<Message<T>>>;
+
+impl<H: Handler> ProcessorSpawner<H> {
+    pub(crate) fn spawn(
+        &self,
+        index: usize,
+        inbox: Inbox<H::Data>,
+        target: Option<watch::Receiver<usize>>,
+    ) {
+        let stage = ProcessorStage {
+            context: ProcessorContext {
+                pipeline: self.pipeline.clone(),
+                processor: index,
+            },
+            inbox,
+            batchers: self.batchers.clone(),
+            target,
+            deadline: self.deadline.clone(),
+            terminator: self.terminator.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let span = tracing::info_span!("processor", pipeline = %self.pipeline, index);
+        self.tracker.spawn(stage.run().instrument(span));
+    }
+}
+
+pub(crate) struct ProcessorPool<H: Handler> {
+    /// The wanted processor count; processors at or above it retire.
+    pub(crate) target: watch::Sender<usize>,
+    /// Present while processors may still be added (shared queue, producers running).
+    pub(crate) spawner: Arc<Mutex<Option<(ProcessorSpawner<H>, Inbox<H::Data>)>>>,
+    pub(crate) partitioned: bool,
+    pub(crate) max_demand: usize,
+    pub(crate) min_demand: usize,
+}
+
+pub(crate) struct BatcherHandle {
+    pub(crate) name: String,
+    pub(crate) batch_size: usize,
+    pub(crate) batch_timeout: Duration,
+    pub(crate) max_batch_bytes: Option<usize>,
+    pub(crate) concurrency: Arc<AtomicUsize>,
+    pub(crate) control: mpsc::UnboundedSender<Resize>,
+}
+
+pub(crate) struct Shared<H: Handler> {
+    pub(crate) name: Arc<str>,
+    pub(crate) producers: Vec<String>,
+    pub(crate) processors: ProcessorPool<H>,
+    pub(crate) batchers: Vec<BatcherHandle>,
+    pub(crate) rate_limiter: Arc<RateLimiter>,
+    pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) deadline: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// A running pipeline. Cloning the handle is cheap; dropping every handle leaves
+/// the pipeline running until its producers finish.
+pub struct Pipeline<H: Handler> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H: Handler> Clone for Pipeline<H> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<H: Handler> Pipeline<H> {
+    /// Starts configuring a pipeline named `name` (used in metrics and traces)
+    /// whose stages call `handler`.
+    pub fn builder(name: &str, handler: H) -> PipelineBuilder<H> {
+        PipelineBuilder::new(name, handler)
+    }
+
+    pub(crate) fn from_shared(shared: Shared<H>) -> Self {
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Whether any stage still runs.
+    pub fn is_running(&self) -> bool {
+        !self.shared.tracker.is_empty()
+    }
+
+    /// Whether the pipeline was asked to drain.
+    pub fn is_draining(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// Messages produced and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.current()
+    }
+
+    /// The most messages that were ever in flight at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.shared.in_flight.peak()
+    }
+
+    /// The pipeline's stages and their current settings.
+    pub fn topology(&self) -> Topology {
+        let shared = &self.shared;
+        let pool = &shared.processors;
+        Topology {
+            name: shared.name.to_string(),
+            producers: shared.producers.clone(),
+            processors: ProcessorsTopology {
+                concurrency: *pool.target.borrow(),
+                max_demand: pool.max_demand,
+                min_demand: pool.min_demand,
+                partitioned: pool.partitioned,
+            },
+            batchers: shared
+                .batchers
+                .iter()
+                .map(|batcher| BatcherTopology {
+                    name: batcher.name.clone(),
+                    batch_size: batcher.batch_size,
+                    batch_timeout: batcher.batch_timeout,
+                    concurrency: batcher.concurrency.load(Ordering::Relaxed),
+                    max_batch_bytes: batcher.max_batch_bytes,
+                })
+                .collect(),
+            max_in_flight: shared.in_flight.max(),
+            rate_limit: shared.rate_limiter.limit(),
+        }
+    }
+
+    /// Replaces the producers' rate limit (`None` lifts it). Takes effect at once.
+    pub fn set_rate_limit(&self, limit: Option<RateLimit>) -> Result<(), ConfigError> {
+        if limit.is_some_and(|limit| !limit.is_valid()) {
+            return Err(ConfigError::Invalid(
+                "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
+            ));
+        }
+        self.shared.rate_limiter.set(limit);
+        Ok(())
+    }
+
+    /// Changes the number of processors. Growing starts new processors at once;
+    /// shrinking retires processors as they finish their current chunk.
+    pub fn set_processor_concurrency(&self, concurrency: usize) -> Result<(), ResizeError> {
+        let pool = &self.shared.processors;
+        if concurrency == 0 {
+            return Err(ResizeError::Zero);
+        }
+        if pool.partitioned {
+            return Err(ResizeError::Partitioned);
+        }
+        let spawner = pool
+            .spawner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some((spawner, inbox)) = spawner.as_ref() else {
+            return Err(ResizeError::NotRunning);
+        };
+        let current = pool.target.send_replace(concurrency);
+        for index in current..concurrency {
+            spawner.spawn(index, inbox.clone(), Some(pool.target.subscribe()));
+        }
+        Ok(())
+    }
+
+    /// Changes the number of batch processors of batcher `name`. Batches of one
+    /// key stay serial: the batcher waits for its batch processors to be idle
+    /// before it switches, which this call awaits.
+    pub async fn set_batcher_concurrency(
+        &self,
+        name: &str,
+        concurrency: usize,
+    ) -> Result<(), ResizeError> {
+        if concurrency == 0 {
+            return Err(ResizeError::Zero);
+        }
+        let batcher = self
+            .shared
+            .batchers
+            .iter()
+            .find(|batcher| batcher.name == name)
+            .ok_or_else(|| ResizeError::UnknownBatcher(name.to_owned()))?;
+        let (done, resized) = oneshot::channel();
+        batcher
+            .control
+            .send(Resize { concurrency, done })
+            .map_err(|_| ResizeError::NotRunning)?;
+        resized.await.map_err(|_| ResizeError::NotRunning)
+    }
+
+    /// Starts draining: producers are no longer asked (an ingress still hands over
+    /// what it accepted), processors finish, partial batches are flushed, and
+    /// everything is acknowledged. Returns at once; see [`join`](Self::join).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Waits until every stage has stopped: after [`shutdown`](Self::shutdown), or
+    /// once every producer has finished and the pipeline drained.
+    pub async fn join(&self) {
+        self.shared.tracker.wait().await;
+    }
+
+    /// Drains the pipeline and waits for it, at most `deadline`: what is still in
+    /// flight then has its handlers cancelled and is acknowledged as failed (so a
+    /// broker redelivers it), and this returns once that is done.
+    pub async fn drain(&self, deadline: Duration) -> Drained {
+        self.shutdown();
+        if tokio::time::timeout(deadline, self.join()).await.is_ok() {
+            return Drained { forced: false };
+        }
+        tracing::warn!(pipeline = %self.shared.name, in_flight = self.in_flight(), "drain deadline passed: failing what remains");
+        self.shared.deadline.cancel();
+        self.join().await;
+        Drained { forced: true }
+    }
+}

@@ -1,0 +1,201 @@
+//! The processor stage: runs `prepare_messages` and `handle_message` on each chunk,
+//! then routes messages to their batchers or acknowledges them.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use metrics::Gauge;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{FailedIn, Handler, ProcessorContext};
+use crate::message::Message;
+use crate::panic_message::panic_message;
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+
+/// Reason given to messages still in the pipeline when the drain deadline passes.
+pub(crate) const DEADLINE_EXCEEDED: &str =
+    "shutdown deadline exceeded before the message was handled";
+
+/// Where processors send messages bound for one batcher.
+pub(crate) struct BatcherInlet<T> {
+    pub(crate) name: Arc<str>,
+    pub(crate) tx: mpsc::UnboundedSender<Vec<Message<T>>>,
+    pub(crate) depth: Gauge,
+}
+
+impl<T> Clone for BatcherInlet<T> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            tx: self.tx.clone(),
+            depth: self.depth.clone(),
+        }
+    }
+}
+
+pub(crate) struct ProcessorStage<H: Handler> {
+    pub(crate) context: ProcessorContext,
+    pub(crate) inbox: async_channel::Receiver<Vec<Message<H::Data>>>,
+    pub(crate) batchers: Vec<BatcherInlet<H::Data>>,
+    /// The wanted processor count, for pools that can shrink; `None` when partitioned.
+    pub(crate) target: Option<watch::Receiver<usize>>,
+    pub(crate) deadline: CancellationToken,
+    pub(crate) terminator: Terminator<H>,
+    pub(crate) metrics: StageMetrics,
+}
+
+impl<H: Handler> ProcessorStage<H> {
+    pub(crate) async fn run(mut self) {
+        while let Some(chunk) = self.next_chunk().await {
+            self.metrics.queue_depth.decrement(chunk.len() as f64);
+            self.metrics.received.increment(chunk.len() as u64);
+            self.handle(chunk).await;
+            if self.retired() {
+                break;
+            }
+        }
+        tracing::debug!(processor = self.context.processor, "processor stopped");
+    }
+
+    /// The next chunk, or `None` once the input is closed and empty, or this
+    /// processor is retired by a smaller concurrency.
+    async fn next_chunk(&mut self) -> Option<Vec<Message<H::Data>>> {
+        loop {
+            let Some(target) = &mut self.target else {
+                return self.inbox.recv().await.ok();
+            };
+            tokio::select! {
+                biased;
+                chunk = self.inbox.recv() => return chunk.ok(),
+                changed = target.changed() => {
+                    if changed.is_err() {
+                        self.target = None;
+                    } else if self.retired() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.target
+            .as_ref()
+            .is_some_and(|target| self.context.processor >= *target.borrow())
+    }
+
+    async fn handle(&self, mut chunk: Vec<Message<H::Data>>) {
+        let started = Instant::now();
+        let interrupted = self.deadline.is_cancelled() || {
+            tokio::select! {
+                biased;
+                () = self.run_handlers(&mut chunk) => false,
+                () = self.deadline.cancelled() => true,
+            }
+        };
+        if interrupted {
+            chunk
+                .iter_mut()
+                .for_each(|message| message.fail(DEADLINE_EXCEEDED));
+        }
+        self.metrics
+            .duration
+            .record(started.elapsed().as_secs_f64());
+        let done = self.route(chunk);
+        self.terminator
+            .acknowledge(done, FailedIn::Processor, &self.metrics)
+            .await;
+    }
+
+    async fn run_handlers(&self, chunk: &mut [Message<H::Data>]) {
+        let handler = &self.terminator.handler;
+        let prepare = AssertUnwindSafe(handler.prepare_messages(chunk, &self.context));
+        if let Err(panic) = prepare.catch_unwind().await {
+            let reason = format!("prepare_messages panicked: {}", panic_message(&*panic));
+            chunk
+                .iter_mut()
+                .for_each(|message| message.fail(reason.clone()));
+            return;
+        }
+        for message in chunk.iter_mut().filter(|message| !message.is_failed()) {
+            let handle = AssertUnwindSafe(handler.handle_message(message, &self.context));
+            if let Err(panic) = handle.catch_unwind().await {
+                message.fail(format!(
+                    "handle_message panicked: {}",
+                    panic_message(&*panic)
+                ));
+            }
+        }
+    }
+
+    /// Which batcher a message goes to; fails a message routed to an unknown one.
+    fn batcher_of(&self, message: &mut Message<H::Data>) -> Option<usize> {
+        if message.is_failed() || self.batchers.is_empty() {
+            return None;
+        }
+        let Some(name) = message.batcher() else {
+            return Some(0);
+        };
+        let index = self
+            .batchers
+            .iter()
+            .position(|batcher| &*batcher.name == name);
+        if index.is_none() {
+            let reason = format!("no batcher named {name:?}");
+            message.fail(reason);
+        }
+        index
+    }
+
+    /// Sends messages on to their batchers and returns those whose fate is final
+    /// here (failed, or successful with no batcher configured).
+    fn route(&self, mut chunk: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
+        let mut routes = chunk.iter_mut().map(|message| self.batcher_of(message));
+        let first = routes.next().flatten();
+        // The common case: the whole chunk goes to one batcher, sent as it is.
+        if let Some(index) = first
+            && routes.all(|route| route == Some(index))
+        {
+            return self.forward(index, chunk);
+        }
+        let mut done = Vec::new();
+        let mut outboxes: Vec<Vec<Message<H::Data>>> =
+            self.batchers.iter().map(|_| Vec::new()).collect();
+        for mut message in chunk {
+            match self.batcher_of(&mut message) {
+                Some(index) => outboxes[index].push(message),
+                None => done.push(message),
+            }
+        }
+        for (index, outbox) in outboxes.into_iter().enumerate() {
+            if !outbox.is_empty() {
+                done.extend(self.forward(index, outbox));
+            }
+        }
+        done
+    }
+
+    /// Hands messages to batcher `index`; gives them back failed if it is gone.
+    fn forward(&self, index: usize, messages: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
+        let batcher = &self.batchers[index];
+        let len = messages.len();
+        match batcher.tx.send(messages) {
+            Ok(()) => {
+                batcher.depth.increment(len as f64);
+                self.metrics.succeeded.increment(len as u64);
+                Vec::new()
+            }
+            Err(mpsc::error::SendError(mut messages)) => {
+                let reason = format!("batcher {:?} is not running", batcher.name);
+                messages
+                    .iter_mut()
+                    .for_each(|message| message.fail(reason.clone()));
+                messages
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The producer stage: asks one producer for what the pipeline has room for and
+//! hands the messages to the processors.
+
+use std::sync::Arc;
+
+use metrics::Gauge;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{FailedIn, Handler};
+use crate::in_flight::InFlight;
+use crate::message::Message;
+use crate::producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};
+use crate::rate_limiter::{Grant, RateLimiter};
+use crate::telemetry::StageMetrics;
+use crate::terminator::Terminator;
+
+/// Maps a message to its partition (any `u64`; taken modulo the processor count).
+pub type PartitionFn<T> = Arc<dyn Fn(&Message<T>) -> u64 + Send + Sync>;
+
+/// How a producer stage hands chunks to the processors.
+pub(crate) enum Dispatch<T> {
+    /// One queue that every processor takes chunks from.
+    Shared {
+        tx: async_channel::Sender<Vec<Message<T>>>,
+        depth: Gauge,
+    },
+    /// One queue per processor; a message's partition picks it, keeping per-key order.
+    Partitioned {
+        txs: Vec<async_channel::Sender<Vec<Message<T>>>>,
+        partition_by: PartitionFn<T>,
+        depth: Gauge,
+    },
+}
+
+impl<T> Clone for Dispatch<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Dispatch::Shared { tx, depth } => Dispatch::Shared {
+                tx: tx.clone(),
+                depth: depth.clone(),
+            },
+            Dispatch::Partitioned {
+                txs,
+                partition_by,
+                depth,
+            } => Dispatch::Partitioned {
+                txs: txs.clone(),
+                partition_by: partition_by.clone(),
+                depth: depth.clone(),
+            },
+        }
+    }
+}
+
+impl<T> Dispatch<T> {
+    /// Sends the chunk on; gives back whatever no processor could take (only when
+    /// every processor is gone, which a running pipeline never allows).
+    fn send(&self, chunk: Vec<Message<T>>) -> Vec<Message<T>> {
+        match self {
+            Dispatch::Shared { tx, depth } => {
+                let len = chunk.len();
+                match tx.try_send(chunk) {
+                    Ok(()) => {
+                        depth.increment(len as f64);
+                        Vec::new()
+                    }
+                    Err(error) => error.into_inner(),
+                }
+            }
+            Dispatch::Partitioned {
+                txs,
+                partition_by,
+                depth,
+            } => {
+                let partitions = txs.len() as u64;
+                let mut parts: Vec<Vec<Message<T>>> = txs.iter().map(|_| Vec::new()).collect();
+                for message in chunk {
+                    // The remainder is below `partitions`, itself a usize.
+                    let partition = (partition_by(&message) % partitions) as usize;
+                    parts[partition].push(message);
+                }
+                let mut undelivered = Vec::new();
+                for (tx, part) in txs.iter().zip(parts) {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    let len = part.len();
+                    match tx.try_send(part) {
+                        Ok(()) => depth.increment(len as f64),
+                        Err(error) => undelivered.extend(error.into_inner()),
+                    }
+                }
+                undelivered
+            }
+        }
+    }
+}
+
+/// Demand settings of the processors, as seen by a producer stage.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DemandSettings {
+    /// The most a producer is asked for at once.
+    pub(crate) max_demand: usize,
+    /// A producer is asked again once this many slots are free (`max_demand - min_demand`).
+    pub(crate) refill: usize,
+}
+
+pub(crate) struct ProducerStage<P, H: Handler> {
+    pub(crate) producer: P,
+    pub(crate) parts: ProducerParts<H>,
+}
+
+/// Everything a producer stage uses besides its producer (which need not be `Sync`).
+pub(crate) struct ProducerParts<H: Handler> {
+    pub(crate) dispatch: Dispatch<H::Data>,
+    pub(crate) demand: DemandSettings,
+    pub(crate) rate_limiter: Arc<RateLimiter>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) terminator: Terminator<H>,
+    pub(crate) metrics: StageMetrics,
+}
+
+const UNDELIVERABLE: &str = "no processor is running to take the message";
+const OVER_DEMAND: &str = "the producer returned more messages than were demanded";
+
+impl<P, H> ProducerStage<P, H>
+where
+    H: Handler,
+    P: Producer<H::Data>,
+{
+    pub(crate) async fn run(self) {
+        let ProducerStage {
+            mut producer,
+            parts: stage,
+        } = self;
+        let mut draining = false;
+        loop {
+            if !draining && stage.shutdown.is_cancelled() {
+                match producer.prepare_for_draining() {
+                    Draining::Stop => break,
+                    Draining::UntilFinished => draining = true,
+                }
+            }
+            let Some(demand) =
+                until_shutdown(&stage.shutdown, draining, stage.acquire_demand()).await
+            else {
+                continue;
+            };
+            let Some(produced) =
+                until_shutdown(&stage.shutdown, draining, producer.produce(demand.asked)).await
+            else {
+                stage.give_back(&demand, 0);
+                continue;
+            };
+            match produced {
+                Produced::Messages(messages) if !messages.is_empty() => {
+                    stage.dispatch(messages, &demand).await
+                }
+                Produced::Messages(_) => stage.idle(&demand, DEFAULT_IDLE_BACKOFF, draining).await,
+                Produced::Idle(backoff) => stage.idle(&demand, backoff, draining).await,
+                Produced::Finished => {
+                    stage.give_back(&demand, 0);
+                    break;
+                }
+            }
+        }
+        tracing::debug!("producer stopped");
+    }
+}
+
+impl<H: Handler> ProducerParts<H> {
+    /// Free in-flight slots, cut down to what the rate limit allows.
+    async fn acquire_demand(&self) -> Demand {
+        let in_flight = &self.terminator.in_flight;
+        let slots = in_flight
+            .acquire(self.demand.refill, self.demand.max_demand)
+            .await;
+        // Dropped mid-wait (shutdown), the slots must not leak.
+        let guard = SlotsGuard { in_flight, slots };
+        let grant = self.rate_limiter.acquire(slots).await;
+        std::mem::forget(guard);
+        Demand {
+            slots,
+            asked: grant.granted,
+            grant,
+        }
+    }
+
+    /// Frees the slots not used by `used` messages and refunds the rate limit.
+    fn give_back(&self, demand: &Demand, used: usize) {
+        self.terminator
+            .in_flight
+            .release(demand.slots.saturating_sub(used));
+        self.rate_limiter.refund(&demand.grant, used);
+    }
+
+    async fn idle(&self, demand: &Demand, backoff: std::time::Duration, draining: bool) {
+        self.give_back(demand, 0);
+        until_shutdown(&self.shutdown, draining, tokio::time::sleep(backoff)).await;
+    }
+
+    async fn dispatch(&self, mut messages: Vec<Message<H::Data>>, demand: &Demand) {
+        let excess = if messages.len() > demand.asked {
+            messages.split_off(demand.asked)
+        } else {
+            Vec::new()
+        };
+        self.give_back(demand, messages.len());
+        self.metrics
+            .received
+            .increment((messages.len() + excess.len()) as u64);
+        if !excess.is_empty() {
+            tracing::warn!(asked = demand.asked, excess = excess.len(), "{OVER_DEMAND}");
+            self.fail(excess, OVER_DEMAND, false).await;
+        }
+        let undelivered = self.dispatch.send(messages);
+        if !undelivered.is_empty() {
+            self.fail(undelivered, UNDELIVERABLE, true).await;
+        }
+    }
+
+    async fn fail(
+        &self,
+        mut messages: Vec<Message<H::Data>>,
+        reason: &'static str,
+        holds_slots: bool,
+    ) {
+        messages.iter_mut().for_each(|message| message.fail(reason));
+        if holds_slots {
+            self.terminator
+                .acknowledge(messages, FailedIn::Processor, &self.metrics)
+                .await;
+        } else {
+            self.terminator
+                .acknowledge_unadmitted(messages, FailedIn::Processor, &self.metrics)
+                .await;
+        }
+    }
+}
+
+/// Runs `work` unless the pipeline starts draining first (not once draining).
+async fn until_shutdown<F: Future>(
+    shutdown: &CancellationToken,
+    draining: bool,
+    work: F,
+) -> Option<F::Output> {
+    if draining {
+        return Some(work.await);
+    }
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        output = work => Some(output),
+    }
+}
+
+/// What a producer is asked for, and what backs it.
+struct Demand {
+    /// In-flight slots held.
+    slots: usize,
+    /// What the producer is asked for (≤ slots, after rate limiting).
+    asked: usize,
+    grant: Grant,
+}
+
+/// Frees held slots if the rate-limit wait is abandoned.
+struct SlotsGuard<'a> {
+    in_flight: &'a InFlight,
+    slots: usize,
+}
+
+impl Drop for SlotsGuard<'_> {
+    fn drop(&mut self) {
+        self.in_flight.release(self.slots);
+    }
+}

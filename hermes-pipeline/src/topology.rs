@@ -1,0 +1,50 @@
+//! A read-only description of a running pipeline.
+
+use std::time::Duration;
+
+use crate::rate_limiter::RateLimit;
+
+/// The shape of a pipeline and its current settings, from [`Pipeline::topology`](crate::Pipeline::topology).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// The pipeline's name.
+    pub name: String,
+    /// Producer names, in the order they were added (`producer_N`, `ingress_N`).
+    pub producers: Vec<String>,
+    /// The processor pool.
+    pub processors: ProcessorsTopology,
+    /// The batchers, in the order they were added.
+    pub batchers: Vec<BatcherTopology>,
+    /// The bound on messages in flight.
+    pub max_in_flight: usize,
+    /// The producer rate limit, if any.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The processor pool's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessorsTopology {
+    /// Current number of processors.
+    pub concurrency: usize,
+    /// Most messages a producer is asked for at once.
+    pub max_demand: usize,
+    /// Producers are asked again once `max_demand - min_demand` slots are free.
+    pub min_demand: usize,
+    /// Whether messages are partitioned over the processors.
+    pub partitioned: bool,
+}
+
+/// One batcher's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatcherTopology {
+    /// The batcher's name.
+    pub name: String,
+    /// Most messages per batch.
+    pub batch_size: usize,
+    /// How long a partial batch waits.
+    pub batch_timeout: Duration,
+    /// Current number of batch processors.
+    pub concurrency: usize,
+    /// The byte limit per batch, if any.
+    pub max_batch_bytes: Option<usize>,
+}
