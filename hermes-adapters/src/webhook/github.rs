@@ -1,0 +1,135 @@
+//! GitHub, as "Validating webhook deliveries" (docs.github.com) documents it:
+//! `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>`, keyed
+//! with the webhook's secret, compared in constant time. GitHub signs no
+//! timestamp, so there is no replay window; `X-GitHub-Delivery` (a GUID per
+//! delivery, kept on redelivery) is the idempotency key, or the body's
+//! SHA-256 when absent. The legacy SHA-1 `X-Hub-Signature` is not accepted.
+
+use http::HeaderMap;
+
+use super::common::{
+    HUB_SIGNATURE_256, body_sha256_hex, header_safe, header_value, hub_signature, optional_header,
+    verify_hub_signature,
+};
+use super::{Secret, SignatureError, SignedRequest, Verified};
+
+const DELIVERY: &str = "X-GitHub-Delivery";
+
+pub(super) fn verify(
+    keys: &[Secret],
+    request: &SignedRequest<'_>,
+) -> Result<Verified, SignatureError> {
+    verify_hub_signature(keys, request.headers, request.body)?;
+    let idempotency_key = optional_header(request.headers, DELIVERY)
+        .map_or_else(|| body_sha256_hex(request.body), str::to_owned);
+    Ok(Verified { idempotency_key })
+}
+
+pub(super) fn sign(key: &Secret, body: &[u8], id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HUB_SIGNATURE_256, hub_signature(key, body));
+    headers.insert(DELIVERY, header_value(&header_safe(id)));
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::super::Scheme;
+    use super::super::test_support::*;
+    use super::*;
+
+    const URL: &str = "https://hooks.example.com/webhooks/github";
+    const BODY: &[u8] = br#"{"action":"opened","number":1}"#;
+    const TAMPERED: &[u8] = br#"{"action":"closed","number":1}"#;
+
+    /// The test values published in GitHub's "Validating webhook
+    /// deliveries": secret "It's a Secret to Everybody", payload
+    /// "Hello, World!".
+    #[test]
+    fn published_vector() {
+        let verifier = verifier(Scheme::GitHub, &["It's a Secret to Everybody"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-hub-signature-256",
+            HeaderValue::from_static(
+                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+            ),
+        );
+        headers.insert(
+            "x-github-delivery",
+            HeaderValue::from_static("72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+        );
+        let verified = check(&verifier, &headers, b"Hello, World!", URL, now()).unwrap();
+        assert_eq!(
+            verified.idempotency_key,
+            "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+        );
+
+        let signed = verifier.sign(
+            b"Hello, World!",
+            URL,
+            "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+            now(),
+        );
+        assert_eq!(signed, headers);
+
+        assert_eq!(
+            check(&verifier, &headers, b"Hello, World?", URL, now()),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn common_behaviour() {
+        let verified = super::super::test_support::common_behaviour(
+            Scheme::GitHub,
+            "gh-secret-one",
+            "gh-secret-two",
+            BODY,
+            TAMPERED,
+            URL,
+        );
+        assert_eq!(verified.idempotency_key, "evt_123");
+    }
+
+    #[test]
+    fn missing_signature_header() {
+        missing_header(Scheme::GitHub, "gh", BODY, URL, "X-Hub-Signature-256");
+    }
+
+    #[test]
+    fn without_delivery_id_the_body_hash_is_the_key() {
+        let verifier = verifier(Scheme::GitHub, &["gh"]);
+        let mut headers = verifier.sign(BODY, URL, "d1", now());
+        headers.remove(DELIVERY);
+        assert_eq!(
+            check(&verifier, &headers, BODY, URL, now())
+                .unwrap()
+                .idempotency_key,
+            body_sha256_hex(BODY)
+        );
+    }
+
+    #[test]
+    fn sha1_or_bare_hex_is_malformed() {
+        let verifier = verifier(Scheme::GitHub, &["gh"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-hub-signature-256",
+            HeaderValue::from_static("sha1=0123456789abcdef0123456789abcdef01234567"),
+        );
+        assert_eq!(
+            check(&verifier, &headers, BODY, URL, now())
+                .unwrap_err()
+                .to_string(),
+            "X-Hub-Signature-256 header must start with \"sha256=\""
+        );
+        headers.insert("x-hub-signature-256", HeaderValue::from_static("sha256=zz"));
+        assert!(matches!(
+            check(&verifier, &headers, BODY, URL, now()),
+            Err(SignatureError::Malformed(_))
+        ));
+    }
+}
