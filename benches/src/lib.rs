@@ -1,0 +1,5 @@
+//! Benchmarks for Hermes. Each benchmark prints one JSON line per result, so runs
+//! can be compared by machine; see the README's benchmark section.
+
+pub mod pipeline;
+pub mod report;
