@@ -14,17 +14,17 @@ pub enum PushError<T> {
     /// The ingress buffer is full: the pipeline has no room right now. An HTTP
     /// front end turns this into `503` with `Retry-After`.
     #[error("the pipeline is full")]
-    Full(Message<T>),
+    Full(Box<Message<T>>),
     /// The pipeline is draining or stopped and accepts nothing more.
     #[error("the pipeline is not accepting messages")]
-    Closed(Message<T>),
+    Closed(Box<Message<T>>),
 }
 
 impl<T> PushError<T> {
     /// The refused message.
     pub fn into_message(self) -> Message<T> {
         match self {
-            PushError::Full(message) | PushError::Closed(message) => message,
+            PushError::Full(message) | PushError::Closed(message) => *message,
         }
     }
 }
@@ -78,8 +78,8 @@ impl<T: Send + 'static> Ingress<T> {
         self.tx
             .try_send(message.into())
             .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(message) => PushError::Full(message),
-                mpsc::error::TrySendError::Closed(message) => PushError::Closed(message),
+                mpsc::error::TrySendError::Full(message) => PushError::Full(Box::new(message)),
+                mpsc::error::TrySendError::Closed(message) => PushError::Closed(Box::new(message)),
             })
     }
 
@@ -110,7 +110,7 @@ impl<T: Send + 'static> Ingress<T> {
         self.tx
             .send(message.into())
             .await
-            .map_err(|mpsc::error::SendError(message)| PushError::Closed(message))
+            .map_err(|mpsc::error::SendError(message)| PushError::Closed(Box::new(message)))
     }
 
     /// Test helper (like Broadway's `test_message`): pushes a message, waiting for

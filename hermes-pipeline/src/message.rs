@@ -26,12 +26,12 @@ pub enum Status {
 /// String metadata attached to a message by its producer or handlers (e.g. an SQS
 /// receipt handle or a message attribute). Empty metadata does not allocate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Metadata(Option<Box<BTreeMap<Cow<'static, str>, String>>>);
+pub struct Metadata(BTreeMap<Cow<'static, str>, String>);
 
 impl Metadata {
     /// The value stored under `key`, if any.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.as_ref()?.get(key).map(String::as_str)
+        self.0.get(key).map(String::as_str)
     }
 
     /// Stores `value` under `key`, replacing and returning any previous value.
@@ -40,26 +40,22 @@ impl Metadata {
         key: impl Into<Cow<'static, str>>,
         value: impl Into<String>,
     ) -> Option<String> {
-        self.0
-            .get_or_insert_with(Default::default)
-            .insert(key.into(), value.into())
+        self.0.insert(key.into(), value.into())
     }
 
     /// Removes and returns the value under `key`.
     pub fn remove(&mut self, key: &str) -> Option<String> {
-        self.0.as_mut()?.remove(key)
+        self.0.remove(key)
     }
 
     /// All entries, ordered by key.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0
-            .iter()
-            .flat_map(|map| map.iter().map(|(k, v)| (k.as_ref(), v.as_str())))
+        self.0.iter().map(|(k, v)| (k.as_ref(), v.as_str()))
     }
 
     /// Whether there are no entries.
     pub fn is_empty(&self) -> bool {
-        self.0.as_ref().is_none_or(|map| map.is_empty())
+        self.0.is_empty()
     }
 }
 

@@ -72,6 +72,10 @@ pub(crate) struct ProcessorSpawner<H: Handler> {
 
 type Inbox<T> = async_channel::Receiver<Vec<Message<T>>>;
 
+/// The spawner and the shared queue, while processors may still be added.
+pub(crate) type SpawnerSlot<H> =
+    Arc<Mutex<Option<(ProcessorSpawner<H>, Inbox<<H as Handler>::Data>)>>>;
+
 impl<H: Handler> ProcessorSpawner<H> {
     pub(crate) fn spawn(
         &self,
@@ -100,7 +104,7 @@ pub(crate) struct ProcessorPool<H: Handler> {
     /// The wanted processor count; processors at or above it retire.
     pub(crate) target: watch::Sender<usize>,
     /// Present while processors may still be added (shared queue, producers running).
-    pub(crate) spawner: Arc<Mutex<Option<(ProcessorSpawner<H>, Inbox<H::Data>)>>>,
+    pub(crate) spawner: SpawnerSlot<H>,
     pub(crate) partitioned: bool,
     pub(crate) max_demand: usize,
     pub(crate) min_demand: usize,
