@@ -1,4 +1,23 @@
 //! Postgres edges: a private local cluster for the host and the tests, and a
 //! batch writer that stores rows idempotently with a per-row outcome.
+//!
+//! - [`local`]: [`LocalPostgres`], a private cluster from the machine's server
+//!   binaries, and [`local::test_database`] for tests.
+//! - [`BatchWriter`]: one round trip per batch, per-row
+//!   [`RowOutcome`] (inserted, duplicate, rejected), retries of transient
+//!   errors ([`RetryPolicy`]) and isolation of poison rows, around any
+//!   [`BatchStatement`].
+//! - [`UnnestInsert`]: the ready-made [`BatchStatement`] for "insert into one
+//!   table, unique key, tell inserted from duplicate".
 
+pub mod batch_writer;
 pub mod local;
+pub mod retry;
+pub mod statement;
+pub mod unnest_insert;
+
+pub use batch_writer::{BatchWriter, InBatchDuplicates, Rejection, RowOutcome, WriteError};
+pub use local::{LocalPostgres, LocalPostgresConfig, LocalPostgresError};
+pub use retry::{ErrorClass, RetryPolicy};
+pub use statement::{BatchStatement, Written};
+pub use unnest_insert::{OnConflict, UnnestInsert, UnnestInsertBuilder, UnnestInsertError};

@@ -1,0 +1,159 @@
+//! Which database errors are worth retrying, and how long to wait between tries.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Retry schedule for transient errors: jittered exponential back-off.
+///
+/// The wait before retry `n` (1-based) is drawn uniformly from
+/// `[d/2, d]` where `d = min(max, base * 2^(n-1))`, so concurrent writers that
+/// failed together do not retry in lockstep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Wait before the first retry (before jitter).
+    pub base: Duration,
+    /// Upper bound of any single wait.
+    pub max: Duration,
+    /// Total attempts, the first one included (`1` means no retry).
+    pub attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    /// 6 attempts, waits from 50 ms doubling up to 5 s (about 1.5 s in total
+    /// before jitter).
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+            attempts: 6,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy with the given base wait, maximum wait and total attempts.
+    pub fn new(base: Duration, max: Duration, attempts: u32) -> Self {
+        Self {
+            base,
+            max,
+            attempts,
+        }
+    }
+
+    /// A policy that tries once and never retries.
+    pub fn never() -> Self {
+        Self {
+            base: Duration::ZERO,
+            max: Duration::ZERO,
+            attempts: 1,
+        }
+    }
+
+    /// The jittered wait before retry number `retry` (1 for the first retry).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(31);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << exponent)
+            .min(self.max.max(self.base));
+        let half = ceiling / 2;
+        let spread = (ceiling - half).as_nanos().min(u128::from(u64::MAX)) as u64;
+        let jitter = if spread == 0 {
+            0
+        } else {
+            rand::thread_rng().gen_range(0..=spread)
+        };
+        half + Duration::from_nanos(jitter)
+    }
+}
+
+/// What an error says about the batch that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Nothing wrong with the rows or the statement: a lost connection, a
+    /// server restart, a pool timeout, a serialization failure or a deadlock.
+    /// The same batch may succeed if tried again.
+    Transient,
+    /// The data of some row violates a type or a constraint (SQLSTATE class
+    /// 22 or 23, `21000` cardinality violation, `54000` program limit such as
+    /// an index row too large). Retrying the same rows fails again; smaller
+    /// batches tell which rows are at fault.
+    Row,
+    /// Anything else: a broken statement, a missing table, missing
+    /// privileges, a closed pool. No retry will help.
+    Fatal,
+}
+
+/// Classifies an error of a batch write.
+///
+/// Transient: I/O errors, pool timeouts, a crashed connection worker, and the
+/// SQLSTATEs `40001` serialization_failure, `40P01` deadlock_detected, class
+/// `08` (connection exceptions), `57P01` admin_shutdown, `57P02`
+/// crash_shutdown, `57P03` cannot_connect_now and `53300`
+/// too_many_connections.
+pub fn classify(error: &sqlx::Error) -> ErrorClass {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => {
+            ErrorClass::Transient
+        }
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => classify_sqlstate(&code),
+            None => ErrorClass::Fatal,
+        },
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// Classifies a SQLSTATE code (see [`classify`]).
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code {
+        "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" => ErrorClass::Transient,
+        c if c.starts_with("08") => ErrorClass::Transient,
+        "21000" | "54000" => ErrorClass::Row,
+        c if c.starts_with("22") || c.starts_with("23") => ErrorClass::Row,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        for code in [
+            "40001", "40P01", "08006", "08003", "57P01", "57P02", "57P03",
+        ] {
+            assert_eq!(classify_sqlstate(code), ErrorClass::Transient, "{code}");
+        }
+        for code in ["22001", "22P02", "23505", "23514", "23502", "21000"] {
+            assert_eq!(classify_sqlstate(code), ErrorClass::Row, "{code}");
+        }
+        for code in ["42P01", "42601", "42501", "XX000"] {
+            assert_eq!(classify_sqlstate(code), ErrorClass::Fatal, "{code}");
+        }
+    }
+
+    #[test]
+    fn io_and_pool_timeouts_are_transient() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify(&io), ErrorClass::Transient);
+        assert_eq!(classify(&sqlx::Error::PoolTimedOut), ErrorClass::Transient);
+        assert_eq!(classify(&sqlx::Error::PoolClosed), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn delays_grow_exponentially_within_jitter_and_cap() {
+        let policy = RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(1), 10);
+        for _ in 0..100 {
+            let first = policy.delay(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.delay(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let capped = policy.delay(30);
+            assert!(capped >= Duration::from_millis(500) && capped <= Duration::from_secs(1));
+        }
+        assert_eq!(RetryPolicy::never().delay(1), Duration::ZERO);
+    }
+}

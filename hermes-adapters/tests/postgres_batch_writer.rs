@@ -1,0 +1,407 @@
+//! The Postgres batch writer against a real, private PostgreSQL (one fresh
+//! database per test, from `local::test_database`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hermes_adapters::postgres::local::test_database;
+use hermes_adapters::postgres::{
+    BatchStatement, BatchWriter, InBatchDuplicates, RetryPolicy, RowOutcome, UnnestInsert,
+    WriteError, Written,
+};
+use rand::seq::SliceRandom;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, PgPool};
+
+#[derive(Debug, Clone)]
+struct Event {
+    id: String,
+    amount: i64,
+    payload: String,
+}
+
+fn event(id: impl Into<String>, amount: i64) -> Event {
+    let id = id.into();
+    Event {
+        payload: format!(r#"{{"id":"{id}","amount":{amount}}}"#),
+        id,
+        amount,
+    }
+}
+
+fn events(range: std::ops::Range<usize>) -> Vec<Event> {
+    range.map(|i| event(format!("evt-{i:05}"), 1)).collect()
+}
+
+fn insert_events() -> UnnestInsert<Event, String> {
+    UnnestInsert::builder("events", |e: &Event| e.id.clone())
+        .key_column("id", "text", |e: &Event| e.id.clone())
+        .column("amount", "bigint", |e: &Event| e.amount)
+        .column("payload", "jsonb", |e: &Event| e.payload.clone())
+        .build()
+        .expect("valid statement")
+}
+
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::new(Duration::from_millis(5), Duration::from_millis(50), 5)
+}
+
+async fn setup() -> PgPool {
+    let url = test_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("connect to the test database");
+    sqlx::query(
+        "CREATE TABLE events (
+            id text PRIMARY KEY,
+            amount bigint NOT NULL CHECK (amount >= 0),
+            payload jsonb NOT NULL
+        )",
+    )
+    .execute(&pool)
+    .await
+    .expect("create table");
+    pool
+}
+
+async fn count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn a_batch_is_inserted_and_its_redelivery_is_duplicate() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let rows = events(0..1000);
+
+    let outcomes = writer.write(&rows).await.expect("write");
+    assert_eq!(outcomes.len(), 1000);
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(count(&pool).await, 1000);
+    let payload: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM events WHERE id = 'evt-00042'")
+            .fetch_one(&pool)
+            .await
+            .expect("stored payload");
+    assert_eq!(payload["id"], "evt-00042");
+
+    // Redelivery of the whole batch, and a batch mixing old and new rows.
+    let again = writer.write(&rows).await.expect("rewrite");
+    assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+    let mixed = events(990..1010);
+    let outcomes = writer.write(&mixed).await.expect("write mixed");
+    for (row, outcome) in mixed.iter().zip(&outcomes) {
+        let expected = if row.id.as_str() < "evt-01000" {
+            RowOutcome::Duplicate
+        } else {
+            RowOutcome::Inserted
+        };
+        assert_eq!(*outcome, expected, "{}", row.id);
+    }
+    assert_eq!(count(&pool).await, 1010);
+    assert_eq!(writer.write(&[]).await.expect("empty"), vec![]);
+}
+
+#[tokio::test]
+async fn duplicates_inside_one_batch_are_written_once() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let rows = vec![
+        event("a", 1),
+        event("b", 2),
+        event("a", 3),
+        event("c", 4),
+        event("b", 5),
+        event("a", 6),
+    ];
+    let outcomes = writer.write(&rows).await.expect("write");
+    use RowOutcome::{Duplicate, Inserted};
+    assert_eq!(
+        outcomes,
+        vec![
+            Inserted, Inserted, Duplicate, Inserted, Duplicate, Duplicate
+        ]
+    );
+    let stored: Vec<(String, i64)> = sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+    assert_eq!(
+        stored,
+        vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 4)]
+    );
+}
+
+#[tokio::test]
+async fn upserts_keep_the_last_version_and_tell_new_from_updated() {
+    let pool = setup().await;
+    let upsert = UnnestInsert::builder("events", |e: &Event| e.id.clone())
+        .key_column("id", "text", |e: &Event| e.id.clone())
+        .column("amount", "bigint", |e: &Event| e.amount)
+        .column("payload", "jsonb", |e: &Event| e.payload.clone())
+        .on_conflict_update(&["amount", "payload"])
+        .build()
+        .expect("valid statement");
+    let writer = BatchWriter::new(pool.clone(), upsert, fast_retries())
+        .in_batch_duplicates(InBatchDuplicates::KeepLast);
+
+    writer.write(&[event("a", 1)]).await.expect("seed");
+    let outcomes = writer
+        .write(&[event("a", 2), event("b", 1), event("b", 7), event("a", 9)])
+        .await
+        .expect("upsert");
+    use RowOutcome::{Duplicate, Inserted};
+    assert_eq!(outcomes, vec![Duplicate, Duplicate, Inserted, Duplicate]);
+    let stored: Vec<(String, i64)> = sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+    assert_eq!(stored, vec![("a".into(), 9), ("b".into(), 7)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_overlapping_keys_store_each_key_once() {
+    let pool = setup().await;
+    let writer = Arc::new(BatchWriter::new(
+        pool.clone(),
+        insert_events(),
+        fast_retries(),
+    ));
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            // Writer w covers keys [w*50, w*50 + 300): heavy overlap.
+            let mut rows = events(w * 50..w * 50 + 300);
+            rows.shuffle(&mut rand::thread_rng());
+            let mut results = Vec::new();
+            for chunk in rows.chunks(100) {
+                let outcomes = writer.write(chunk).await.expect("write");
+                results.extend(chunk.iter().map(|r| r.id.clone()).zip(outcomes));
+            }
+            results
+        }));
+    }
+    let mut inserted: HashMap<String, u32> = HashMap::new();
+    let mut seen = HashSet::new();
+    for task in tasks {
+        for (id, outcome) in task.await.expect("writer task") {
+            seen.insert(id.clone());
+            match outcome {
+                RowOutcome::Inserted => *inserted.entry(id).or_default() += 1,
+                RowOutcome::Duplicate => {}
+                other => panic!("unexpected outcome {other:?} for {id}"),
+            }
+        }
+    }
+    assert_eq!(seen.len(), 550);
+    assert_eq!(inserted.len(), 550, "every key reported inserted once");
+    assert!(inserted.values().all(|&n| n == 1));
+    assert_eq!(count(&pool).await, 550);
+}
+
+#[tokio::test]
+async fn a_poison_row_is_rejected_and_the_rest_stored() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let mut rows = events(0..100);
+    rows[37].amount = -1; // violates CHECK (amount >= 0)
+    rows.push(event("evt-00037", 5)); // in-batch duplicate of the bad row
+
+    let outcomes = writer.write(&rows).await.expect("write");
+    for (i, outcome) in outcomes.iter().enumerate().take(100) {
+        if i == 37 {
+            let RowOutcome::Rejected(reason) = outcome else {
+                panic!("row 37 should be rejected, got {outcome:?}");
+            };
+            assert_eq!(reason.code, "23514");
+            assert_eq!(reason.constraint.as_deref(), Some("events_amount_check"));
+            assert!(reason.message.contains("events_amount_check"), "{reason}");
+        } else {
+            assert_eq!(*outcome, RowOutcome::Inserted, "row {i}");
+        }
+    }
+    assert_eq!(
+        outcomes[100], outcomes[37],
+        "a duplicate shares the fate of its first"
+    );
+    assert_eq!(count(&pool).await, 99);
+}
+
+#[tokio::test]
+async fn several_bad_rows_of_different_kinds_are_isolated() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let mut rows = events(0..64);
+    rows[0].amount = -5;
+    rows[20].payload = "{not json".into(); // 22P02 when cast to jsonb
+    rows[63].amount = -1;
+    let outcomes = writer.write(&rows).await.expect("write");
+    let rejected: Vec<(usize, String)> = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| match o {
+            RowOutcome::Rejected(r) => Some((i, r.code.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (0, "23514".to_owned()),
+            (20, "22P02".to_owned()),
+            (63, "23514".to_owned())
+        ]
+    );
+    assert_eq!(count(&pool).await, 61);
+}
+
+/// Wraps the events insert; before its first `fail_times` executions it does
+/// something that breaks the attempt.
+struct Sabotaged {
+    inner: UnnestInsert<Event, String>,
+    admin: PgPool,
+    mode: Sabotage,
+    fail_times: u32,
+    executions: AtomicU32,
+}
+
+#[derive(Clone, Copy)]
+enum Sabotage {
+    /// Terminate this connection's backend from another connection.
+    TerminateBackend,
+    /// Raise SQLSTATE 40001 serialization_failure.
+    SerializationFailure,
+}
+
+impl BatchStatement for Sabotaged {
+    type Row = Event;
+    type Key = String;
+
+    fn key(&self, row: &Event) -> String {
+        self.inner.key(row)
+    }
+
+    fn execute<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        rows: &'c [&'c Event],
+    ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
+        Box::pin(async move {
+            let n = self.executions.fetch_add(1, Ordering::SeqCst);
+            if n < self.fail_times {
+                match self.mode {
+                    Sabotage::TerminateBackend => {
+                        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                            .fetch_one(&mut *conn)
+                            .await?;
+                        let terminated: bool =
+                            sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                                .bind(pid)
+                                .fetch_one(&self.admin)
+                                .await?;
+                        assert!(terminated);
+                        // Wait until the backend is gone, so the insert below
+                        // certainly meets a dead connection.
+                        for _ in 0..500 {
+                            let alive: i64 = sqlx::query_scalar(
+                                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                            )
+                            .bind(pid)
+                            .fetch_one(&self.admin)
+                            .await?;
+                            if alive == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    Sabotage::SerializationFailure => {
+                        sqlx::query(
+                            "DO $$ BEGIN RAISE EXCEPTION 'simulated conflict' \
+                             USING ERRCODE = 'serialization_failure'; END $$",
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                }
+            }
+            self.inner.execute(conn, rows).await
+        })
+    }
+}
+
+async fn sabotaged_writer(
+    pool: &PgPool,
+    mode: Sabotage,
+    fail_times: u32,
+    retry: RetryPolicy,
+) -> BatchWriter<Sabotaged> {
+    let statement = Sabotaged {
+        inner: insert_events(),
+        admin: pool.clone(),
+        mode,
+        fail_times,
+        executions: AtomicU32::new(0),
+    };
+    BatchWriter::new(pool.clone(), statement, retry)
+}
+
+#[tokio::test]
+async fn a_terminated_connection_is_retried() {
+    let pool = setup().await;
+    let writer = sabotaged_writer(&pool, Sabotage::TerminateBackend, 2, fast_retries()).await;
+    let rows = events(0..200);
+    let outcomes = writer.write(&rows).await.expect("write after retries");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert_eq!(count(&pool).await, 200);
+}
+
+#[tokio::test]
+async fn a_serialization_failure_is_retried() {
+    let pool = setup().await;
+    let writer = sabotaged_writer(&pool, Sabotage::SerializationFailure, 1, fast_retries()).await;
+    let outcomes = writer.write(&events(0..10)).await.expect("write");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_persistent_transient_error_exhausts_the_retries() {
+    let pool = setup().await;
+    let retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), 3);
+    let writer = sabotaged_writer(&pool, Sabotage::SerializationFailure, u32::MAX, retry).await;
+    let error = writer.write(&events(0..10)).await.expect_err("must fail");
+    assert!(error.is_transient());
+    assert!(matches!(
+        error,
+        WriteError::RetriesExhausted { attempts: 3, .. }
+    ));
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert_eq!(count(&pool).await, 0);
+}
+
+#[tokio::test]
+async fn a_broken_statement_fails_the_batch_without_retries() {
+    let pool = setup().await;
+    let missing = UnnestInsert::builder("no_such_table", |e: &Event| e.id.clone())
+        .key_column("id", "text", |e: &Event| e.id.clone())
+        .build()
+        .expect("valid declaration");
+    let writer = BatchWriter::new(pool.clone(), missing, fast_retries());
+    let error = writer.write(&events(0..10)).await.expect_err("must fail");
+    assert!(!error.is_transient());
+    let WriteError::Database(sqlx::Error::Database(db)) = &error else {
+        panic!("unexpected error {error:?}");
+    };
+    assert_eq!(db.code().as_deref(), Some("42P01"));
+}
