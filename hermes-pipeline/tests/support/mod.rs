@@ -1,0 +1,148 @@
+//! Shared test pieces: an acknowledger that records every acknowledgement, and a
+//! producer that emits numbered messages on demand and checks it is never asked
+//! for more than the pipeline has room for.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use hermes_pipeline::{Acknowledger, Message, Produced, Producer, Status};
+
+/// Something with an id, so acknowledgements can be counted per message.
+pub trait Identified {
+    fn id(&self) -> u64;
+}
+
+impl Identified for u64 {
+    fn id(&self) -> u64 {
+        *self
+    }
+}
+
+/// Records how often, and how, each message was acknowledged.
+#[derive(Default)]
+pub struct Recorder {
+    acks: Mutex<HashMap<u64, Vec<Status>>>,
+    pub calls: AtomicUsize,
+    pub acked: AtomicUsize,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Every id acknowledged, with its statuses (one, if exactly once).
+    pub fn acks(&self) -> HashMap<u64, Vec<Status>> {
+        self.acks.lock().unwrap().clone()
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Ids acknowledged as failed, with the reasons.
+    pub fn failed(&self) -> HashMap<u64, String> {
+        self.acks()
+            .into_iter()
+            .filter_map(|(id, statuses)| match statuses.first() {
+                Some(Status::Failed(reason)) => Some((id, reason.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Asserts every id in `0..n` was acknowledged exactly once.
+    pub fn assert_exactly_once(&self, n: u64) {
+        let acks = self.acks();
+        for id in 0..n {
+            let count = acks.get(&id).map_or(0, Vec::len);
+            assert_eq!(count, 1, "message {id} acknowledged {count} times");
+        }
+        assert_eq!(acks.len() as u64, n, "unknown messages acknowledged");
+    }
+}
+
+impl<T: Identified + Send + 'static> Acknowledger<T> for Recorder {
+    fn ack(&self, successful: Vec<Message<T>>, failed: Vec<Message<T>>) -> BoxFuture<'_, ()> {
+        assert!(
+            !(successful.is_empty() && failed.is_empty()),
+            "empty acknowledgement"
+        );
+        assert!(
+            successful.iter().all(|m| !m.is_failed()),
+            "a failed message in the successful list"
+        );
+        assert!(
+            failed.iter().all(Message::is_failed),
+            "a successful message in the failed list"
+        );
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut acks = self.acks.lock().unwrap();
+        for message in successful.iter().chain(failed.iter()) {
+            acks.entry(message.data.id())
+                .or_default()
+                .push(message.status().clone());
+        }
+        self.acked
+            .fetch_add(successful.len() + failed.len(), Ordering::SeqCst);
+        Box::pin(async {})
+    }
+}
+
+/// Emits `make(0..total)` on demand, acknowledged by `recorder`, and checks that
+/// every ask fits the in-flight bound: produced − acknowledged + demand ≤ bound.
+pub struct Numbered<T> {
+    pub next: u64,
+    pub total: u64,
+    pub max_in_flight: usize,
+    pub recorder: Arc<Recorder>,
+    pub make: Box<dyn Fn(u64) -> T + Send>,
+    pub asks: Arc<Mutex<Vec<usize>>>,
+    pub violations: Arc<Mutex<Vec<String>>>,
+}
+
+impl<T: Identified + Send + 'static> Numbered<T> {
+    pub fn new(
+        total: u64,
+        max_in_flight: usize,
+        recorder: Arc<Recorder>,
+        make: impl Fn(u64) -> T + Send + 'static,
+    ) -> Self {
+        Self {
+            next: 0,
+            total,
+            max_in_flight,
+            recorder,
+            make: Box::new(make),
+            asks: Arc::default(),
+            violations: Arc::default(),
+        }
+    }
+}
+
+impl<T: Identified + Send + 'static> Producer<T> for Numbered<T> {
+    async fn produce(&mut self, demand: usize) -> Produced<T> {
+        self.asks.lock().unwrap().push(demand);
+        let outstanding = self.next as usize - self.recorder.acked();
+        if demand == 0 || outstanding + demand > self.max_in_flight {
+            self.violations.lock().unwrap().push(format!(
+                "asked for {demand} with {outstanding} outstanding and a bound of {}",
+                self.max_in_flight
+            ));
+        }
+        if self.next >= self.total {
+            return Produced::Finished;
+        }
+        let end = (self.next + demand as u64).min(self.total);
+        let acknowledger: Arc<dyn Acknowledger<T>> = self.recorder.clone();
+        let messages = (self.next..end)
+            .map(|id| Message::new((self.make)(id)).with_acknowledger(acknowledger.clone()))
+            .collect();
+        self.next = end;
+        Produced::Messages(messages)
+    }
+}
