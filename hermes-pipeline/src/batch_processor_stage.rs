@@ -71,7 +71,6 @@ impl<H: Handler> BatchProcessorStage<H> {
             batch_processor: self.index,
             age: opened.elapsed(),
         };
-        self.metrics.received.increment(messages.len() as u64);
         self.metrics.batch_size.record(messages.len() as f64);
         let started = Instant::now();
         let outcome = if self.deadline.is_cancelled() {

@@ -1,0 +1,692 @@
+//! Behaviour tests: batching by time, size, bytes and batcher; draining and its
+//! deadline; the push ingress; rate limiting; resizing; failures; telemetry.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream;
+use hermes_pipeline::*;
+use support::{Numbered, Recorder};
+use tokio::time::Instant;
+
+/// One handled batch: batcher, key, trigger, ids.
+type SeenBatch = (String, BatchKey, BatchTrigger, Vec<u64>);
+
+/// Records batches; optionally holds batches until released.
+#[derive(Default)]
+struct Batches {
+    seen: Mutex<Vec<SeenBatch>>,
+    failed_hook: AtomicUsize,
+}
+
+struct Collect {
+    batches: Arc<Batches>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Collect {
+    fn new() -> (Self, Arc<Batches>) {
+        let batches = Arc::new(Batches::default());
+        (
+            Self {
+                batches: batches.clone(),
+                gate: None,
+            },
+            batches,
+        )
+    }
+}
+
+impl Handler for Collect {
+    type Data = u64;
+
+    async fn handle_message(&self, message: &mut Message<u64>, _: &ProcessorContext) {
+        match message.data {
+            13 => message.fail("thirteen"),
+            666 => panic!("the beast"),
+            n if n >= 1000 => message.put_batcher("big"),
+            _ => {}
+        }
+    }
+
+    async fn handle_batch(&self, batch: &mut [Message<u64>], info: &BatchInfo) {
+        if let Some(gate) = &self.gate {
+            let _permit = gate.acquire().await;
+        }
+        let ids = batch.iter().map(|message| message.data).collect();
+        self.batches.seen.lock().unwrap().push((
+            info.batcher.to_string(),
+            info.batch_key.clone(),
+            info.trigger,
+            ids,
+        ));
+    }
+
+    async fn handle_failed(&self, messages: &mut [Message<u64>], _: FailedIn) {
+        self.batches
+            .failed_hook
+            .fetch_add(messages.len(), Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partial_batch_flushes_at_batch_timeout() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("timeout", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(10)
+                .batch_timeout(Duration::from_millis(200)),
+        );
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+
+    let started = Instant::now();
+    let outcomes = ingress.test_batch([1u64, 2, 3]).await;
+    assert!(outcomes.iter().all(Outcome::is_success));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(200),
+        "flushed exactly at the timeout"
+    );
+    let seen = batches.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].2, BatchTrigger::Timeout);
+    assert_eq!(seen[0].3, vec![1, 2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_batch_goes_at_once_and_named_batchers_get_their_messages() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("size", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(2)
+                .batch_timeout(Duration::from_secs(60)),
+        )
+        .batcher(
+            "big",
+            BatcherOptions::new()
+                .batch_size(1)
+                .batch_timeout(Duration::from_secs(60)),
+        );
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+
+    let started = Instant::now();
+    let outcomes = ingress.test_batch([1u64, 2, 1000]).await;
+    assert!(outcomes.iter().all(Outcome::is_success));
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no batch waited for its timeout"
+    );
+    let mut seen = batches.seen.lock().unwrap().clone();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(seen[0].0, "big");
+    assert_eq!(seen[0].3, vec![1000]);
+    assert_eq!(seen[1].0, "default");
+    assert_eq!(
+        (seen[1].2, seen[1].3.clone()),
+        (BatchTrigger::Size, vec![1, 2])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_close_before_exceeding_max_batch_bytes() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("bytes", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(100)
+                .batch_timeout(Duration::from_millis(10))
+                .max_batch_bytes(10, |message: &Message<u64>| message.data as usize),
+        );
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+
+    ingress.test_batch([4u64, 4, 4, 20, 1]).await;
+    let seen: Vec<Vec<u64>> = batches
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|batch| batch.3.clone())
+        .collect();
+    assert_eq!(seen, vec![vec![4, 4], vec![4], vec![20], vec![1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_batches_never_mix_keys() {
+    struct Keyed;
+    impl Handler for Keyed {
+        type Data = u64;
+        async fn handle_message(&self, message: &mut Message<u64>, _: &ProcessorContext) {
+            message.put_batch_key(message.data % 2);
+        }
+        async fn handle_batch(&self, batch: &mut [Message<u64>], info: &BatchInfo) {
+            assert!(
+                batch.iter().all(|m| m.batch_key() == &info.batch_key
+                    && BatchKey::Int(m.data % 2) == info.batch_key)
+            );
+        }
+    }
+    let mut builder = Pipeline::builder("keys", Keyed).batcher(
+        "default",
+        BatcherOptions::new()
+            .batch_size(3)
+            .batch_timeout(Duration::from_millis(5))
+            .concurrency(2),
+    );
+    let ingress = builder.ingress(100);
+    let _pipeline = builder.start().unwrap();
+    let outcomes = ingress.test_batch(0..50u64).await;
+    assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn failures_and_panics_fail_only_their_message_and_run_handle_failed() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("failures", handler).batcher(
+        "default",
+        BatcherOptions::new()
+            .batch_size(5)
+            .batch_timeout(Duration::from_millis(5)),
+    );
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+
+    let outcomes = ingress.test_batch([1u64, 13, 666, 2]).await;
+    assert_eq!(outcomes[0], Outcome::Succeeded);
+    assert_eq!(outcomes[1], Outcome::Failed("thirteen".into()));
+    assert!(
+        matches!(&outcomes[2], Outcome::Failed(reason) if reason.contains("the beast")),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(outcomes[3], Outcome::Succeeded);
+    assert_eq!(batches.failed_hook.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_message_routed_to_an_unknown_batcher_fails() {
+    struct Lost;
+    impl Handler for Lost {
+        type Data = u64;
+        async fn handle_message(&self, message: &mut Message<u64>, _: &ProcessorContext) {
+            message.put_batcher("nowhere");
+        }
+    }
+    let mut builder = Pipeline::builder("lost", Lost).batcher("default", BatcherOptions::new());
+    let ingress = builder.ingress(1);
+    let _pipeline = builder.start().unwrap();
+    assert_eq!(
+        ingress.test_message(1u64).await,
+        Outcome::Failed("no batcher named \"nowhere\"".into())
+    );
+}
+
+#[tokio::test]
+async fn without_batchers_messages_are_acknowledged_after_processing() {
+    let (handler, _) = Collect::new();
+    let recorder = Recorder::new();
+    let producer = Numbered::new(500, 1000, recorder.clone(), |id| id);
+    let pipeline = Pipeline::builder("no-batchers", handler)
+        .producer(producer)
+        .start()
+        .unwrap();
+    pipeline.join().await;
+    recorder.assert_exactly_once(500);
+    assert_eq!(
+        recorder.failed().len(),
+        1,
+        "only 13 fails (666 panics only above 500)"
+    );
+}
+
+#[tokio::test]
+async fn acknowledgements_are_grouped_per_acknowledger() {
+    let (handler, _) = Collect::new();
+    let (first, second) = (Recorder::new(), Recorder::new());
+    let messages: Vec<Message<u64>> = (0..40u64)
+        .map(|id| {
+            let acknowledger: Arc<dyn Acknowledger<u64>> = if id % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            Message::new(id + 100).with_acknowledger(acknowledger)
+        })
+        .collect();
+    let pipeline = Pipeline::builder("grouped", handler)
+        .producer(StreamProducer::new(stream::iter(messages)))
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(40))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(40)
+                .batch_timeout(Duration::from_secs(5)),
+        )
+        .start()
+        .unwrap();
+    pipeline.join().await;
+    assert_eq!((first.acked(), second.acked()), (20, 20));
+    assert_eq!(
+        first.calls.load(Ordering::SeqCst),
+        second.calls.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
+    let (mut handler, _) = Collect::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    handler.gate = Some(gate.clone());
+    let mut builder = Pipeline::builder("full", handler)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(2))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(2)
+                .batch_timeout(Duration::from_millis(1)),
+        )
+        .max_in_flight(2);
+    let ingress = builder.ingress(3);
+    let pipeline = builder.start().unwrap();
+
+    // Two messages fill the pipeline (held in the gated batch), three the buffer.
+    let mut completions = Vec::new();
+    for n in 0..5u64 {
+        completions.push(ingress.try_push_tracked(n).unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(pipeline.in_flight(), 2);
+    let refused = ingress.try_push(99u64).unwrap_err();
+    assert!(matches!(refused, PushError::Full(_)));
+    assert_eq!(
+        refused.into_message().data,
+        99,
+        "the refused message is handed back"
+    );
+
+    gate.add_permits(100);
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    assert!(ingress.try_push(100u64).is_ok(), "room again once drained");
+}
+
+/// Never finishes a batch: for the drain deadline.
+struct Stuck;
+impl Handler for Stuck {
+    type Data = u64;
+    async fn handle_message(&self, _: &mut Message<u64>, _: &ProcessorContext) {}
+    async fn handle_batch(&self, _: &mut [Message<u64>], _: &BatchInfo) {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_flushes_partial_batches_and_acknowledges_everything() {
+    const ENDLESS: u64 = 1 << 40;
+    let (handler, batches) = Collect::new();
+    let recorder = Recorder::new();
+    let pipeline = Pipeline::builder("drain", handler)
+        .producer(Numbered::new(ENDLESS, 500, recorder.clone(), |id| id))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(7)
+                .batch_timeout(Duration::from_secs(3600)),
+        )
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let drained = pipeline.drain(Duration::from_secs(10)).await;
+    assert!(!drained.forced);
+    assert!(!pipeline.is_running());
+    let acked = recorder.acked() as u64;
+    assert!(
+        acked > 0 && acked < ENDLESS,
+        "stopped asking the producer ({acked})"
+    );
+    recorder.assert_exactly_once(acked);
+    assert_eq!(
+        recorder.failed().len(),
+        usize::from(acked > 13) + usize::from(acked > 666)
+    );
+    let batched: usize = batches
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|batch| batch.3.len())
+        .sum();
+    assert_eq!(
+        batched as u64 + recorder.failed().len() as u64,
+        acked,
+        "every success went through a batch"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_flushes_partial_batches_without_waiting_for_their_timeout() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("flush", handler).batcher(
+        "default",
+        BatcherOptions::new()
+            .batch_size(10)
+            .batch_timeout(Duration::from_secs(3600)),
+    );
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let completions: Vec<Completion> = (0..3u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::task::yield_now().await;
+
+    let started = Instant::now();
+    assert!(!pipeline.drain(Duration::from_secs(10)).await.forced);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    let seen = batches.seen.lock().unwrap();
+    assert_eq!(
+        (seen.len(), seen[0].2, seen[0].3.clone()),
+        (1, BatchTrigger::Flush, vec![0, 1, 2])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_the_drain_deadline_what_remains_is_acknowledged_as_failed() {
+    let recorder = Recorder::new();
+    let pipeline = Pipeline::builder("deadline", Stuck)
+        .producer(Numbered::new(50, 100, recorder.clone(), |id| id))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(10)
+                .batch_timeout(Duration::from_millis(1)),
+        )
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let started = Instant::now();
+    let drained = pipeline.drain(Duration::from_secs(2)).await;
+    assert!(drained.forced);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    recorder.assert_exactly_once(50);
+    let failed = recorder.failed();
+    assert_eq!(failed.len(), 50);
+    assert!(failed.values().all(|reason| reason.contains("deadline")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_processes_what_the_ingress_accepted_and_then_refuses() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("ingress-drain", handler)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(1))
+        .max_in_flight(1);
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let completions: Vec<Completion> = (0..10u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    pipeline.shutdown();
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    pipeline.join().await;
+    assert!(matches!(ingress.try_push(1u64), Err(PushError::Closed(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_limit_holds_and_can_change_while_running() {
+    let (handler, _) = Collect::new();
+    let recorder = Recorder::new();
+    let pipeline = Pipeline::builder("rate", handler)
+        .producer(Numbered::new(1_000_000, 1000, recorder.clone(), |id| {
+            id + 2000
+        }))
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)))
+        .start()
+        .unwrap();
+    // Just inside each window: 100 per started second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(recorder.acked(), 300);
+
+    pipeline
+        .set_rate_limit(Some(RateLimit::new(10, Duration::from_secs(1))))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(recorder.acked(), 300 + 20);
+    assert_eq!(
+        pipeline.topology().rate_limit,
+        Some(RateLimit::new(10, Duration::from_secs(1)))
+    );
+    assert!(
+        pipeline
+            .set_rate_limit(Some(RateLimit::new(0, Duration::from_secs(1))))
+            .is_err()
+    );
+    pipeline.drain(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn concurrency_changes_while_running_and_topology_shows_it() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("resize", handler)
+        .processors(
+            ProcessorOptions::new()
+                .concurrency(2)
+                .max_demand(8)
+                .min_demand(2),
+        )
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(4)
+                .batch_timeout(Duration::from_millis(5))
+                .concurrency(1),
+        );
+    let ingress = builder.ingress(64);
+    let pipeline = builder.start().unwrap();
+    let topology = pipeline.topology();
+    assert_eq!(
+        topology.processors,
+        ProcessorsTopology {
+            concurrency: 2,
+            max_demand: 8,
+            min_demand: 2,
+            partitioned: false
+        }
+    );
+    assert_eq!(topology.batchers[0].concurrency, 1);
+    assert_eq!(topology.producers, vec!["ingress_0".to_owned()]);
+
+    pipeline.set_processor_concurrency(4).unwrap();
+    pipeline
+        .set_batcher_concurrency("default", 3)
+        .await
+        .unwrap();
+    assert!(
+        ingress
+            .test_batch(0..100u64)
+            .await
+            .iter()
+            .filter(|o| o.is_success())
+            .count()
+            == 99
+    );
+    pipeline.set_processor_concurrency(1).unwrap();
+    pipeline
+        .set_batcher_concurrency("default", 1)
+        .await
+        .unwrap();
+    assert!(
+        ingress
+            .test_batch(100..200u64)
+            .await
+            .iter()
+            .all(Outcome::is_success)
+    );
+
+    let topology = pipeline.topology();
+    assert_eq!(
+        (
+            topology.processors.concurrency,
+            topology.batchers[0].concurrency
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        pipeline.set_processor_concurrency(0),
+        Err(ResizeError::Zero)
+    );
+    assert_eq!(
+        pipeline.set_batcher_concurrency("nope", 2).await,
+        Err(ResizeError::UnknownBatcher("nope".into()))
+    );
+    pipeline.drain(Duration::from_secs(5)).await;
+    assert_eq!(
+        pipeline.set_processor_concurrency(2),
+        Err(ResizeError::NotRunning)
+    );
+}
+
+#[tokio::test]
+async fn partitioned_processors_cannot_be_resized() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("partitioned", handler).processors(
+        ProcessorOptions::new()
+            .concurrency(2)
+            .partition_by(|message: &Message<u64>| message.data),
+    );
+    let _ingress = builder.ingress(1);
+    let pipeline = builder.start().unwrap();
+    assert_eq!(
+        pipeline.set_processor_concurrency(3),
+        Err(ResizeError::Partitioned)
+    );
+    assert!(pipeline.topology().processors.partitioned);
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused_with_a_reason() {
+    let no_producer = Pipeline::builder("bad", Stuck).start();
+    assert!(matches!(no_producer, Err(ConfigError::NoProducer)));
+
+    let mut builder = Pipeline::builder("bad", Stuck)
+        .processors(ProcessorOptions::new().max_demand(4).min_demand(4));
+    builder.ingress(1);
+    let error = builder.start().err().unwrap().to_string();
+    assert!(
+        error.contains("min_demand must be below max_demand"),
+        "{error}"
+    );
+
+    let mut builder = Pipeline::builder("bad", Stuck)
+        .batcher("a", BatcherOptions::new())
+        .batcher("a", BatcherOptions::new());
+    builder.ingress(1);
+    assert!(
+        builder
+            .start()
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("two batchers are named \"a\"")
+    );
+
+    let mut builder = Pipeline::builder("bad", Stuck)
+        .batcher("a", BatcherOptions::new().batch_size(50))
+        .max_in_flight(10);
+    builder.ingress(1);
+    assert!(
+        builder
+            .start()
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("above max_in_flight")
+    );
+}
+
+#[test]
+fn starting_outside_a_runtime_is_an_error() {
+    let mut builder = Pipeline::builder("no-runtime", Stuck);
+    builder.ingress(1);
+    assert!(matches!(builder.start(), Err(ConfigError::NoRuntime)));
+}
+
+#[test]
+fn stage_metrics_are_recorded_per_pipeline_and_stage() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (handler, _) = Collect::new();
+            let mut builder = Pipeline::builder("metered", handler).batcher(
+                "default",
+                BatcherOptions::new()
+                    .batch_size(2)
+                    .batch_timeout(Duration::from_millis(1)),
+            );
+            let ingress = builder.ingress(8);
+            let pipeline = builder.start().unwrap();
+            ingress.test_batch([1u64, 2, 13, 4]).await;
+            pipeline.drain(Duration::from_secs(1)).await;
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str, stage: &str| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| {
+                key.key().name() == name
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "stage" && l.value() == stage)
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "pipeline" && l.value() == "metered")
+            })
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(counter(telemetry::RECEIVED, "processor"), 4);
+    assert_eq!(counter(telemetry::FAILED, "processor"), 1);
+    assert_eq!(counter(telemetry::SUCCEEDED, "processor"), 3);
+    assert_eq!(counter(telemetry::RECEIVED, "batcher:default"), 3);
+    assert_eq!(counter(telemetry::SUCCEEDED, "batcher:default"), 3);
+    let names: Vec<&str> = snapshot.iter().map(|(key, ..)| key.key().name()).collect();
+    for name in [
+        telemetry::BATCH_SIZE,
+        telemetry::HANDLER_DURATION,
+        telemetry::IN_FLIGHT,
+        telemetry::QUEUE_DEPTH,
+    ] {
+        assert!(names.contains(&name), "{name} missing");
+    }
+}
