@@ -65,6 +65,8 @@
 //! Through the [`metrics`] facade, labelled `pipeline` and `stage`
 //! (`producer_N`/`ingress_N`, `processor`, `batcher:NAME`): see [`telemetry`].
 
+#![warn(missing_docs)]
+
 mod acknowledger;
 mod batch_key;
 mod batch_processor_stage;
