@@ -1,0 +1,628 @@
+//! The host's configuration: a TOML file, environment overrides, defaults.
+//!
+//! ```toml
+//! [http]
+//! listen = "127.0.0.1:8080"          # env HERMES_LISTEN
+//!
+//! [database]
+//! # url = "postgres://..."           # env DATABASE_URL; unset: a private cluster in local_dir
+//! local_dir = ".hermes/pg"
+//!
+//! [webhooks]
+//! ingest_capacity = 512
+//! batch_size = 200
+//! batch_timeout_ms = 10
+//!
+//! [[webhooks.sources]]
+//! name = "sms"                         # the route: /webhooks/sms
+//! scheme = "hmac-sha256"               # or standard-webhooks, github, stripe, shopify, meta, twilio
+//! header = "x-provider-signature-256"  # hmac-sha256 only
+//! prefix = "sha256="                   # hmac-sha256 only, optional
+//! encoding = "hex"                     # hmac-sha256 only: hex or base64
+//! secrets = ["env:SMS_SECRET"]         # literal or env:NAME; several for rotation
+//! normalize = "sms"                    # sms, email or none
+//! max_body_bytes = 262144
+//! ```
+//!
+//! [`Config::load`] reads the file and applies the environment;
+//! [`Config::validate`] checks everything that can be checked without a
+//! database (schemes, secrets and the environment variables they name,
+//! pipeline sizes), so a bad configuration fails at startup with a message
+//! that says what to fix.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::webhooks::SourceRegistry;
+
+/// Environment variable overriding `[http] listen`.
+pub const LISTEN_ENV: &str = "HERMES_LISTEN";
+
+/// Environment variable overriding `[database] url`.
+pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
+
+/// The configuration file `hermes serve` reads when `--config` is not given
+/// and the file exists in the current directory.
+pub const DEFAULT_CONFIG_FILE: &str = "hermes.toml";
+
+/// A configuration that cannot be used; the message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration is not valid TOML, or has unknown or mistyped keys.
+    #[error("invalid configuration{}: {message}", in_file(.path))]
+    Parse {
+        /// The file, when read from one.
+        path: Option<PathBuf>,
+        /// The TOML parser's message (with line and column).
+        message: String,
+    },
+    /// An environment override has an invalid value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// A webhook source is misconfigured.
+    #[error("webhook source {source_name:?}: {message}")]
+    Source {
+        /// The source's `name`.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Another setting is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn in_file(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(path) => format!(" in {}", path.display()),
+        None => String::new(),
+    }
+}
+
+/// The whole configuration. Every section and key has a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[http]`: the listener.
+    pub http: HttpConfig,
+    /// `[database]`: which Postgres.
+    pub database: DatabaseConfig,
+    /// `[webhooks]`: the ingestion pipeline and its sources.
+    pub webhooks: WebhooksConfig,
+    /// `[shutdown]`: how long a graceful shutdown may take.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on (default `127.0.0.1:8080`; env `HERMES_LISTEN`).
+    /// Port 0 picks a free port; [`RunningServer::local_addr`](crate::RunningServer::local_addr)
+    /// tells which.
+    pub listen: SocketAddr,
+    /// The external base URL providers call, such as `https://hooks.example.com`,
+    /// for schemes that sign the URL (Twilio). Unset: `http://` plus the
+    /// request's `Host` header.
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Postgres URL (env `DATABASE_URL`). Unset: a private cluster under
+    /// [`local_dir`](Self::local_dir), started from the machine's PostgreSQL
+    /// server binaries.
+    pub url: Option<String>,
+    /// Data directory of the private cluster (default `.hermes/pg`).
+    pub local_dir: PathBuf,
+    /// Connections in the pool (default 10).
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection, in milliseconds (default 5000).
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            local_dir: PathBuf::from(".hermes/pg"),
+            max_connections: 10,
+            acquire_timeout_ms: 5000,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("local_dir", &self.local_dir)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .finish()
+    }
+}
+
+/// `url` with its password, if any, replaced by `***`: safe to print.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// `[webhooks]`: the ingestion pipeline's sizes and the sources.
+///
+/// Requests wait for their commit in the pipeline (at most `max_in_flight`)
+/// or in its ingress buffer (at most `ingest_capacity`); beyond that a request
+/// is answered 503 at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Events accepted and waiting for the pipeline (default 512).
+    pub ingest_capacity: usize,
+    /// Processor concurrency (default 2).
+    pub processors: usize,
+    /// Events a processor takes at once (default 50).
+    pub max_demand: usize,
+    /// Events per batch, written in one transaction (default 200).
+    pub batch_size: usize,
+    /// How long a partial batch waits for more events, in ms (default 10).
+    pub batch_timeout_ms: u64,
+    /// Batches written concurrently (default 2).
+    pub batch_concurrency: usize,
+    /// Bound on events in the pipeline; default: what keeps every stage busy.
+    pub max_in_flight: Option<usize>,
+    /// `Retry-After` of a 503, in whole seconds (default 1).
+    pub retry_after_secs: u64,
+    /// The sources, one route `/webhooks/{name}` each.
+    pub sources: Vec<SourceConfig>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            ingest_capacity: 512,
+            processors: 2,
+            max_demand: 50,
+            batch_size: 200,
+            batch_timeout_ms: 10,
+            batch_concurrency: 2,
+            max_in_flight: None,
+            retry_after_secs: 1,
+            sources: Vec::new(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// `batch_timeout_ms` as a duration.
+    pub fn batch_timeout(&self) -> Duration {
+        Duration::from_millis(self.batch_timeout_ms)
+    }
+}
+
+/// What a source's payloads are normalized into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// Store the raw event only.
+    #[default]
+    None,
+    /// An SMS: E.164 `from` and `to`, at most 10 attachments.
+    Sms,
+    /// An email: addresses (stored lower-cased), at most 25 attachments.
+    Email,
+}
+
+/// A secret as configured: a literal, or `env:NAME`. Its `Debug` output
+/// shows `env:NAME` references but never a literal.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretSetting(pub String);
+
+impl fmt::Debug for SecretSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.starts_with(hermes_adapters::webhook::ENV_PREFIX) {
+            write!(f, "{:?}", self.0)
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+impl From<&str> for SecretSetting {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
+/// One `[[webhooks.sources]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The route segment: `/webhooks/{name}`. ASCII letters, digits, `-`, `_`.
+    pub name: String,
+    /// The signature scheme: `hmac-sha256`, `standard-webhooks`, `github`,
+    /// `stripe`, `shopify`, `meta` or `twilio`.
+    pub scheme: String,
+    /// Signature header (`hmac-sha256` only; default `x-signature`).
+    pub header: Option<String>,
+    /// Literal before the encoded signature, e.g. `sha256=` (`hmac-sha256` only).
+    pub prefix: Option<String>,
+    /// `hex` (default) or `base64` (`hmac-sha256` only).
+    pub encoding: Option<String>,
+    /// Signing secrets, literal or `env:NAME`; any may match (rotation).
+    pub secrets: Vec<SecretSetting>,
+    /// `sms`, `email` or `none` (default).
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// Largest accepted body (default 262144).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// The provider name stored with normalized messages (default: `name`).
+    pub provider: Option<String>,
+    /// The exact external URL of this source, for schemes that sign it
+    /// (Twilio); default `[http] public_url` + `/webhooks/{name}`.
+    pub url: Option<String>,
+    /// Replay window for schemes with a signed timestamp, in seconds (default 300).
+    pub tolerance_secs: Option<u64>,
+}
+
+fn default_max_body_bytes() -> usize {
+    262_144
+}
+
+impl SourceConfig {
+    /// A source with defaults for every optional key.
+    pub fn new(name: &str, scheme: &str, secrets: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            scheme: scheme.to_owned(),
+            header: None,
+            prefix: None,
+            encoding: None,
+            secrets: secrets.iter().map(|s| SecretSetting::from(*s)).collect(),
+            normalize: Normalize::None,
+            max_body_bytes: default_max_body_bytes(),
+            provider: None,
+            url: None,
+            tolerance_secs: None,
+        }
+    }
+
+    /// Sets `normalize`.
+    pub fn normalize(mut self, normalize: Normalize) -> Self {
+        self.normalize = normalize;
+        self
+    }
+
+    /// Sets `max_body_bytes`.
+    pub fn max_body_bytes(mut self, max_body_bytes: usize) -> Self {
+        self.max_body_bytes = max_body_bytes;
+        self
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long pipelines may take to drain on SIGTERM/SIGINT, in ms (default
+    /// 10000). What remains then is answered 503 and not stored.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    /// `drain_timeout_ms` as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Reads `path` (or, when `None`, `hermes.toml` if it exists, else the
+    /// defaults), then applies the environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Self::default(),
+        };
+        config.apply_env()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file, without environment overrides.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, Some(path))
+    }
+
+    /// Parses TOML text, without environment overrides.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, None)
+    }
+
+    fn parse(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.map(Path::to_owned),
+            message: error.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Applies `HERMES_LISTEN` and `DATABASE_URL` from the process environment.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        self.apply_env_with(|name| std::env::var_os(name))
+    }
+
+    /// Like [`apply_env`](Self::apply_env), reading variables with `lookup`.
+    pub fn apply_env_with(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<(), ConfigError> {
+        let read = |name: &'static str| -> Result<Option<String>, ConfigError> {
+            lookup(name)
+                .map(|value| {
+                    value.into_string().map_err(|_| ConfigError::Env {
+                        name,
+                        message: "not valid UTF-8".into(),
+                    })
+                })
+                .transpose()
+        };
+        if let Some(listen) = read(LISTEN_ENV)? {
+            self.http.listen = listen.trim().parse().map_err(|_| ConfigError::Env {
+                name: LISTEN_ENV,
+                message: format!("{listen:?} is not a socket address such as 127.0.0.1:8080"),
+            })?;
+        }
+        if let Some(url) = read(DATABASE_URL_ENV)?.filter(|url| !url.trim().is_empty()) {
+            self.database.url = Some(url);
+        }
+        Ok(())
+    }
+
+    /// Checks the whole configuration: every source (scheme, options,
+    /// secrets and the environment variables they name) and the pipeline
+    /// sizes. [`Server::start`](crate::Server::start) calls it too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sizes()?;
+        SourceRegistry::from_config(&self.webhooks, self.http.public_url.as_deref())?;
+        Ok(())
+    }
+
+    pub(crate) fn validate_sizes(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        let positive = [
+            ("webhooks.ingest_capacity", w.ingest_capacity),
+            ("webhooks.processors", w.processors),
+            ("webhooks.max_demand", w.max_demand),
+            ("webhooks.batch_size", w.batch_size),
+            ("webhooks.batch_concurrency", w.batch_concurrency),
+            ("webhooks.batch_timeout_ms", w.batch_timeout_ms as usize),
+            (
+                "database.max_connections",
+                self.database.max_connections as usize,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(max) = w.max_in_flight
+            && max < w.batch_size
+        {
+            return Err(ConfigError::Invalid(format!(
+                "webhooks.max_in_flight ({max}) must be at least webhooks.batch_size ({})",
+                w.batch_size
+            )));
+        }
+        if let Some(url) = &self.http.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "http.public_url {url:?} must start with http:// or https://"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+        [[webhooks.sources]]
+        name = "sms"
+        scheme = "hmac-sha256"
+        header = "x-provider-signature-256"
+        prefix = "sha256="
+        encoding = "hex"
+        secrets = ["env:HERMES_TEST_SMS_SECRET_UNSET_1"]
+        normalize = "sms"
+        max_body_bytes = 262144
+    "#;
+
+    #[test]
+    fn defaults() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.database.url.is_none());
+        assert_eq!(config.database.local_dir, PathBuf::from(".hermes/pg"));
+        assert!(config.webhooks.sources.is_empty());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn parses_the_issue_example() {
+        let config = Config::from_toml_str(ISSUE_EXAMPLE).unwrap();
+        let source = &config.webhooks.sources[0];
+        assert_eq!(source.name, "sms");
+        assert_eq!(source.normalize, Normalize::Sms);
+        assert_eq!(source.prefix.as_deref(), Some("sha256="));
+    }
+
+    #[test]
+    fn missing_env_secret_names_the_variable() {
+        let config = Config::from_toml_str(ISSUE_EXAMPLE).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("HERMES_TEST_SMS_SECRET_UNSET_1"), "{error}");
+        assert!(error.contains("\"sms\""), "{error}");
+    }
+
+    #[test]
+    fn unknown_scheme_is_rejected_with_the_known_ones() {
+        let config = Config::from_toml_str(
+            r#"
+            [[webhooks.sources]]
+            name = "pay"
+            scheme = "paypal"
+            secrets = ["s"]
+            "#,
+        )
+        .unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("paypal"), "{error}");
+        assert!(error.contains("standard-webhooks"), "{error}");
+    }
+
+    #[test]
+    fn hmac_options_on_other_schemes_are_rejected() {
+        let config = Config::from_toml_str(
+            r#"
+            [[webhooks.sources]]
+            name = "gh"
+            scheme = "github"
+            header = "x-sig"
+            secrets = ["s"]
+            "#,
+        )
+        .unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("header"), "{error}");
+        assert!(error.contains("hmac-sha256"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_and_normalizers_are_parse_errors() {
+        let error = Config::from_toml_str("[http]\nlisten_on = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("listen_on"), "{error}");
+        let error = Config::from_toml_str(
+            "[[webhooks.sources]]\nname = \"a\"\nscheme = \"github\"\nsecrets = [\"s\"]\nnormalize = \"fax\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("fax"), "{error}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut config = Config::default();
+        config
+            .apply_env_with(|name| match name {
+                LISTEN_ENV => Some("0.0.0.0:9000".into()),
+                DATABASE_URL_ENV => Some("postgres://u:pw@db/hermes".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.http.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(
+            config.database.url.as_deref(),
+            Some("postgres://u:pw@db/hermes")
+        );
+        assert!(!format!("{config:?}").contains("pw"));
+        let error = Config::default()
+            .apply_env_with(|name| (name == LISTEN_ENV).then(|| "nope".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("HERMES_LISTEN"), "{error}");
+    }
+
+    #[test]
+    fn literal_secrets_are_not_in_debug_output() {
+        let source = SourceConfig::new("a", "github", &["hunter2", "env:GH_SECRET"]);
+        let debug = format!("{source:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("env:GH_SECRET"), "{debug}");
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_url("postgres://user:secret@host:5432/db?sslmode=disable"),
+            "postgres://user:***@host:5432/db?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5433/hermes"),
+            "postgres://postgres@127.0.0.1:5433/hermes"
+        );
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let mut config = Config::default();
+        config.webhooks.batch_size = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("batch_size")
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! Which Postgres the host uses, and its migrations.
+//!
+//! `DATABASE_URL` (or `[database] url`) selects a server. When it is unset,
+//! the host creates (the first time) and reuses a private cluster under
+//! `[database] local_dir` (default `./.hermes/pg`) from the machine's
+//! PostgreSQL server binaries, and says which URL it uses.
+
+use std::time::Duration;
+
+use hermes_adapters::postgres::{LocalPostgres, LocalPostgresError};
+use sqlx::PgPool;
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::{DatabaseConfig, redact_url};
+
+/// The migrations of `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// The database of the private cluster.
+pub const LOCAL_DATABASE: &str = "hermes";
+
+/// Why the database could not be reached or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// The private cluster could not be started.
+    #[error("cannot start the private PostgreSQL cluster (DATABASE_URL is unset): {0}")]
+    Local(#[from] LocalPostgresError),
+    /// No connection could be made.
+    #[error("cannot connect to Postgres at {url}: {source}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] MigrateError),
+}
+
+/// A connection pool to the host's database, and the private cluster behind
+/// it when there is one.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: PgPool,
+    url: String,
+    local: Option<LocalPostgres>,
+}
+
+impl Database {
+    /// Connects to `config.url`, or starts (or reuses) the private cluster.
+    /// Logs the URL it uses (password redacted).
+    pub async fn connect(config: &DatabaseConfig) -> Result<Self, DatabaseError> {
+        let (url, local) = match &config.url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let local = LocalPostgres::start(&config.local_dir, LOCAL_DATABASE).await?;
+                tracing::info!(
+                    data_dir = %local.data_dir().display(),
+                    reused = local.reused(),
+                    "DATABASE_URL is unset: using the private PostgreSQL cluster"
+                );
+                (local.url(), Some(local))
+            }
+        };
+        let shown = redact_url(&url);
+        tracing::info!(url = %shown, "using Postgres");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+            .connect(&url)
+            .await
+            .map_err(|source| DatabaseError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        Ok(Self {
+            pool,
+            url: shown,
+            local,
+        })
+    }
+
+    /// Applies the pending migrations.
+    pub async fn migrate(&self) -> Result<(), DatabaseError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The URL in use, password redacted.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The private cluster, when `DATABASE_URL` was unset.
+    pub fn local(&self) -> Option<&LocalPostgres> {
+        self.local.as_ref()
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,12 @@
+//! The HTTP layer: router, JSON errors, request metrics, operations
+//! endpoints and the shared state.
+
+pub mod error;
+pub mod metrics;
+pub mod ops;
+pub mod router;
+pub mod state;
+
+pub use error::ApiError;
+pub use router::router;
+pub use state::AppState;

@@ -1,0 +1,61 @@
+//! Operations endpoints: `/health`, `/ready`, `/metrics`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::state::AppState;
+
+/// How long `/ready` waits for the database.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /health`: 200 while the process is up.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 when the database answers and every pipeline runs;
+/// otherwise 503 saying which is not.
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.pool());
+    match tokio::time::timeout(READY_DB_TIMEOUT, ping).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            return Err(ApiError::unavailable(
+                format!("database unreachable: {error}"),
+                state.retry_after_secs(),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::unavailable(
+                format!(
+                    "database did not answer within {} s",
+                    READY_DB_TIMEOUT.as_secs()
+                ),
+                state.retry_after_secs(),
+            ));
+        }
+    }
+    if !state.ingest().is_running() {
+        return Err(ApiError::unavailable(
+            "the webhooks pipeline is not running",
+            state.retry_after_secs(),
+        ));
+    }
+    Ok(Json(
+        json!({"status": "ready", "pipelines": {"webhooks": "running"}}),
+    ))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics().render(),
+    )
+}

@@ -1,0 +1,24 @@
+//! The HTTP routes.
+
+use axum::Router;
+use axum::middleware;
+use axum::routing::{get, post};
+
+use super::error;
+use super::metrics::track;
+use super::ops;
+use super::state::AppState;
+use crate::webhooks::endpoint;
+
+/// Every route of the host, with JSON errors and request metrics.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/webhooks/{source}", post(endpoint::receive))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}

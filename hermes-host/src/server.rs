@@ -1,0 +1,225 @@
+//! The host as a library: [`Server::start`] runs everything `hermes serve`
+//! runs and hands back a [`RunningServer`] with its bound address;
+//! [`RunningServer::shutdown`] stops it gracefully. The binary, the demo, the
+//! benchmarks and the tests all use it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::database::{Database, DatabaseError};
+use crate::http::{AppState, router};
+use crate::telemetry;
+use crate::webhooks::{IngestPipeline, SourceRegistry};
+
+/// How long the HTTP server may take, after the pipelines drained, to write
+/// the last answers and close its connections.
+const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often histogram buckets of the metrics recorder are maintained.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database could not be reached or migrated.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// A pipeline could not start.
+    #[error("cannot start the {pipeline} pipeline: {source}")]
+    Pipeline {
+        /// Which pipeline.
+        pipeline: &'static str,
+        /// Why.
+        source: hermes_pipeline::ConfigError,
+    },
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Starts the host.
+#[derive(Debug, Clone, Copy)]
+pub struct Server;
+
+impl Server {
+    /// Validates `config`, connects to (or starts) the database, applies the
+    /// migrations, starts the pipelines and the HTTP listener. Returns once
+    /// the listener is bound and accepting.
+    pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+        config.validate_sizes()?;
+        let sources = Arc::new(SourceRegistry::from_config(
+            &config.webhooks,
+            config.http.public_url.as_deref(),
+        )?);
+        let database = Database::connect(&config.database).await?;
+        database.migrate().await?;
+        Self::start_with(config, sources, database).await
+    }
+
+    async fn start_with(
+        config: Config,
+        sources: Arc<SourceRegistry>,
+        database: Database,
+    ) -> Result<RunningServer, StartError> {
+        let ingest =
+            IngestPipeline::start(&config.webhooks, database.pool().clone()).map_err(|source| {
+                StartError::Pipeline {
+                    pipeline: crate::webhooks::PIPELINE_NAME,
+                    source,
+                }
+            })?;
+        let metrics = telemetry::metrics_handle();
+        let upkeep_handle = metrics.clone();
+        let upkeep = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            loop {
+                interval.tick().await;
+                upkeep_handle.run_upkeep();
+            }
+        });
+        let state = AppState::new(
+            sources.clone(),
+            ingest.clone(),
+            database.pool().clone(),
+            metrics,
+            config.webhooks.retry_after_secs,
+        );
+        let addr = config.http.listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(source) => {
+                upkeep.abort();
+                ingest.pipeline().drain(Duration::ZERO).await;
+                return Err(StartError::Bind { addr, source });
+            }
+        };
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        });
+        let serve = tokio::spawn(async move { serve.await });
+        tracing::info!(
+            addr = %local_addr,
+            sources = ?sources.names(),
+            "hermes is listening"
+        );
+        Ok(RunningServer {
+            local_addr,
+            database,
+            sources,
+            ingest,
+            stop: Some(stop),
+            serve,
+            upkeep,
+            drain_timeout: config.shutdown.drain_timeout(),
+        })
+    }
+}
+
+/// A running host.
+#[derive(Debug)]
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    database: Database,
+    sources: Arc<SourceRegistry>,
+    ingest: IngestPipeline,
+    stop: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<std::io::Result<()>>,
+    upkeep: JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for IngestPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestPipeline")
+            .field("in_flight", &self.pipeline().in_flight())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether the drain deadline passed: events still in flight then were
+    /// answered 503 and not stored.
+    pub forced: bool,
+}
+
+impl RunningServer {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://` + [`local_addr`](Self::local_addr).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// The webhook sources (their verifiers can sign requests).
+    pub fn sources(&self) -> &SourceRegistry {
+        &self.sources
+    }
+
+    /// The database in use.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// The webhook ingest pipeline.
+    pub fn ingest(&self) -> &IngestPipeline {
+        &self.ingest
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> ShutdownReport {
+        crate::shutdown::signal().await;
+        self.shutdown().await
+    }
+
+    /// Graceful shutdown: stop accepting connections, drain the pipelines
+    /// (everything accepted is committed and answered, within the drain
+    /// deadline; what remains after it is answered 503 and not stored), let
+    /// the HTTP server write the last answers, close the pool.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let drained = self.ingest.pipeline().drain(self.drain_timeout).await;
+        if drained.forced {
+            tracing::warn!("drain deadline passed: some events were answered 503 and not stored");
+        }
+        match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, &mut self.serve).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server failed"),
+            Ok(Err(error)) => tracing::error!(%error, "the HTTP server task failed"),
+            Err(_) => {
+                tracing::warn!("HTTP connections still open after the drain: closing them");
+                self.serve.abort();
+            }
+        }
+        self.upkeep.abort();
+        self.database.close().await;
+        tracing::info!(forced = drained.forced, "hermes stopped");
+        ShutdownReport {
+            forced: drained.forced,
+        }
+    }
+}

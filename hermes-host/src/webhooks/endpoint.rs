@@ -1,0 +1,167 @@
+//! `POST /webhooks/{source}`: verify, parse, normalize, enqueue, and answer
+//! 202 once the event is committed.
+//!
+//! | status | when |
+//! |---|---|
+//! | 202 | committed: `{"id": <event id>, "duplicate": <bool>}` |
+//! | 400 | the body is not UTF-8 JSON |
+//! | 401 | bad, missing or stale signature |
+//! | 404 | no source of that name |
+//! | 413 | the body is larger than the source's `max_body_bytes` |
+//! | 422 | normalization failed: the field and the reason; nothing stored |
+//! | 503 | the ingest pipeline is full or shutting down (with `Retry-After`), or the database failed transiently |
+//! | 500 | the event could not be stored for another reason |
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use chrono::Utc;
+use futures::StreamExt;
+use hermes_pipeline::{Outcome, PushError};
+use serde::Serialize;
+
+use super::event::{Fate, WebhookEvent};
+use super::normalize::normalize;
+use super::source::Source;
+use crate::http::{ApiError, AppState};
+
+/// The body of a 202.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    /// The stored event's id.
+    pub id: i64,
+    /// Whether the event had already been stored by an earlier delivery.
+    pub duplicate: bool,
+}
+
+/// Handles `POST /webhooks/{source}`.
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(source_name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let received_at = Utc::now();
+    let Some(source) = state.sources().get(&source_name).cloned() else {
+        return Err(ApiError::not_found(format!(
+            "unknown webhook source {source_name:?}"
+        )));
+    };
+    let body = read_body(body, &headers, source.max_body_bytes()).await?;
+
+    let url = request_url(&source, &headers, &uri);
+    let verified = source
+        .verify(&headers, &body, &url, SystemTime::now())
+        .map_err(|error| ApiError::unauthorized(error.to_string()))?;
+
+    let text = String::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
+    let payload: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|error| ApiError::bad_request(format!("malformed JSON body: {error}")))?;
+    let message = normalize(source.normalize(), &payload)
+        .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?;
+    drop(payload);
+
+    let event = Arc::new(WebhookEvent::new(
+        source.name_arc().clone(),
+        source.provider().clone(),
+        verified.idempotency_key,
+        text,
+        received_at,
+        message,
+    ));
+    let retry_after = state.retry_after_secs();
+    let completion = match state.ingest().ingress().try_push_tracked(event.clone()) {
+        Ok(completion) => completion,
+        Err(PushError::Full(_)) => {
+            return Err(ApiError::unavailable(
+                "the ingest pipeline is full; retry later",
+                retry_after,
+            ));
+        }
+        Err(PushError::Closed(_)) => {
+            return Err(ApiError::unavailable(
+                "the server is shutting down; retry later",
+                retry_after,
+            ));
+        }
+    };
+    let outcome = completion.await;
+    match (outcome, event.fate()) {
+        (Outcome::Succeeded, Some(Fate::Stored { id, duplicate })) => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                id: *id,
+                duplicate: *duplicate,
+            }),
+        )),
+        (_, Some(Fate::Rejected(reason))) => Err(ApiError::unprocessable("", reason.clone())),
+        (_, Some(Fate::Failed { transient, reason })) => {
+            tracing::warn!(source = %source.name(), %reason, "webhook event not stored");
+            if *transient {
+                Err(ApiError::unavailable(reason.clone(), retry_after))
+            } else {
+                Err(ApiError::internal(reason.clone()))
+            }
+        }
+        (Outcome::Failed(reason), _) => {
+            // Failed without a recorded fate: the drain deadline passed, or a
+            // handler panicked. Nothing was committed for it.
+            tracing::warn!(source = %source.name(), %reason, "webhook event not stored");
+            Err(ApiError::unavailable(
+                format!("the event was not stored: {reason}"),
+                retry_after,
+            ))
+        }
+        (Outcome::Succeeded, _) => Err(ApiError::internal(
+            "the event was acknowledged without a recorded outcome",
+        )),
+    }
+}
+
+/// Reads the body, refusing (413) as soon as it is known to exceed `max`:
+/// from `Content-Length` before reading, or while reading.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = || ApiError::payload_too_large(format!("the body exceeds {max} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+    let capacity = declared.map_or(0, |length| length as usize).min(max);
+    let mut buffer = Vec::with_capacity(capacity);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|error| ApiError::bad_request(format!("could not read the body: {error}")))?;
+        if buffer.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer)
+}
+
+/// The URL the provider called: the source's configured URL, else
+/// `http://` + `Host` + path and query (Twilio signs it; others ignore it).
+fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
+    if let Some(url) = source.url() {
+        return match uri.query() {
+            Some(query) if !url.contains('?') => format!("{url}?{query}"),
+            _ => url.to_owned(),
+        };
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("localhost");
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{host}{path}")
+}

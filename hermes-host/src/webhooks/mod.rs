@@ -1,0 +1,21 @@
+//! Webhook ingestion: sources from the configuration, signature
+//! verification, normalization, the ingest pipeline and its batched
+//! Postgres write.
+//!
+//! ```text
+//! POST /webhooks/{source} -> verify -> parse -> normalize -> ingress
+//!     -> processors -> batcher "postgres" -> one transaction per batch -> ack -> 202
+//! ```
+
+pub mod endpoint;
+pub mod event;
+pub mod normalize;
+pub mod pipeline;
+pub mod source;
+pub mod store;
+
+pub use event::{Fate, WebhookEvent};
+pub use normalize::{Channel, NormalizeError, NormalizedMessage};
+pub use pipeline::{IngestHandler, IngestPipeline, PIPELINE_NAME};
+pub use source::{Source, SourceRegistry};
+pub use store::WebhookBatchStatement;

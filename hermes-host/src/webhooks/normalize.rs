@@ -1,0 +1,443 @@
+//! Normalization of sms and email payloads into a [`NormalizedMessage`].
+//!
+//! The payload is a JSON object:
+//!
+//! ```json
+//! {"from": "+14155550100", "to": "+14155550199", "body": "hi",
+//!  "attachments": ["https://example.com/a.jpg"], "timestamp": "2024-05-01T12:00:00Z",
+//!  "provider_message_id": "SM123"}
+//! ```
+//!
+//! `body`, `attachments` and `provider_message_id` are optional; other keys
+//! are ignored (and kept in the stored raw event). `timestamp` is RFC 3339 or
+//! seconds since the Unix epoch. sms needs E.164 numbers and at most 10
+//! attachments; email needs addresses (lower-cased) and at most 25.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::config::Normalize;
+
+/// Most attachments an sms may carry.
+pub const MAX_SMS_ATTACHMENTS: usize = 10;
+/// Most attachments an email may carry.
+pub const MAX_EMAIL_ATTACHMENTS: usize = 25;
+/// Longest accepted attachment URL, in bytes.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// A message's channel kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Text message between phone numbers.
+    Sms,
+    /// Email between addresses.
+    Email,
+}
+
+impl Channel {
+    /// The channel kind as stored: `sms` or `email`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sms => "sms",
+            Channel::Email => "email",
+        }
+    }
+
+    /// The kind of party addresses on this channel: `phone` or `email`.
+    pub fn party_kind(self) -> &'static str {
+        match self {
+            Channel::Sms => "phone",
+            Channel::Email => "email",
+        }
+    }
+}
+
+/// A valid sms or email, ready to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizedMessage {
+    /// The channel kind.
+    pub channel: Channel,
+    /// Sender: E.164 number, or lower-cased email address.
+    pub from: String,
+    /// Recipient, in the same form.
+    pub to: String,
+    /// The text, if any.
+    pub body: Option<String>,
+    /// Attachment URLs, in order.
+    pub attachments: Vec<String>,
+    /// When the provider says the message was sent.
+    pub sent_at: DateTime<Utc>,
+    /// The provider's id of the message, if given.
+    pub provider_message_id: Option<String>,
+}
+
+/// Why a payload is invalid: the field and the reason (answered 422).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizeError {
+    /// The offending field (`""` for the payload as a whole).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl NormalizeError {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for NormalizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "field `{}`: {}", self.field, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for NormalizeError {}
+
+/// Normalizes `payload` per `rule`: `Ok(None)` for [`Normalize::None`].
+pub fn normalize(
+    rule: Normalize,
+    payload: &Value,
+) -> Result<Option<NormalizedMessage>, NormalizeError> {
+    let channel = match rule {
+        Normalize::None => return Ok(None),
+        Normalize::Sms => Channel::Sms,
+        Normalize::Email => Channel::Email,
+    };
+    let Some(object) = payload.as_object() else {
+        return Err(NormalizeError::new(
+            "",
+            format!(
+                "the payload must be a JSON object, not {}",
+                type_name(payload)
+            ),
+        ));
+    };
+    let from = address(channel, object, "from")?;
+    let to = address(channel, object, "to")?;
+    let body = optional_string(object, "body")?;
+    let provider_message_id = optional_string(object, "provider_message_id")?;
+    let attachments = attachments(channel, object)?;
+    let sent_at = timestamp(object)?;
+    Ok(Some(NormalizedMessage {
+        channel,
+        from,
+        to,
+        body,
+        attachments,
+        sent_at,
+        provider_message_id,
+    }))
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn required_string<'a>(
+    object: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, NormalizeError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Err(NormalizeError::new(field, "is required")),
+        Some(Value::String(value)) => Ok(value),
+        Some(other) => Err(NormalizeError::new(
+            field,
+            format!("must be a string, not {}", type_name(other)),
+        )),
+    }
+}
+
+fn optional_string(
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, NormalizeError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(value)) => Ok(Some(value.clone())),
+        Some(other) => Err(NormalizeError::new(
+            field,
+            format!("must be a string, not {}", type_name(other)),
+        )),
+    }
+}
+
+fn address(
+    channel: Channel,
+    object: &Map<String, Value>,
+    field: &'static str,
+) -> Result<String, NormalizeError> {
+    let value = required_string(object, field)?;
+    match channel {
+        Channel::Sms if is_e164(value) => Ok(value.to_owned()),
+        Channel::Sms => Err(NormalizeError::new(
+            field,
+            format!(
+                "{:?} is not an E.164 phone number ('+', then 2 to 15 digits, the first not 0)",
+                truncate(value)
+            ),
+        )),
+        Channel::Email => email(value).ok_or_else(|| {
+            NormalizeError::new(
+                field,
+                format!(
+                    "{:?} is not an email address (local@domain.tld)",
+                    truncate(value)
+                ),
+            )
+        }),
+    }
+}
+
+/// Whether `value` is an E.164 number: `+`, then 2 to 15 digits, the first not 0.
+pub fn is_e164(value: &str) -> bool {
+    let Some(digits) = value.strip_prefix('+') else {
+        return false;
+    };
+    (2..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// The lower-cased address if `value` looks like `local@domain.tld`.
+pub fn email(value: &str) -> Option<String> {
+    if value.len() > 254 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    let (local, domain) = value.rsplit_once('@')?;
+    let domain_ok = !domain.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+    let local_ok = !local.is_empty() && local.len() <= 64 && !local.contains('@');
+    (domain_ok && local_ok).then(|| value.to_lowercase())
+}
+
+fn attachments(
+    channel: Channel,
+    object: &Map<String, Value>,
+) -> Result<Vec<String>, NormalizeError> {
+    const FIELD: &str = "attachments";
+    let items = match object.get(FIELD) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(NormalizeError::new(
+                FIELD,
+                format!("must be an array of URLs, not {}", type_name(other)),
+            ));
+        }
+    };
+    let max = match channel {
+        Channel::Sms => MAX_SMS_ATTACHMENTS,
+        Channel::Email => MAX_EMAIL_ATTACHMENTS,
+    };
+    if items.len() > max {
+        return Err(NormalizeError::new(
+            FIELD,
+            format!(
+                "{} attachments, more than the {max} an {} may carry",
+                items.len(),
+                channel.as_str()
+            ),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| match item {
+            Value::String(url) if is_url(url) => Ok(url.clone()),
+            Value::String(url) => Err(NormalizeError::new(
+                FIELD,
+                format!(
+                    "item {index}: {:?} is not an absolute http(s) URL",
+                    truncate(url)
+                ),
+            )),
+            other => Err(NormalizeError::new(
+                FIELD,
+                format!(
+                    "item {index} must be a URL string, not {}",
+                    type_name(other)
+                ),
+            )),
+        })
+        .collect()
+}
+
+fn is_url(value: &str) -> bool {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"));
+    match rest {
+        Some(rest) => {
+            value.len() <= MAX_URL_LEN
+                && !rest.is_empty()
+                && !rest.starts_with('/')
+                && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+        }
+        None => false,
+    }
+}
+
+fn timestamp(object: &Map<String, Value>) -> Result<DateTime<Utc>, NormalizeError> {
+    const FIELD: &str = "timestamp";
+    const FORMS: &str = "an RFC 3339 date-time or seconds since the Unix epoch";
+    match object.get(FIELD) {
+        None | Some(Value::Null) => Err(NormalizeError::new(FIELD, "is required")),
+        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                NormalizeError::new(FIELD, format!("{:?} is not {FORMS}: {e}", truncate(text)))
+            }),
+        Some(Value::Number(number)) => {
+            let parsed = if let Some(seconds) = number.as_i64() {
+                DateTime::from_timestamp(seconds, 0)
+            } else {
+                number.as_f64().and_then(|seconds| {
+                    let whole = seconds.floor();
+                    let nanos = ((seconds - whole) * 1e9) as u32;
+                    (whole.is_finite() && whole.abs() < 1e15)
+                        .then(|| DateTime::from_timestamp(whole as i64, nanos))
+                        .flatten()
+                })
+            };
+            parsed.ok_or_else(|| NormalizeError::new(FIELD, format!("{number} is out of range")))
+        }
+        Some(other) => Err(NormalizeError::new(
+            FIELD,
+            format!("must be {FORMS}, not {}", type_name(other)),
+        )),
+    }
+}
+
+/// At most 64 characters of `value`, for error messages.
+fn truncate(value: &str) -> String {
+    if value.chars().count() <= 64 {
+        value.to_owned()
+    } else {
+        let mut short: String = value.chars().take(64).collect();
+        short.push('…');
+        short
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn sms(payload: Value) -> Result<Option<NormalizedMessage>, NormalizeError> {
+        normalize(Normalize::Sms, &payload)
+    }
+
+    #[test]
+    fn valid_sms() {
+        let message = sms(json!({
+            "from": "+14155550100", "to": "+442071838750", "body": "hi",
+            "attachments": ["https://example.com/a.jpg"],
+            "timestamp": "2024-05-01T12:00:00+02:00", "provider_message_id": "SM1"
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(message.channel, Channel::Sms);
+        assert_eq!(message.from, "+14155550100");
+        assert_eq!(message.attachments.len(), 1);
+        assert_eq!(message.sent_at.to_rfc3339(), "2024-05-01T10:00:00+00:00");
+        assert_eq!(message.provider_message_id.as_deref(), Some("SM1"));
+    }
+
+    #[test]
+    fn sms_rules() {
+        let base = json!({"from": "+14155550100", "to": "+14155550101", "timestamp": 1714564800});
+        assert!(sms(base.clone()).is_ok());
+        for (field, value) in [
+            ("from", json!("4155550100")),
+            ("from", json!("+0155550100")),
+            ("to", json!("+1")),
+            ("to", json!("+1234567890123456")),
+            ("to", json!(14155550101u64)),
+            ("timestamp", json!("yesterday")),
+            ("body", json!(3)),
+            ("attachments", json!("https://x.y/z")),
+            ("attachments", json!(["ftp://x.y/z"])),
+        ] {
+            let mut payload = base.clone();
+            payload[field] = value;
+            let error = sms(payload).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+        let mut payload = base.clone();
+        payload["attachments"] = json!(vec!["https://e.com/a"; 11]);
+        let error = sms(payload).unwrap_err();
+        assert_eq!(error.field, "attachments");
+        assert!(error.reason.contains("10"), "{error}");
+        let mut payload = base;
+        payload.as_object_mut().unwrap().remove("to");
+        assert_eq!(
+            sms(payload).unwrap_err().to_string(),
+            "field `to`: is required"
+        );
+        assert_eq!(sms(json!([1])).unwrap_err().field, "");
+    }
+
+    #[test]
+    fn email_rules() {
+        let message = normalize(
+            Normalize::Email,
+            &json!({"from": "Alice@Example.COM", "to": "bob@example.org",
+                    "attachments": vec!["https://e.com/a"; 25], "timestamp": 0}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(message.from, "alice@example.com");
+        assert_eq!(message.attachments.len(), 25);
+        for bad in [
+            "alice",
+            "alice@",
+            "@example.com",
+            "a b@example.com",
+            "a@example",
+        ] {
+            let error = normalize(
+                Normalize::Email,
+                &json!({"from": bad, "to": "bob@example.org", "timestamp": 0}),
+            )
+            .unwrap_err();
+            assert_eq!(error.field, "from", "{bad}");
+        }
+        let error = normalize(
+            Normalize::Email,
+            &json!({"from": "a@b.co", "to": "bob@example.org",
+                    "attachments": vec!["https://e.com/a"; 26], "timestamp": 0}),
+        )
+        .unwrap_err();
+        assert!(error.reason.contains("25"), "{error}");
+    }
+
+    #[test]
+    fn none_stores_raw_only() {
+        assert_eq!(normalize(Normalize::None, &json!([1, 2])), Ok(None));
+    }
+}

@@ -1,0 +1,164 @@
+//! The ingest topology: HTTP ingress → processors → one batcher → the batched
+//! Postgres write → acknowledgement (the waiting HTTP request answers 202).
+//!
+//! Verification, parsing and normalization happen in the HTTP handler, before
+//! a message is enqueued, so nothing invalid takes room in the pipeline. The
+//! batch handler writes each batch in one transaction and records each
+//! event's [`Fate`] before the pipeline acknowledges it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome};
+use hermes_pipeline::{
+    BatchInfo, BatcherOptions, ConfigError, Handler, Ingress, Message, Pipeline, ProcessorContext,
+    ProcessorOptions,
+};
+use sqlx::PgPool;
+
+use super::event::{Fate, WebhookEvent};
+use super::store::{EventKey, WebhookBatchStatement};
+use crate::config::WebhooksConfig;
+
+/// The pipeline's name, in metrics and traces.
+pub const PIPELINE_NAME: &str = "webhooks";
+
+/// The message data of the ingest pipeline.
+pub type EventData = Arc<WebhookEvent>;
+
+/// The ingest pipeline's callbacks.
+pub struct IngestHandler {
+    writer: BatchWriter<WebhookBatchStatement>,
+}
+
+impl IngestHandler {
+    /// A handler writing batches to `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            writer: BatchWriter::new(pool, WebhookBatchStatement, RetryPolicy::default()),
+        }
+    }
+}
+
+impl Handler for IngestHandler {
+    type Data = EventData;
+
+    async fn handle_message(&self, _message: &mut Message<EventData>, _context: &ProcessorContext) {
+        // Verified, parsed and normalized before it was enqueued.
+    }
+
+    async fn handle_batch(&self, batch: &mut [Message<EventData>], info: &BatchInfo) {
+        let rows: Vec<EventData> = batch.iter().map(|m| m.data.clone()).collect();
+        match self.writer.write(&rows).await {
+            Ok(outcomes) => record_outcomes(batch, &outcomes),
+            Err(error) => {
+                let transient = error.is_transient();
+                tracing::error!(batch = info.size, %error, "webhook batch not written");
+                let reason = format!("the event could not be stored: {error}");
+                for message in batch.iter_mut() {
+                    message.data.set_fate(Fate::Failed {
+                        transient,
+                        reason: reason.clone(),
+                    });
+                    message.fail(reason.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Records each message's fate from the writer's outcomes, and fails the
+/// rejected ones.
+fn record_outcomes(batch: &mut [Message<EventData>], outcomes: &[RowOutcome]) {
+    // Ids of the stored keys; in-batch duplicates were not executed and find
+    // their id through the row that was.
+    let mut ids: HashMap<EventKey, i64> = HashMap::new();
+    for (message, outcome) in batch.iter().zip(outcomes) {
+        if outcome.is_stored()
+            && let Some(id) = message.data.written_id()
+        {
+            ids.insert(
+                (
+                    message.data.source.clone(),
+                    message.data.idempotency_key.clone(),
+                ),
+                id,
+            );
+        }
+    }
+    for (message, outcome) in batch.iter_mut().zip(outcomes) {
+        let event = message.data.clone();
+        match outcome {
+            RowOutcome::Inserted | RowOutcome::Duplicate => {
+                let key = (event.source.clone(), event.idempotency_key.clone());
+                match ids.get(&key) {
+                    Some(&id) => event.set_fate(Fate::Stored {
+                        id,
+                        duplicate: *outcome == RowOutcome::Duplicate,
+                    }),
+                    None => {
+                        let reason = "stored, but its id is unknown (a bug)";
+                        event.set_fate(Fate::Failed {
+                            transient: false,
+                            reason: reason.into(),
+                        });
+                        message.fail(reason);
+                    }
+                }
+            }
+            RowOutcome::Rejected(rejection) => {
+                let reason = format!("the database rejected the event: {}", rejection.message);
+                event.set_fate(Fate::Rejected(reason.clone()));
+                message.fail(reason);
+            }
+        }
+    }
+}
+
+/// The running ingest pipeline and its ingress.
+#[derive(Clone)]
+pub struct IngestPipeline {
+    pipeline: Pipeline<IngestHandler>,
+    ingress: Ingress<EventData>,
+}
+
+impl IngestPipeline {
+    /// Starts the pipeline sized by `config`, writing to `pool`.
+    pub fn start(config: &WebhooksConfig, pool: PgPool) -> Result<Self, ConfigError> {
+        let mut builder = Pipeline::builder(PIPELINE_NAME, IngestHandler::new(pool))
+            .processors(
+                ProcessorOptions::new()
+                    .concurrency(config.processors)
+                    .max_demand(config.max_demand)
+                    .min_demand(config.max_demand / 2),
+            )
+            .batcher(
+                "postgres",
+                BatcherOptions::new()
+                    .batch_size(config.batch_size)
+                    .batch_timeout(config.batch_timeout())
+                    .concurrency(config.batch_concurrency),
+            );
+        if let Some(max) = config.max_in_flight {
+            builder = builder.max_in_flight(max);
+        }
+        let ingress = builder.ingress(config.ingest_capacity);
+        let pipeline = builder.start()?;
+        Ok(Self { pipeline, ingress })
+    }
+
+    /// The pipeline handle (state, drain).
+    pub fn pipeline(&self) -> &Pipeline<IngestHandler> {
+        &self.pipeline
+    }
+
+    /// The ingress the HTTP handler pushes into.
+    pub fn ingress(&self) -> &Ingress<EventData> {
+        &self.ingress
+    }
+
+    /// Whether the pipeline runs and accepts events.
+    pub fn is_running(&self) -> bool {
+        self.pipeline.is_running() && !self.pipeline.is_draining()
+    }
+}
