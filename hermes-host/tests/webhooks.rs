@@ -1,0 +1,294 @@
+//! `POST /webhooks/{source}` against a real Postgres: every status code,
+//! idempotency, normalization, and the operations endpoints.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{Harness, sms, start};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_after_commit_and_redelivery_is_a_duplicate() {
+    let h = start("").await;
+    let payload = sms("+14155550100", "+14155550101", "hello");
+    let first = h.deliver("sms", &payload, "d1").await;
+    h.assert_committed(&first).await;
+    assert!(!first.duplicate());
+
+    let again = h.deliver("sms", &payload, "d1").await;
+    h.assert_committed(&again).await;
+    assert_eq!(again.id(), first.id());
+    assert!(again.duplicate());
+    assert_eq!(h.count("webhook_events").await, 1);
+    assert_eq!(h.count("messages").await, 1);
+
+    // The raw body is stored as jsonb, with source and key.
+    let (source, body): (String, serde_json::Value) =
+        sqlx::query_as("SELECT source, body FROM webhook_events WHERE id = $1")
+            .bind(first.id())
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(source, "sms");
+    assert_eq!(body, payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_ids_are_idempotency_keys() {
+    let h = start("").await;
+    // GitHub: X-GitHub-Delivery is the key, whatever the body.
+    let a = h.deliver("raw", &json!({"n": 1}), "delivery-1").await;
+    h.assert_committed(&a).await;
+    let b = h.deliver("raw", &json!({"n": 2}), "delivery-1").await;
+    h.assert_committed(&b).await;
+    assert_eq!((b.id(), b.duplicate()), (a.id(), true));
+    let c = h.deliver("raw", &json!({"n": 1}), "delivery-2").await;
+    h.assert_committed(&c).await;
+    assert!(!c.duplicate());
+    assert_ne!(c.id(), a.id());
+    // normalize = "none": raw events only.
+    let d = h.deliver("raw", &json!([1, 2, 3]), "delivery-3").await;
+    h.assert_committed(&d).await;
+    assert_eq!(h.count("webhook_events").await, 3);
+    assert_eq!(h.count("messages").await, 0);
+}
+
+async fn assert_nothing_stored(h: &Harness) {
+    assert_eq!(h.count("webhook_events").await, 0);
+    assert_eq!(h.count("messages").await, 0);
+    assert_eq!(h.count("parties").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_missing_and_stale_signatures_are_401() {
+    let h = start("").await;
+    let body = serde_json::to_vec(&sms("+14155550100", "+14155550101", "x")).unwrap();
+
+    let missing = h.post("sms", body.clone(), Default::default()).await;
+    assert_eq!(missing.status, 401, "{missing:?}");
+    assert!(
+        missing.error().contains("x-provider-signature-256"),
+        "{missing:?}"
+    );
+
+    let mut tampered = body.clone();
+    tampered.push(b' ');
+    let headers = h.sign("sms", &body, "id");
+    let bad = h.post("sms", tampered, headers).await;
+    assert_eq!(bad.status, 401, "{bad:?}");
+    assert!(bad.error().contains("mismatch"), "{bad:?}");
+
+    let wrong_secret = {
+        let mut headers = h.sign("sms", &body, "id");
+        headers.insert(
+            "x-provider-signature-256",
+            format!("sha256={}", "0".repeat(64)).parse().unwrap(),
+        );
+        h.post("sms", body.clone(), headers).await
+    };
+    assert_eq!(wrong_secret.status, 401, "{wrong_secret:?}");
+
+    let email = serde_json::to_vec(
+        &json!({"from": "a@example.com", "to": "b@example.com", "timestamp": 0}),
+    )
+    .unwrap();
+    let old = SystemTime::now() - Duration::from_secs(600);
+    let headers = h.sign_at("email", &email, "msg_1", old);
+    let stale = h.post("email", email, headers).await;
+    assert_eq!(stale.status, 401, "{stale:?}");
+    assert!(stale.error().contains("stale"), "{stale:?}");
+
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_too_large_and_unknown_are_400_413_404() {
+    let h = start("").await;
+    for body in [
+        b"{not json".to_vec(),
+        vec![0xff, 0xfe, b'{', b'}'],
+        Vec::new(),
+    ] {
+        let headers = h.sign("sms", &body, "id");
+        let reply = h.post("sms", body, headers).await;
+        assert_eq!(reply.status, 400, "{reply:?}");
+        assert!(reply.error().contains("malformed"), "{reply:?}");
+    }
+
+    // max_body_bytes = 4096 for "sms".
+    let big = serde_json::to_vec(&sms("+14155550100", "+14155550101", &"x".repeat(5000))).unwrap();
+    let headers = h.sign("sms", &big, "id");
+    let reply = h.post("sms", big, headers).await;
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert!(reply.error().contains("4096"), "{reply:?}");
+
+    let reply = h.post("nope", b"{}".to_vec(), Default::default()).await;
+    assert_eq!(reply.status, 404, "{reply:?}");
+    assert!(reply.error().contains("nope"), "{reply:?}");
+
+    let (status, body) = h.get("/no/such/route").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("\"error\""), "{body}");
+    let (status, body) = h.get("/webhooks/sms").await;
+    assert_eq!(status, 405);
+    assert!(body.contains("\"error\""), "{body}");
+
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_payloads_are_422_naming_the_field_and_store_nothing() {
+    let h = start("").await;
+    let base = sms("+14155550100", "+14155550101", "x");
+    let cases = [
+        ("sms", "from", json!("4155550100"), "E.164"),
+        ("sms", "to", serde_json::Value::Null, "required"),
+        (
+            "sms",
+            "attachments",
+            json!(vec!["https://e.com/a.png"; 11]),
+            "10",
+        ),
+        ("sms", "timestamp", json!("last tuesday"), "RFC 3339"),
+        ("sms", "body", json!(42), "string"),
+    ];
+    for (source, field, value, reason) in cases {
+        let mut payload = base.clone();
+        payload[field] = value;
+        let reply = h.deliver(source, &payload, "id").await;
+        assert_eq!(reply.status, 422, "{field}: {reply:?}");
+        assert_eq!(reply.json["field"], field, "{reply:?}");
+        assert!(reply.error().contains(field), "{reply:?}");
+        assert!(reply.error().contains(reason), "{reply:?}");
+    }
+    let email = json!({"from": "a@example.com", "to": "b@example.com", "timestamp": 0});
+    let mut bad_address = email.clone();
+    bad_address["to"] = json!("not-an-address");
+    let reply = h.deliver("email", &bad_address, "e1").await;
+    assert_eq!(
+        (reply.status, reply.json["field"].as_str()),
+        (422, Some("to"))
+    );
+    let mut many = email.clone();
+    many["attachments"] = json!(vec!["https://e.com/a.pdf"; 26]);
+    let reply = h.deliver("email", &many, "e2").await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert!(reply.error().contains("25"), "{reply:?}");
+    let reply = h
+        .deliver("email", &json!(["not", "an", "object"]), "e3")
+        .await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_resolve_parties_conversations_and_attachments() {
+    let h = start("").await;
+    let (alice, bob) = ("+14155550100", "+442071838750");
+    let there = h.deliver("sms", &sms(alice, bob, "ping"), "1").await;
+    h.assert_committed(&there).await;
+    let mut back = sms(bob, alice, "pong");
+    back["attachments"] = json!([
+        "https://cdn.example.com/1.jpg",
+        "https://cdn.example.com/2.jpg"
+    ]);
+    let back = h.deliver("sms", &back, "2").await;
+    h.assert_committed(&back).await;
+
+    assert_eq!(h.count("parties").await, 2);
+    assert_eq!(h.count("conversations").await, 1);
+    assert_eq!(h.count("messages").await, 2);
+    assert_eq!(h.count("providers").await, 1);
+    assert_eq!(h.count("channels").await, 1);
+    let urls: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT a.position, a.url FROM message_attachments a
+         JOIN messages m ON m.id = a.message_id WHERE m.event_id = $1 ORDER BY a.position",
+    )
+    .bind(back.id())
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        urls,
+        vec![
+            (0, "https://cdn.example.com/1.jpg".to_owned()),
+            (1, "https://cdn.example.com/2.jpg".to_owned())
+        ]
+    );
+    let (sender, body, provider, kind): (String, Option<String>, String, String) = sqlx::query_as(
+        "SELECT s.address, m.body, p.name, c.kind FROM messages m
+         JOIN parties s ON s.id = m.sender_id
+         JOIN channels c ON c.id = m.channel_id JOIN providers p ON p.id = c.provider_id
+         WHERE m.event_id = $1",
+    )
+    .bind(back.id())
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            sender.as_str(),
+            body.as_deref(),
+            provider.as_str(),
+            kind.as_str()
+        ),
+        (bob, Some("pong"), "sms", "sms")
+    );
+
+    // Email: addresses lower-cased, so both spellings are one party.
+    let first = h
+        .deliver(
+            "email",
+            &json!({"from": "Alice@Example.COM", "to": "bob@example.org", "timestamp": 1714564800,
+                    "attachments": ["https://files.example.com/report.pdf"]}),
+            "msg_1",
+        )
+        .await;
+    h.assert_committed(&first).await;
+    let second = h
+        .deliver(
+            "email",
+            &json!({"from": "bob@example.org", "to": "alice@example.com", "timestamp": 1714564900}),
+            "msg_2",
+        )
+        .await;
+    h.assert_committed(&second).await;
+    let emails: Vec<String> =
+        sqlx::query_scalar("SELECT address FROM parties WHERE kind = 'email' ORDER BY address")
+            .fetch_all(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(emails, ["alice@example.com", "bob@example.org"]);
+    assert_eq!(h.count("conversations").await, 2);
+    assert_eq!(h.count("messages").await, 4);
+    assert_eq!(h.count("message_attachments").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_ready_and_metrics() {
+    let h = start("").await;
+    let (status, body) = h.get("/health").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = h.get("/ready").await;
+    assert_eq!(status, 200, "{body}");
+    let reply = h
+        .deliver("sms", &sms("+14155550100", "+14155550101", "m"), "1")
+        .await;
+    h.assert_committed(&reply).await;
+    let (status, metrics) = h.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("hermes_http_requests_total{method=\"POST\",route=\"/webhooks/{source}\",status=\"202\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hermes_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hermes_pipeline_succeeded_total"),
+        "{metrics}"
+    );
+}
