@@ -16,10 +16,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log filter when `RUST_LOG` is unset: `info`, without Postgres notices
+/// such as "relation already exists, skipping".
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
 /// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
-/// `info`), lines go to stderr. Does nothing if one is already installed.
+/// [`DEFAULT_LOG_FILTER`]), lines go to stderr. Does nothing if one is
+/// already installed.
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

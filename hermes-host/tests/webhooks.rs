@@ -292,3 +292,62 @@ async fn health_ready_and_metrics() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_is_413_while_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = start("").await;
+    let mut stream = tokio::net::TcpStream::connect(h.server().local_addr())
+        .await
+        .unwrap();
+    let head = "POST /webhooks/sms HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\nconnection: close\r\nx-provider-signature-256: sha256=00\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // No Content-Length: 5 chunks of 1000 bytes against max_body_bytes = 4096.
+    let chunk = format!("3e8\r\n{}\r\n", "x".repeat(1000));
+    for _ in 0..5 {
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break; // the server may answer and close before the last chunk
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("4096"), "{answer}");
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_database_rejects_fails_alone() {
+    // One batch: a body Postgres cannot store as jsonb (\u0000) among good ones.
+    let h = start("[webhooks]\nbatch_size = 8\nbatch_timeout_ms = 200").await;
+    let mut bodies: Vec<Vec<u8>> = (0..5)
+        .map(|n| serde_json::to_vec(&json!({"n": n})).unwrap())
+        .collect();
+    bodies.insert(2, br#"{"n": "\u0000"}"#.to_vec());
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(n, body)| {
+            let headers = h.sign("raw", &body, &format!("d{n}"));
+            let (client, url) = (h.client.clone(), h.url.clone());
+            tokio::spawn(async move { common::post(&client, &url, "raw", body, headers).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap().unwrap());
+    }
+    for (n, reply) in replies.iter().enumerate() {
+        if n == 2 {
+            assert_eq!(reply.status, 422, "{reply:?}");
+            assert!(reply.error().contains("rejected"), "{reply:?}");
+        } else {
+            h.assert_committed(reply).await;
+        }
+    }
+    assert_eq!(h.count("webhook_events").await, 5);
+}
