@@ -14,6 +14,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod config;
 pub mod database;

@@ -74,6 +74,8 @@ impl Server {
         sources: Arc<SourceRegistry>,
         database: Database,
     ) -> Result<RunningServer, StartError> {
+        // The recorder first: pipelines register their metrics when they start.
+        let metrics = telemetry::metrics_handle();
         let ingest =
             IngestPipeline::start(&config.webhooks, database.pool().clone()).map_err(|source| {
                 StartError::Pipeline {
@@ -81,7 +83,6 @@ impl Server {
                     source,
                 }
             })?;
-        let metrics = telemetry::metrics_handle();
         let upkeep_handle = metrics.clone();
         let upkeep = tokio::spawn(async move {
             let mut interval = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
@@ -143,15 +144,6 @@ pub struct RunningServer {
     serve: JoinHandle<std::io::Result<()>>,
     upkeep: JoinHandle<()>,
     drain_timeout: Duration,
-}
-
-impl std::fmt::Debug for IngestPipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IngestPipeline")
-            .field("in_flight", &self.pipeline().in_flight())
-            .field("running", &self.is_running())
-            .finish()
-    }
 }
 
 /// How a shutdown went.

@@ -7,6 +7,7 @@
 //! event's [`Fate`] before the pipeline acknowledges it.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
 use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome};
@@ -112,6 +113,15 @@ fn record_outcomes(batch: &mut [Message<EventData>], outcomes: &[RowOutcome]) {
                 message.fail(reason);
             }
         }
+    }
+}
+
+impl fmt::Debug for IngestPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngestPipeline")
+            .field("in_flight", &self.pipeline().in_flight())
+            .field("running", &self.is_running())
+            .finish()
     }
 }
 
