@@ -348,6 +348,7 @@ async fn drain_flushes_partial_batches_and_acknowledges_everything() {
                 .batch_size(7)
                 .batch_timeout(Duration::from_secs(3600)),
         )
+        .batcher("big", BatcherOptions::new().batch_size(7))
         .start()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -360,10 +361,9 @@ async fn drain_flushes_partial_batches_and_acknowledges_everything() {
         "stopped asking the producer ({acked})"
     );
     recorder.assert_exactly_once(acked);
-    assert_eq!(
-        recorder.failed().len(),
-        usize::from(acked > 13) + usize::from(acked > 666)
-    );
+    let failed = recorder.failed();
+    let expected = usize::from(acked > 13) + usize::from(acked > 666);
+    assert_eq!(failed.len(), expected, "{failed:?}");
     let batched: usize = batches
         .seen
         .lock()
