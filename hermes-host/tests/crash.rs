@@ -1,0 +1,453 @@
+//! `kill -9` of the `hermes` binary during load: every event that was
+//! answered 202 (before or after the crash) is stored exactly once, and the
+//! restarted host answers redeliveries of committed events with 202,
+//! `duplicate: true` and the same id.
+//!
+//! The real binary runs as a subprocess against a fresh database of the
+//! private test cluster; several tasks drive signed webhooks at it, the
+//! process gets SIGKILL once a few hundred events are committed, a new
+//! process starts on the same database, and every request that got no
+//! answer or a non-202 is sent again, as a provider would retry it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use hermes_adapters::webhook::Verifier;
+use hermes_host::Config;
+use hermes_host::webhooks::SourceRegistry;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+/// Concurrent senders.
+const SENDERS: usize = 8;
+/// Events per sender; far more than are committed before the kill.
+const EVENTS_PER_SENDER: usize = 400;
+/// The host is killed once this many events were answered 202.
+const KILL_AFTER_ACCEPTED: usize = 300;
+/// Pre-crash 202s redelivered after the restart.
+const REDELIVERED: usize = 100;
+
+const CONFIG: &str = r#"
+[webhooks]
+batch_size = 50
+batch_timeout_ms = 5
+
+[[webhooks.sources]]
+name = "sms"
+scheme = "hmac-sha256"
+header = "x-provider-signature-256"
+prefix = "sha256="
+encoding = "hex"
+secrets = ["crash-test-secret"]
+normalize = "sms"
+"#;
+
+/// What one delivery attempt got back.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// 202 with the event id and the duplicate flag.
+    Accepted { id: i64, duplicate: bool },
+    /// Any other status.
+    Status(u16),
+    /// No HTTP answer (connection refused or reset, time-out).
+    Unanswered,
+}
+
+/// One event: its body, and every answer it got.
+struct Event {
+    provider_message_id: String,
+    body: Vec<u8>,
+    answers: Vec<Answer>,
+}
+
+impl Event {
+    fn new(n: usize) -> Self {
+        let provider_message_id = format!("crash-{n}");
+        let body = serde_json::json!({
+            "from": format!("+1555{:07}", n % 17),
+            "to": format!("+1666{:07}", n % 5),
+            "body": format!("message {n}"),
+            "timestamp": "2024-05-01T12:00:00Z",
+            "provider_message_id": provider_message_id,
+        });
+        Self {
+            provider_message_id,
+            body: serde_json::to_vec(&body).expect("json"),
+            answers: Vec::new(),
+        }
+    }
+
+    /// The ids of its 202s.
+    fn accepted_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.answers.iter().filter_map(|answer| match answer {
+            Answer::Accepted { id, .. } => Some(*id),
+            _ => None,
+        })
+    }
+
+    fn was_accepted(&self) -> bool {
+        self.accepted_ids().next().is_some()
+    }
+}
+
+/// A `hermes serve` subprocess.
+struct Host {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Host {
+    /// Starts `hermes serve` on a free port against `database_url` and waits
+    /// until `/ready` answers 200.
+    async fn start(config: &PathBuf, database_url: &str, name: &str) -> Self {
+        let port = free_port();
+        let log = tmp_dir().join(format!("crash-{}-{name}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log).expect("create the host log");
+        let child = Command::new(env!("CARGO_BIN_EXE_hermes"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("DATABASE_URL", database_url)
+            .env("HERMES_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the hermes binary");
+        let mut host = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        host.wait_ready().await;
+        host
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "hermes exited ({status}) before it was ready:\n{}",
+                    self.log_text()
+                );
+            }
+            let ready = client
+                .get(format!("{}/ready", self.url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status().as_u16() == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hermes not ready in 60 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, then reap the process.
+    async fn kill_9(&mut self) {
+        self.child.kill().await.expect("SIGKILL hermes");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn tmp_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Sends `event` once, signed now.
+async fn deliver(client: &reqwest::Client, url: &str, verifier: &Verifier, body: &[u8]) -> Answer {
+    let headers = verifier.sign(body, url, "", SystemTime::now());
+    let response = client
+        .post(url)
+        .headers(headers)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await;
+    let Ok(response) = response else {
+        return Answer::Unanswered;
+    };
+    let status = response.status().as_u16();
+    let Ok(json) = response.json::<Value>().await else {
+        return Answer::Unanswered;
+    };
+    if status != 202 {
+        return Answer::Status(status);
+    }
+    Answer::Accepted {
+        id: json["id"].as_i64().expect("a 202 has an id"),
+        duplicate: json["duplicate"].as_bool().expect("a 202 has duplicate"),
+    }
+}
+
+/// Sends `event` until it gets a 202, as a provider retries: after no answer
+/// or a 503. Any other answer fails the test.
+async fn retry_until_accepted(
+    client: &reqwest::Client,
+    route: &str,
+    verifier: &Verifier,
+    event: &mut Event,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = deliver(client, route, verifier, &event.body).await;
+        let done = matches!(answer, Answer::Accepted { .. });
+        let retryable = matches!(answer, Answer::Status(503) | Answer::Unanswered);
+        event.answers.push(answer.clone());
+        if done {
+            return;
+        }
+        assert!(retryable, "unexpected answer {answer:?}");
+        assert!(Instant::now() < deadline, "no 202 in 30 s: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_load_loses_and_duplicates_nothing() {
+    let database_url = hermes_adapters::postgres::local::test_database().await;
+    let config_path = tmp_dir().join(format!("crash-{}.toml", std::process::id()));
+    std::fs::write(&config_path, CONFIG).expect("write the config");
+    let config = Config::from_toml_str(CONFIG).expect("config parses");
+    let sources = SourceRegistry::from_config(&config.webhooks, None).expect("sources");
+    let verifier = Arc::new(sources.get("sms").expect("sms source").verifier().clone());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+
+    // Load, then kill -9 mid-load.
+    let mut host = Host::start(&config_path, &database_url, "first").await;
+    let route = format!("{}/webhooks/sms", host.url);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let (client, route, verifier, accepted, killed) = (
+                client.clone(),
+                route.clone(),
+                verifier.clone(),
+                accepted.clone(),
+                killed.clone(),
+            );
+            tokio::spawn(async move {
+                let mut events: Vec<Event> = (0..EVENTS_PER_SENDER)
+                    .map(|i| Event::new(sender * EVENTS_PER_SENDER + i))
+                    .collect();
+                for event in &mut events {
+                    let answer = deliver(&client, &route, &verifier, &event.body).await;
+                    if matches!(answer, Answer::Accepted { .. }) {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    event.answers.push(answer);
+                    if killed.load(Ordering::Relaxed) {
+                        // The rest are not sent now: the provider sends them
+                        // after the restart.
+                        break;
+                    }
+                }
+                events
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.load(Ordering::Relaxed) < KILL_AFTER_ACCEPTED {
+        assert!(
+            Instant::now() < deadline,
+            "only {} events accepted in 60 s:\n{}",
+            accepted.load(Ordering::Relaxed),
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    host.kill_9().await;
+    killed.store(true, Ordering::Relaxed);
+    let mut events = Vec::new();
+    for sender in senders {
+        events.extend(sender.await.expect("sender task"));
+    }
+    let before_crash = events.iter().filter(|e| e.was_accepted()).count();
+    let unanswered = events
+        .iter()
+        .filter(|e| e.answers.contains(&Answer::Unanswered))
+        .count();
+    assert!(
+        before_crash >= KILL_AFTER_ACCEPTED,
+        "{before_crash} accepted"
+    );
+    assert!(
+        before_crash < SENDERS * EVENTS_PER_SENDER,
+        "the load ended before the kill"
+    );
+    let mut statuses: HashMap<String, usize> = HashMap::new();
+    for answer in events.iter().flat_map(|e| &e.answers) {
+        let key = match answer {
+            Answer::Accepted { .. } => "202".to_owned(),
+            Answer::Status(status) => status.to_string(),
+            Answer::Unanswered => "no answer".to_owned(),
+        };
+        *statuses.entry(key).or_default() += 1;
+    }
+    eprintln!(
+        "before the kill: {} of {} events sent: {before_crash} accepted, {unanswered} without an \
+         answer; answers {statuses:?}",
+        events.iter().filter(|e| !e.answers.is_empty()).count(),
+        events.len(),
+    );
+
+    // Restart on the same database; the provider retries what got no 202.
+    let host = Host::start(&config_path, &database_url, "restarted").await;
+    let route = format!("{}/webhooks/sms", host.url);
+    let (done, pending): (Vec<Event>, Vec<Event>) =
+        events.into_iter().partition(Event::was_accepted);
+    let mut chunks: Vec<Vec<Event>> = (0..SENDERS).map(|_| Vec::new()).collect();
+    for (i, event) in pending.into_iter().enumerate() {
+        chunks[i % SENDERS].push(event);
+    }
+    let retriers: Vec<_> = chunks
+        .into_iter()
+        .map(|mut chunk| {
+            let (client, route, verifier) = (client.clone(), route.clone(), verifier.clone());
+            tokio::spawn(async move {
+                for event in &mut chunk {
+                    retry_until_accepted(&client, &route, &verifier, event).await;
+                }
+                chunk
+            })
+        })
+        .collect();
+    let mut events = done;
+    for retrier in retriers {
+        events.extend(retrier.await.expect("retry task"));
+    }
+    // Redeliveries of events committed before the crash.
+    let committed_before: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.was_accepted())
+        .map(|(i, _)| i)
+        .take(REDELIVERED)
+        .collect();
+    assert_eq!(committed_before.len(), REDELIVERED);
+    for &i in &committed_before {
+        let event = &mut events[i];
+        let first = event.accepted_ids().next().expect("accepted");
+        let answer = deliver(&client, &route, &verifier, &event.body).await;
+        assert_eq!(
+            answer,
+            Answer::Accepted {
+                id: first,
+                duplicate: true
+            },
+            "a redelivery of a committed event"
+        );
+        event.answers.push(answer);
+    }
+
+    // Exactly once, by id and by idempotency key.
+    let pool = PgPool::connect(&database_url).await.expect("pool");
+    let stored: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT id, idempotency_key, body->>'provider_message_id' FROM webhook_events \
+         WHERE source = 'sms'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("query events");
+    let mut by_message_id: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (id, _, provider_message_id) in &stored {
+        by_message_id
+            .entry(provider_message_id.as_str())
+            .or_default()
+            .push(*id);
+    }
+    let keys: HashSet<&str> = stored.iter().map(|(_, key, _)| key.as_str()).collect();
+    assert_eq!(keys.len(), stored.len(), "an idempotency key stored twice");
+    assert_eq!(
+        stored.len(),
+        SENDERS * EVENTS_PER_SENDER,
+        "every event stored once"
+    );
+    for event in &events {
+        let ids: HashSet<i64> = event.accepted_ids().collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "one id for every 202 of {}: {:?}",
+            event.provider_message_id,
+            event.answers
+        );
+        let stored_ids = by_message_id
+            .get(event.provider_message_id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            stored_ids,
+            ids.into_iter().collect::<Vec<_>>(),
+            "{} is stored exactly once, under the id of its 202",
+            event.provider_message_id
+        );
+        let fresh = event
+            .answers
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Answer::Accepted {
+                        duplicate: false,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert!(fresh <= 1, "two first-time 202s: {:?}", event.answers);
+    }
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&pool)
+        .await
+        .expect("count messages");
+    assert_eq!(messages, stored.len() as i64, "one message per event");
+    let duplicates_after_crash = events
+        .iter()
+        .flat_map(|e| &e.answers)
+        .filter(|a| {
+            matches!(
+                a,
+                Answer::Accepted {
+                    duplicate: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    eprintln!(
+        "stored {} events; {duplicates_after_crash} redeliveries answered as duplicates",
+        stored.len()
+    );
+    let _ = std::fs::remove_file(&config_path);
+    drop(host);
+}
