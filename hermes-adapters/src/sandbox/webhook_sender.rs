@@ -108,10 +108,8 @@ impl Stats {
                 .unwrap_or(u64::MAX)
                 .max(1);
             let mut histogram = lock(&self.latency_us);
-            // Saturates instead of failing on an out-of-range value.
-            histogram
-                .get_or_insert_with(new_histogram)
-                .saturating_record(micros);
+            // The histogram resizes itself, so recording cannot run out of range.
+            let _ = histogram.get_or_insert_with(new_histogram).record(micros);
             lock(&self.accepted).push(accepted.id);
             if accepted.duplicate {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
