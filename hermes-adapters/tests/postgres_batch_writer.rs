@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use hermes_adapters::postgres::local::test_database;
 use hermes_adapters::postgres::{
-    BatchStatement, BatchWriter, InBatchDuplicates, RetryPolicy, RowOutcome, UnnestInsert,
-    WriteError, Written,
+    BatchStatement, BatchWriter, InBatchDuplicates, JsonText, RetryPolicy, RowOutcome,
+    UnnestInsert, UnnestInsertBuilder, WriteError, Written,
 };
 use rand::seq::SliceRandom;
 use sqlx::postgres::PgPoolOptions;
@@ -36,13 +36,44 @@ fn events(range: std::ops::Range<usize>) -> Vec<Event> {
     range.map(|i| event(format!("evt-{i:05}"), 1)).collect()
 }
 
-fn insert_events() -> UnnestInsert<Event, String> {
-    UnnestInsert::builder("events", |e: &Event| e.id.clone())
+/// How the events statement writes: the plain UNNEST insert, or an
+/// optimistic binary COPY first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unnest,
+    Copy,
+}
+
+/// Runs an `async fn(Mode)` test body once per mode.
+macro_rules! in_both_modes {
+    ($($(#[$attr:meta])* $body:ident => $unnest:ident, $copy:ident;)*) => {$(
+        $(#[$attr])*
+        async fn $unnest() {
+            $body(Mode::Unnest).await
+        }
+        $(#[$attr])*
+        async fn $copy() {
+            $body(Mode::Copy).await
+        }
+    )*};
+}
+
+fn events_columns(mode: Mode) -> UnnestInsertBuilder<Event, String> {
+    let builder = UnnestInsert::builder("events", |e: &Event| e.id.clone())
         .key_column("id", "text", |e: &Event| e.id.clone())
-        .column("amount", "bigint", |e: &Event| e.amount)
-        .column("payload", "jsonb", |e: &Event| e.payload.clone())
-        .build()
-        .expect("valid statement")
+        .column("amount", "bigint", |e: &Event| e.amount);
+    match mode {
+        // A String cast to jsonb by the statement.
+        Mode::Unnest => builder.column("payload", "jsonb", |e: &Event| e.payload.clone()),
+        // Binary COPY needs jsonb's own binary format.
+        Mode::Copy => builder
+            .column("payload", "jsonb", |e: &Event| JsonText(e.payload.clone()))
+            .optimistic_copy(true),
+    }
+}
+
+fn insert_events(mode: Mode) -> UnnestInsert<Event, String> {
+    events_columns(mode).build().expect("valid statement")
 }
 
 fn fast_retries() -> RetryPolicy {
@@ -76,10 +107,9 @@ async fn count(pool: &PgPool) -> i64 {
         .expect("count")
 }
 
-#[tokio::test]
-async fn a_batch_is_inserted_and_its_redelivery_is_duplicate() {
+async fn a_batch_is_inserted_and_its_redelivery_is_duplicate(mode: Mode) {
     let pool = setup().await;
-    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
     let rows = events(0..1000);
 
     let outcomes = writer.write(&rows).await.expect("write");
@@ -110,10 +140,9 @@ async fn a_batch_is_inserted_and_its_redelivery_is_duplicate() {
     assert_eq!(writer.write(&[]).await.expect("empty"), vec![]);
 }
 
-#[tokio::test]
-async fn duplicates_inside_one_batch_are_written_once() {
+async fn duplicates_inside_one_batch_are_written_once(mode: Mode) {
     let pool = setup().await;
-    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
     let rows = vec![
         event("a", 1),
         event("b", 2),
@@ -140,13 +169,9 @@ async fn duplicates_inside_one_batch_are_written_once() {
     );
 }
 
-#[tokio::test]
-async fn upserts_keep_the_last_version_and_tell_new_from_updated() {
+async fn upserts_keep_the_last_version_and_tell_new_from_updated(mode: Mode) {
     let pool = setup().await;
-    let upsert = UnnestInsert::builder("events", |e: &Event| e.id.clone())
-        .key_column("id", "text", |e: &Event| e.id.clone())
-        .column("amount", "bigint", |e: &Event| e.amount)
-        .column("payload", "jsonb", |e: &Event| e.payload.clone())
+    let upsert = events_columns(mode)
         .on_conflict_update(&["amount", "payload"])
         .build()
         .expect("valid statement");
@@ -167,12 +192,11 @@ async fn upserts_keep_the_last_version_and_tell_new_from_updated() {
     assert_eq!(stored, vec![("a".into(), 9), ("b".into(), 7)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_of_overlapping_keys_store_each_key_once() {
+async fn concurrent_writers_of_overlapping_keys_store_each_key_once(mode: Mode) {
     let pool = setup().await;
     let writer = Arc::new(BatchWriter::new(
         pool.clone(),
-        insert_events(),
+        insert_events(mode),
         fast_retries(),
     ));
     let mut tasks = Vec::new();
@@ -208,10 +232,9 @@ async fn concurrent_writers_of_overlapping_keys_store_each_key_once() {
     assert_eq!(count(&pool).await, 550);
 }
 
-#[tokio::test]
-async fn a_poison_row_is_rejected_and_the_rest_stored() {
+async fn a_poison_row_is_rejected_and_the_rest_stored(mode: Mode) {
     let pool = setup().await;
-    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
     let mut rows = events(0..100);
     rows[37].amount = -1; // violates CHECK (amount >= 0)
     rows.push(event("evt-00037", 5)); // in-batch duplicate of the bad row
@@ -236,10 +259,9 @@ async fn a_poison_row_is_rejected_and_the_rest_stored() {
     assert_eq!(count(&pool).await, 99);
 }
 
-#[tokio::test]
-async fn several_bad_rows_of_different_kinds_are_isolated() {
+async fn several_bad_rows_of_different_kinds_are_isolated(mode: Mode) {
     let pool = setup().await;
-    let writer = BatchWriter::new(pool.clone(), insert_events(), fast_retries());
+    let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
     let mut rows = events(0..64);
     rows[0].amount = -5;
     rows[20].payload = "{not json".into(); // 22P02 when cast to jsonb
@@ -341,12 +363,13 @@ impl BatchStatement for Sabotaged {
 
 async fn sabotaged_writer(
     pool: &PgPool,
+    insert: Mode,
     mode: Sabotage,
     fail_times: u32,
     retry: RetryPolicy,
 ) -> BatchWriter<Sabotaged> {
     let statement = Sabotaged {
-        inner: insert_events(),
+        inner: insert_events(insert),
         admin: pool.clone(),
         mode,
         fail_times,
@@ -355,10 +378,9 @@ async fn sabotaged_writer(
     BatchWriter::new(pool.clone(), statement, retry)
 }
 
-#[tokio::test]
-async fn a_terminated_connection_is_retried() {
+async fn a_terminated_connection_is_retried(mode: Mode) {
     let pool = setup().await;
-    let writer = sabotaged_writer(&pool, Sabotage::TerminateBackend, 2, fast_retries()).await;
+    let writer = sabotaged_writer(&pool, mode, Sabotage::TerminateBackend, 2, fast_retries()).await;
     let rows = events(0..200);
     let outcomes = writer.write(&rows).await.expect("write after retries");
     assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
@@ -366,10 +388,16 @@ async fn a_terminated_connection_is_retried() {
     assert_eq!(count(&pool).await, 200);
 }
 
-#[tokio::test]
-async fn a_serialization_failure_is_retried() {
+async fn a_serialization_failure_is_retried(mode: Mode) {
     let pool = setup().await;
-    let writer = sabotaged_writer(&pool, Sabotage::SerializationFailure, 1, fast_retries()).await;
+    let writer = sabotaged_writer(
+        &pool,
+        mode,
+        Sabotage::SerializationFailure,
+        1,
+        fast_retries(),
+    )
+    .await;
     let outcomes = writer.write(&events(0..10)).await.expect("write");
     assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
     assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
@@ -379,7 +407,14 @@ async fn a_serialization_failure_is_retried() {
 async fn a_persistent_transient_error_exhausts_the_retries() {
     let pool = setup().await;
     let retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), 3);
-    let writer = sabotaged_writer(&pool, Sabotage::SerializationFailure, u32::MAX, retry).await;
+    let writer = sabotaged_writer(
+        &pool,
+        Mode::Unnest,
+        Sabotage::SerializationFailure,
+        u32::MAX,
+        retry,
+    )
+    .await;
     let error = writer.write(&events(0..10)).await.expect_err("must fail");
     assert!(error.is_transient());
     assert!(matches!(
@@ -404,4 +439,75 @@ async fn a_broken_statement_fails_the_batch_without_retries() {
         panic!("unexpected error {error:?}");
     };
     assert_eq!(db.code().as_deref(), Some("42P01"));
+}
+
+#[tokio::test]
+async fn the_optimistic_copy_stores_new_batches_and_stays_on() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(Mode::Copy), fast_retries());
+    for batch in 0..5 {
+        let outcomes = writer
+            .write(&events(batch * 100..batch * 100 + 100))
+            .await
+            .expect("write");
+        assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    }
+    // A redelivery falls back to the INSERT; the COPY stays available.
+    let again = writer.write(&events(0..100)).await.expect("rewrite");
+    assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+    assert!(writer.statement().copy_enabled());
+    assert_eq!(count(&pool).await, 500);
+    let payload: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM events WHERE id = 'evt-00123'")
+            .fetch_one(&pool)
+            .await
+            .expect("stored payload");
+    assert_eq!(payload["amount"], 1);
+}
+
+#[tokio::test]
+async fn an_optimistic_copy_of_mismatched_types_switches_itself_off() {
+    let pool = setup().await;
+    // A String is not jsonb's binary format: the COPY fails, the INSERT
+    // (which casts text to jsonb) succeeds, and the COPY is switched off.
+    let statement = UnnestInsert::builder("events", |e: &Event| e.id.clone())
+        .key_column("id", "text", |e: &Event| e.id.clone())
+        .column("amount", "bigint", |e: &Event| e.amount)
+        .column("payload", "jsonb", |e: &Event| e.payload.clone())
+        .optimistic_copy(true)
+        .build()
+        .expect("valid statement");
+    assert!(statement.copy_enabled());
+    let writer = BatchWriter::new(pool.clone(), statement, fast_retries());
+    let outcomes = writer.write(&events(0..50)).await.expect("write");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert!(!writer.statement().copy_enabled());
+    let outcomes = writer.write(&events(25..75)).await.expect("write");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == RowOutcome::Inserted)
+            .count(),
+        25
+    );
+    assert_eq!(count(&pool).await, 75);
+}
+
+in_both_modes! {
+    #[tokio::test]
+    a_batch_is_inserted_and_its_redelivery_is_duplicate => a_batch_is_inserted_and_its_redelivery_is_duplicate_unnest, a_batch_is_inserted_and_its_redelivery_is_duplicate_copy;
+    #[tokio::test]
+    duplicates_inside_one_batch_are_written_once => duplicates_inside_one_batch_are_written_once_unnest, duplicates_inside_one_batch_are_written_once_copy;
+    #[tokio::test]
+    upserts_keep_the_last_version_and_tell_new_from_updated => upserts_keep_the_last_version_and_tell_new_from_updated_unnest, upserts_keep_the_last_version_and_tell_new_from_updated_copy;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    concurrent_writers_of_overlapping_keys_store_each_key_once => concurrent_writers_of_overlapping_keys_store_each_key_once_unnest, concurrent_writers_of_overlapping_keys_store_each_key_once_copy;
+    #[tokio::test]
+    a_poison_row_is_rejected_and_the_rest_stored => a_poison_row_is_rejected_and_the_rest_stored_unnest, a_poison_row_is_rejected_and_the_rest_stored_copy;
+    #[tokio::test]
+    several_bad_rows_of_different_kinds_are_isolated => several_bad_rows_of_different_kinds_are_isolated_unnest, several_bad_rows_of_different_kinds_are_isolated_copy;
+    #[tokio::test]
+    a_terminated_connection_is_retried => a_terminated_connection_is_retried_unnest, a_terminated_connection_is_retried_copy;
+    #[tokio::test]
+    a_serialization_failure_is_retried => a_serialization_failure_is_retried_unnest, a_serialization_failure_is_retried_copy;
 }

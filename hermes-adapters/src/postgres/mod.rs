@@ -8,15 +8,21 @@
 //!   errors ([`RetryPolicy`]) and isolation of poison rows, around any
 //!   [`BatchStatement`].
 //! - [`UnnestInsert`]: the ready-made [`BatchStatement`] for "insert into one
-//!   table, unique key, tell inserted from duplicate".
+//!   table, unique key, tell inserted from duplicate", with an optional
+//!   optimistic binary `COPY` ([`BinaryCopy`]) for batches of new rows.
+//! - [`JsonText`]: JSON text bound as `jsonb` without parsing it in Rust.
 
 pub mod batch_writer;
+pub mod binary_copy;
+pub mod json_text;
 pub mod local;
 pub mod retry;
 pub mod statement;
 pub mod unnest_insert;
 
 pub use batch_writer::{BatchWriter, InBatchDuplicates, Rejection, RowOutcome, WriteError};
+pub use binary_copy::BinaryCopy;
+pub use json_text::JsonText;
 pub use local::{LocalPostgres, LocalPostgresConfig, LocalPostgresError};
 pub use retry::{ErrorClass, RetryPolicy};
 pub use statement::{BatchStatement, Written};

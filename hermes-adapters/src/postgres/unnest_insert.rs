@@ -6,35 +6,51 @@
 //! UNIQUE (source, event_id))` it sends
 //!
 //! ```sql
-//! WITH input AS (
-//!     SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[])
-//!         WITH ORDINALITY AS input("source", "event_id", "payload", hermes_ord)
-//! ), ins AS (
+//! WITH ins AS (
 //!     INSERT INTO "events" ("source", "event_id", "payload")
-//!     SELECT "source", "event_id", "payload" FROM input ORDER BY "source", "event_id"
+//!     SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[])
+//!         AS input("source", "event_id", "payload")
 //!     ON CONFLICT ("source", "event_id") DO NOTHING
 //!     RETURNING "source", "event_id"
 //! )
-//! SELECT input.hermes_ord, true FROM input JOIN ins USING ("source", "event_id")
+//! SELECT input.hermes_ord, true
+//! FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS input("source", "event_id", hermes_ord)
+//! JOIN ins USING ("source", "event_id")
 //! ```
 //!
-//! with binary array binds, and reads back the ordinals of the rows that were
-//! inserted; every other row was a duplicate. Rows are inserted in key order,
-//! so concurrent writers of overlapping keys take their locks in the same
-//! order and do not deadlock one another.
+//! with binary array binds (one parameter per column, the key arrays used
+//! twice), and reads back the ordinals of the rows that were inserted; every
+//! other row was a duplicate. The payload goes straight from its array into
+//! the table; only the keys are joined. Rows are sent sorted by their Rust
+//! key, so concurrent writers of overlapping keys lock them in the same order
+//! and do not deadlock one another.
 
 use std::collections::HashSet;
 use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArguments, PgHasArrayType};
 use sqlx::{Arguments, Encode, PgConnection, Postgres, Type};
 
+use super::binary_copy::BinaryCopy;
+use super::retry::{ErrorClass, classify};
 use super::statement::{BatchStatement, Written};
 
 /// Binds one column of a batch as one array parameter.
 type Binder<R> = Box<dyn Fn(&[&R], &mut PgArguments) -> Result<(), BoxDynError> + Send + Sync>;
+
+/// Appends one column of one row to binary COPY data.
+type Encoder<R> = Box<dyn Fn(&R, &mut BinaryCopy) -> Result<(), BoxDynError> + Send + Sync>;
+
+/// The most batches in a row that skip the COPY fast path after it met an
+/// existing key.
+const MAX_COPY_SKIP: u32 = 64;
+
+/// PostgreSQL's limit on the columns of a table.
+const MAX_COLUMNS: usize = 1600;
 
 /// The name of the ordinal column the statement adds to its input.
 const ORDINAL: &str = "hermes_ord";
@@ -43,6 +59,7 @@ struct Column<R> {
     name: String,
     sql_type: String,
     bind: Binder<R>,
+    encode: Encoder<R>,
 }
 
 /// What to do when a row's key is already stored.
@@ -78,6 +95,9 @@ pub enum UnnestInsertError {
     /// `ON CONFLICT DO UPDATE` names a column that is not declared, or a key column.
     #[error("cannot update column {0:?} on conflict: it is not a declared non-key column")]
     BadUpdateColumn(String),
+    /// More columns than a PostgreSQL table can have.
+    #[error("{0} columns declared; PostgreSQL tables have at most 1600")]
+    TooManyColumns(usize),
 }
 
 /// Inserts rows of type `R` into one table, idempotently by the key columns
@@ -90,6 +110,61 @@ pub struct UnnestInsert<R, K> {
     key: Box<dyn Fn(&R) -> K + Send + Sync>,
     columns: Vec<Column<R>>,
     sql: String,
+    copy: Option<CopyFastPath>,
+}
+
+/// The optimistic COPY of [`UnnestInsertBuilder::optimistic_copy`].
+struct CopyFastPath {
+    sql: String,
+    fields: u16,
+    /// Set when the COPY failed where the INSERT succeeded for another reason
+    /// than an existing key: it will not work for this table.
+    disabled: AtomicBool,
+    /// Batches that skip the COPY before trying it again.
+    skip: AtomicU32,
+    /// What `skip` is set to after the next conflict (doubled each time).
+    penalty: AtomicU32,
+    /// Bytes per row of the last COPY data, to size the next buffer.
+    bytes_per_row: AtomicUsize,
+}
+
+impl CopyFastPath {
+    fn should_try(&self) -> bool {
+        !self.disabled.load(Ordering::Relaxed)
+            && self
+                .skip
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1))
+                .is_err()
+    }
+
+    fn succeeded(&self) {
+        self.penalty.store(0, Ordering::Relaxed);
+    }
+
+    fn met_existing_key(&self) {
+        let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_COPY_SKIP);
+        self.penalty.store(penalty, Ordering::Relaxed);
+        self.skip.store(penalty, Ordering::Relaxed);
+    }
+
+    fn disable(&self, error: &sqlx::Error) {
+        if !self.disabled.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                statement = %self.sql,
+                %error,
+                "the optimistic COPY failed where the INSERT succeeded (do the Rust types have \
+                 the binary format of the column types?); using the INSERT only"
+            );
+        }
+    }
+}
+
+/// Why the optimistic COPY did not store the batch.
+enum CopyFailure {
+    /// Rolled back to the savepoint: run the INSERT instead.
+    Fallback(sqlx::Error),
+    /// The connection or transaction is unusable: fail the attempt.
+    Abort(sqlx::Error),
 }
 
 impl<R, K> std::fmt::Debug for UnnestInsert<R, K> {
@@ -107,12 +182,13 @@ pub struct UnnestInsertBuilder<R, K> {
     columns: Vec<Column<R>>,
     key_columns: Vec<String>,
     on_conflict: OnConflict,
+    optimistic_copy: bool,
 }
 
 impl<R, K> UnnestInsert<R, K>
 where
     R: Send + Sync + 'static,
-    K: Eq + Hash + Send + 'static,
+    K: Ord + Hash + Send + 'static,
 {
     /// Starts an insert into `table` (optionally schema-qualified, e.g.
     /// `hermes.events`; each part is quoted as an identifier) whose rows are
@@ -127,6 +203,7 @@ where
             columns: Vec::new(),
             key_columns: Vec::new(),
             on_conflict: OnConflict::DoNothing,
+            optimistic_copy: false,
         }
     }
 
@@ -134,12 +211,20 @@ where
     pub fn sql(&self) -> &str {
         &self.sql
     }
+
+    /// Whether batches try the optimistic `COPY` first: configured with
+    /// [`UnnestInsertBuilder::optimistic_copy`] and not switched off since.
+    pub fn copy_enabled(&self) -> bool {
+        self.copy
+            .as_ref()
+            .is_some_and(|fast| !fast.disabled.load(Ordering::Relaxed))
+    }
 }
 
 impl<R, K> UnnestInsertBuilder<R, K>
 where
     R: Send + Sync + 'static,
-    K: Eq + Hash + Send + 'static,
+    K: Ord + Hash + Send + 'static,
 {
     /// Adds a column that is part of the unique key (the `ON CONFLICT` target).
     /// `sql_type` is the column's SQL type as written in SQL (e.g. `text`,
@@ -163,15 +248,39 @@ where
         T: for<'q> Encode<'q, Postgres> + Type<Postgres> + PgHasArrayType + Send + 'static,
         F: Fn(&R) -> T + Send + Sync + 'static,
     {
+        let get = Arc::new(get);
+        let get_all = get.clone();
         let bind: Binder<R> = Box::new(move |rows: &[&R], args: &mut PgArguments| {
-            let values: Vec<T> = rows.iter().map(|row| get(row)).collect();
+            let values: Vec<T> = rows.iter().map(|row| get_all(row)).collect();
             args.add(values)
         });
+        let encode: Encoder<R> =
+            Box::new(move |row: &R, copy: &mut BinaryCopy| copy.field(&get(row)));
         self.columns.push(Column {
             name: name.to_owned(),
             sql_type: sql_type.to_owned(),
             bind,
+            encode,
         });
+        self
+    }
+
+    /// Tries each batch first as a binary `COPY` straight into the table,
+    /// inside a savepoint: `COPY` stores rows faster than any `INSERT`, and
+    /// when it succeeds every row was new ([`Written::Inserted`]). If it fails
+    /// (a key already exists, a constraint, anything), the batch rolls back to
+    /// the savepoint and the regular statement runs and decides, so outcomes
+    /// and errors are the same as without it. After a `COPY` meets an existing
+    /// key, the next 1, 2, 4... up to 64 batches skip it, so streams of
+    /// redeliveries or upserts do not pay twice.
+    ///
+    /// Each column's Rust type must have the binary format of the column's SQL
+    /// type (e.g. `sqlx::types::Json<_>`, not `String`, for `jsonb`; `i64` for
+    /// `bigint`). If the `COPY` fails where the statement succeeds for another
+    /// reason than an existing key, it is switched off for this statement with
+    /// a warning. `COPY` fires the table's triggers but ignores its rules.
+    pub fn optimistic_copy(mut self, enabled: bool) -> Self {
+        self.optimistic_copy = enabled;
         self
     }
 
@@ -227,31 +336,65 @@ where
                 }
             }
         }
+        let fields = match u16::try_from(self.columns.len()) {
+            Ok(fields) if self.columns.len() <= MAX_COLUMNS => fields,
+            _ => return Err(UnnestInsertError::TooManyColumns(self.columns.len())),
+        };
         let sql = self.sql();
+        let copy = self.optimistic_copy.then(|| CopyFastPath {
+            sql: format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                self.quoted_table(),
+                self.columns
+                    .iter()
+                    .map(|c| quote_ident(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            fields,
+            disabled: AtomicBool::new(false),
+            skip: AtomicU32::new(0),
+            penalty: AtomicU32::new(0),
+            bytes_per_row: AtomicUsize::new(0),
+        });
         Ok(UnnestInsert {
             key: self.key,
             columns: self.columns,
             sql,
+            copy,
         })
     }
 
-    fn sql(&self) -> String {
-        let table = self
-            .table
+    fn quoted_table(&self) -> String {
+        self.table
             .split('.')
             .map(quote_ident)
             .collect::<Vec<_>>()
-            .join(".");
+            .join(".")
+    }
+
+    fn sql(&self) -> String {
+        let table = self.quoted_table();
         let list = |names: &mut dyn Iterator<Item = &str>| {
             names.map(quote_ident).collect::<Vec<_>>().join(", ")
         };
         let columns = list(&mut self.columns.iter().map(|c| c.name.as_str()));
-        let keys = list(&mut self.key_columns.iter().map(String::as_str));
+        let array = |(i, c): (usize, &Column<R>)| format!("${}::{}[]", i + 1, c.sql_type.trim());
         let arrays = self
             .columns
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("${}::{}[]", i + 1, c.sql_type.trim()))
+            .map(array)
+            .collect::<Vec<_>>()
+            .join(", ");
+        // The key columns, in declaration order, and their array parameters.
+        let is_key = |c: &&(usize, &Column<R>)| self.key_columns.contains(&c.1.name);
+        let indexed: Vec<(usize, &Column<R>)> = self.columns.iter().enumerate().collect();
+        let keys = list(&mut indexed.iter().filter(is_key).map(|(_, c)| c.name.as_str()));
+        let key_arrays = indexed
+            .iter()
+            .filter(is_key)
+            .map(|&c| array(c))
             .collect::<Vec<_>>()
             .join(", ");
         let (conflict, returning, inserted) = match &self.on_conflict {
@@ -274,15 +417,15 @@ where
             }
         };
         format!(
-            "WITH input AS (\
-                SELECT * FROM UNNEST({arrays}) WITH ORDINALITY AS input({columns}, {ORDINAL})\
-             ), ins AS (\
+            "WITH ins AS (\
                 INSERT INTO {table} ({columns}) \
-                SELECT {columns} FROM input ORDER BY {keys} \
+                SELECT * FROM UNNEST({arrays}) AS input({columns}) \
                 ON CONFLICT ({keys}) {conflict} \
                 RETURNING {returning}\
              ) \
-             SELECT input.{ORDINAL}, {inserted} FROM input JOIN ins USING ({keys})"
+             SELECT input.{ORDINAL}, {inserted} \
+             FROM UNNEST({key_arrays}) WITH ORDINALITY AS input({keys}, {ORDINAL}) \
+             JOIN ins USING ({keys})"
         )
     }
 }
@@ -295,7 +438,7 @@ fn quote_ident(name: &str) -> String {
 impl<R, K> BatchStatement for UnnestInsert<R, K>
 where
     R: Send + Sync + 'static,
-    K: Eq + Hash + Send + 'static,
+    K: Ord + Hash + Send + 'static,
 {
     type Row = R;
     type Key = K;
@@ -310,26 +453,72 @@ where
         rows: &'c [&'c R],
     ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
         Box::pin(async move {
+            // Insert in key order, so that concurrent writers of overlapping
+            // keys lock them in the same order instead of deadlocking.
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by_cached_key(|&i| (self.key)(rows[i]));
+            let sorted: Vec<&R> = order.iter().map(|&i| rows[i]).collect();
+
+            let mut copy_error = None;
+            if let Some(fast) = self.copy.as_ref().filter(|fast| fast.should_try()) {
+                match self.copy_rows(conn, fast, &sorted).await {
+                    Ok(()) => {
+                        fast.succeeded();
+                        return Ok(vec![Written::Inserted; rows.len()]);
+                    }
+                    Err(CopyFailure::Abort(error)) => return Err(error),
+                    Err(CopyFailure::Fallback(error)) => copy_error = Some((fast, error)),
+                }
+            }
+            let written = self.insert(conn, &sorted, &order).await?;
+            if let Some((fast, error)) = copy_error {
+                match &error {
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                        fast.met_existing_key()
+                    }
+                    _ => fast.disable(&error),
+                }
+            }
+            Ok(written)
+        })
+    }
+}
+
+impl<R, K> UnnestInsert<R, K>
+where
+    R: Send + Sync + 'static,
+    K: Ord + Hash + Send + 'static,
+{
+    /// The regular statement: `sorted` are the rows in key order, `order[i]`
+    /// the input index of `sorted[i]`.
+    fn insert<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        sorted: &'a [&'a R],
+        order: &'a [usize],
+    ) -> BoxFuture<'a, Result<Vec<Written>, sqlx::Error>> {
+        Box::pin(async move {
             let mut args = PgArguments::default();
             for column in &self.columns {
-                (column.bind)(rows, &mut args).map_err(sqlx::Error::Encode)?;
+                (column.bind)(sorted, &mut args).map_err(sqlx::Error::Encode)?;
             }
             let returned: Vec<(i64, bool)> = sqlx::query_as_with(&self.sql, args)
                 .fetch_all(&mut *conn)
                 .await?;
-            let mut written = vec![Written::Duplicate; rows.len()];
+            let mut written = vec![Written::Duplicate; sorted.len()];
             for (ordinal, inserted) in returned {
                 let slot = usize::try_from(ordinal)
                     .ok()
                     .and_then(|o| o.checked_sub(1))
-                    .and_then(|i| written.get_mut(i));
+                    .and_then(|i| order.get(i))
+                    .and_then(|&i| written.get_mut(i));
                 match slot {
                     Some(slot) if inserted => *slot = Written::Inserted,
                     Some(_) => {}
                     None => {
                         return Err(sqlx::Error::Protocol(format!(
                             "batch insert returned ordinal {ordinal} for {} rows",
-                            rows.len()
+                            sorted.len()
                         )));
                     }
                 }
@@ -337,6 +526,61 @@ where
             Ok(written)
         })
     }
+
+    /// The optimistic COPY, in a savepoint it rolls back to on failure.
+    fn copy_rows<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        fast: &'a CopyFastPath,
+        sorted: &'a [&'a R],
+    ) -> BoxFuture<'a, Result<(), CopyFailure>> {
+        Box::pin(async move {
+            // Size the buffer like the last batch's, per row, to avoid regrowing it.
+            let per_row = fast.bytes_per_row.load(Ordering::Relaxed).max(16);
+            let mut data = BinaryCopy::with_capacity(sorted.len() * per_row + 64);
+            for row in sorted {
+                data.row(fast.fields);
+                for column in &self.columns {
+                    (column.encode)(row, &mut data)
+                        .map_err(|e| CopyFailure::Fallback(sqlx::Error::Encode(e)))?;
+                }
+            }
+            let data = data.finish();
+            fast.bytes_per_row
+                .store(data.len() / sorted.len().max(1) + 1, Ordering::Relaxed);
+            sqlx::query("SAVEPOINT hermes_copy")
+                .execute(&mut *conn)
+                .await
+                .map_err(CopyFailure::Abort)?;
+            match send_copy(conn, &fast.sql, data).await {
+                Ok(()) => Ok(()),
+                Err(error) if classify(&error) == ErrorClass::Transient => {
+                    Err(CopyFailure::Abort(error))
+                }
+                Err(error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(CopyFailure::Abort)?;
+                    Err(CopyFailure::Fallback(error))
+                }
+            }
+        })
+    }
+}
+
+/// Runs `COPY ... FROM STDIN` with `data` as its whole input.
+async fn send_copy<'a>(
+    conn: &'a mut PgConnection,
+    sql: &'a str,
+    data: Vec<u8>,
+) -> Result<(), sqlx::Error> {
+    let mut copy = conn.copy_in_raw(sql).await?;
+    // A failed send means a broken connection; dropping `copy` then queues
+    // a CopyFail, and the writer discards the connection with the attempt.
+    copy.send(data).await?;
+    copy.finish().await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -359,12 +603,15 @@ mod tests {
                 .build()
                 .expect("valid");
         let sql = insert.sql();
-        assert!(sql.contains("UNNEST($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY"));
-        assert!(
-            sql.contains("INSERT INTO \"app\".\"events\" (\"source\", \"event_id\", \"payload\")")
-        );
+        assert!(sql.contains(
+            "INSERT INTO \"app\".\"events\" (\"source\", \"event_id\", \"payload\") \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[])"
+        ));
         assert!(sql.contains("ON CONFLICT (\"source\", \"event_id\") DO NOTHING"));
-        assert!(sql.contains("ORDER BY \"source\", \"event_id\""));
+        assert!(sql.contains(
+            "FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY \
+             AS input(\"source\", \"event_id\", hermes_ord)"
+        ));
     }
 
     #[test]
