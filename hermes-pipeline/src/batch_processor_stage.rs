@@ -39,6 +39,8 @@ pub(crate) struct BatchProcessorStage<H: Handler> {
     pub(crate) batcher: Arc<str>,
     pub(crate) inbox: mpsc::UnboundedReceiver<Batch<H::Data>>,
     pub(crate) outstanding: Outstanding,
+    /// The batcher's signal that some batch processor ran out of work.
+    pub(crate) any_idle: Arc<Notify>,
     pub(crate) deadline: CancellationToken,
     pub(crate) terminator: Terminator<H>,
     pub(crate) metrics: StageMetrics,
@@ -50,6 +52,7 @@ impl<H: Handler> BatchProcessorStage<H> {
             self.handle(batch).await;
             if self.outstanding.count.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.outstanding.idle.notify_waiters();
+                self.any_idle.notify_one();
             }
         }
         tracing::debug!(batcher = %self.batcher, batch_processor = self.index, "batch processor stopped");

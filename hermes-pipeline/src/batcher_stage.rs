@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,7 @@ pub(crate) struct BatchLimits<T> {
     pub(crate) batch_size: usize,
     pub(crate) batch_timeout: Duration,
     pub(crate) max_bytes: Option<(usize, SizeFn<T>)>,
+    pub(crate) flush_when_idle: bool,
 }
 
 /// A request to change the number of batch processors.
@@ -52,6 +53,7 @@ impl<H: Handler> BatchProcessorSpawner<H> {
         &self,
         index: usize,
         outstanding: &Outstanding,
+        any_idle: &Arc<Notify>,
     ) -> mpsc::UnboundedSender<Batch<H::Data>> {
         let (tx, inbox) = mpsc::unbounded_channel();
         let stage = BatchProcessorStage {
@@ -60,6 +62,7 @@ impl<H: Handler> BatchProcessorSpawner<H> {
             batcher: self.batcher.clone(),
             inbox,
             outstanding: outstanding.clone(),
+            any_idle: any_idle.clone(),
             deadline: self.deadline.clone(),
             terminator: self.terminator.clone(),
             metrics: self.metrics.clone(),
@@ -95,6 +98,8 @@ struct Batching<H: Handler> {
     timers: DelayQueue<BatchKey>,
     processors: Vec<mpsc::UnboundedSender<Batch<H::Data>>>,
     outstanding: Vec<Outstanding>,
+    /// Signalled when any batch processor runs out of work.
+    any_idle: Arc<Notify>,
     next: usize,
 }
 
@@ -108,6 +113,7 @@ impl<H: Handler> BatcherStage<H> {
             timers: DelayQueue::new(),
             processors: Vec::new(),
             outstanding: Vec::new(),
+            any_idle: Arc::new(Notify::new()),
             next: 0,
         };
         batching.grow_to(concurrency);
@@ -121,9 +127,15 @@ impl<H: Handler> Batching<H> {
             tokio::select! {
                 biased;
                 chunk = self.stage.inbox.recv() => match chunk {
-                    Some(chunk) => self.add(chunk),
+                    Some(chunk) => {
+                        self.add(chunk);
+                        if self.stage.inbox.is_empty() {
+                            self.flush_idle();
+                        }
+                    }
                     None => break,
                 },
+                () = self.any_idle.notified(), if self.holds_idle_flushable() => self.flush_idle(),
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     let key = expired.into_inner();
                     if let Some(batch) = self.take(&key) {
@@ -174,6 +186,45 @@ impl<H: Handler> Batching<H> {
         }
     }
 
+    fn holds_idle_flushable(&self) -> bool {
+        self.stage.limits.flush_when_idle && (self.default.is_some() || !self.keyed.is_empty())
+    }
+
+    /// With `flush_when_idle`, hands partial batches to idle batch processors.
+    fn flush_idle(&mut self) {
+        if !self.holds_idle_flushable() {
+            return;
+        }
+        if self.default.is_some() && self.idle_processor().is_some() {
+            self.close(BatchKey::Default, BatchTrigger::Idle);
+        }
+        let idle_keys: Vec<BatchKey> = self
+            .keyed
+            .keys()
+            .filter(|key| self.is_idle(self.route(key)))
+            .cloned()
+            .collect();
+        for key in idle_keys {
+            self.close(key, BatchTrigger::Idle);
+        }
+    }
+
+    fn is_idle(&self, index: usize) -> bool {
+        self.outstanding[index].count.load(Ordering::Acquire) == 0
+    }
+
+    fn idle_processor(&self) -> Option<usize> {
+        (0..self.processors.len()).find(|&index| self.is_idle(index))
+    }
+
+    /// Closes the open batch of `key` before its timeout and dispatches it.
+    fn close(&mut self, key: BatchKey, trigger: BatchTrigger) {
+        if let Some(batch) = self.take(&key) {
+            self.timers.remove(&batch.timer);
+            self.dispatch(key, batch, trigger);
+        }
+    }
+
     fn open_batch(&mut self, key: &BatchKey) -> Option<&mut OpenBatch<H::Data>> {
         if key.is_default() {
             self.default.as_mut()
@@ -213,8 +264,7 @@ impl<H: Handler> Batching<H> {
         let index = if key.is_default() {
             self.least_busy()
         } else {
-            // The remainder is below the processor count, itself a usize.
-            (key.route_hash() % self.processors.len() as u64) as usize
+            self.route(&key)
         };
         self.outstanding[index].count.fetch_add(1, Ordering::AcqRel);
         let batch = Batch {
@@ -228,6 +278,12 @@ impl<H: Handler> Batching<H> {
             // batcher does only after waiting for them to be idle.
             tracing::error!(lost = batch.messages.len(), "batch processor stopped early");
         }
+    }
+
+    /// The batch processor of a non-default key.
+    fn route(&self, key: &BatchKey) -> usize {
+        // The remainder is below the processor count, itself a usize.
+        (key.route_hash() % self.processors.len() as u64) as usize
     }
 
     fn least_busy(&mut self) -> usize {
@@ -246,7 +302,7 @@ impl<H: Handler> Batching<H> {
             let tx = self
                 .stage
                 .spawner
-                .spawn(self.processors.len(), &outstanding);
+                .spawn(self.processors.len(), &outstanding, &self.any_idle);
             self.processors.push(tx);
             self.outstanding.push(outstanding);
         }

@@ -219,6 +219,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 batch_size: options.batch_size,
                 batch_timeout: options.batch_timeout,
                 max_batch_bytes: options.max_batch_bytes.as_ref().map(|(max, _)| *max),
+                flush_when_idle: options.flush_when_idle,
                 concurrency: concurrency.clone(),
                 control: control_tx,
             });
@@ -232,6 +233,7 @@ impl<H: Handler> PipelineBuilder<H> {
                     batch_size: options.batch_size,
                     batch_timeout: options.batch_timeout,
                     max_bytes: options.max_batch_bytes,
+                    flush_when_idle: options.flush_when_idle,
                 },
                 inbox,
                 control,

@@ -24,6 +24,9 @@ pub enum BatchTrigger {
     Bytes,
     /// `batch_timeout` passed since the batch's first message arrived.
     Timeout,
+    /// A batch processor was idle and no more messages were waiting
+    /// (`BatcherOptions::flush_when_idle`).
+    Idle,
     /// The pipeline is draining: partial batches are flushed.
     Flush,
 }

@@ -79,6 +79,7 @@ pub struct BatcherOptions<T> {
     pub(crate) batch_timeout: Duration,
     pub(crate) concurrency: usize,
     pub(crate) max_batch_bytes: Option<(usize, SizeFn<T>)>,
+    pub(crate) flush_when_idle: bool,
 }
 
 impl<T> Default for BatcherOptions<T> {
@@ -88,6 +89,7 @@ impl<T> Default for BatcherOptions<T> {
             batch_timeout: Duration::from_secs(1),
             concurrency: 1,
             max_batch_bytes: None,
+            flush_when_idle: false,
         }
     }
 }
@@ -114,6 +116,16 @@ impl<T> BatcherOptions<T> {
     /// Number of batch processors running `handle_batch` in parallel (≥ 1).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
+        self
+    }
+
+    /// Group commit: hands a partial batch to a batch processor as soon as one
+    /// is idle and no more messages are waiting, instead of holding it until
+    /// `batch_timeout`. Batches then grow with load (up to `batch_size`) while
+    /// latency stays at one batch handling time when load is light. Off by
+    /// default (Broadway's behaviour: a partial batch waits for its timeout).
+    pub fn flush_when_idle(mut self, flush_when_idle: bool) -> Self {
+        self.flush_when_idle = flush_when_idle;
         self
     }
 

@@ -115,6 +115,7 @@ pub(crate) struct BatcherHandle {
     pub(crate) batch_size: usize,
     pub(crate) batch_timeout: Duration,
     pub(crate) max_batch_bytes: Option<usize>,
+    pub(crate) flush_when_idle: bool,
     pub(crate) concurrency: Arc<AtomicUsize>,
     pub(crate) control: mpsc::UnboundedSender<Resize>,
 }
@@ -205,6 +206,7 @@ impl<H: Handler> Pipeline<H> {
                     batch_timeout: batcher.batch_timeout,
                     concurrency: batcher.concurrency.load(Ordering::Relaxed),
                     max_batch_bytes: batcher.max_batch_bytes,
+                    flush_when_idle: batcher.flush_when_idle,
                 })
                 .collect(),
             max_in_flight: shared.in_flight.max(),

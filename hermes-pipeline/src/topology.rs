@@ -47,4 +47,6 @@ pub struct BatcherTopology {
     pub concurrency: usize,
     /// The byte limit per batch, if any.
     pub max_batch_bytes: Option<usize>,
+    /// Whether partial batches go to idle batch processors at once.
+    pub flush_when_idle: bool,
 }

@@ -155,6 +155,7 @@ struct Case {
     keyed_batches: bool,
     batch_size: usize,
     batch_concurrency: usize,
+    flush_when_idle: bool,
     max_in_flight: usize,
 }
 
@@ -180,7 +181,7 @@ fn case() -> impl Strategy<Value = Case> {
                 batch_concurrency,
                 extra,
             )| {
-                (0..max_demand).prop_map(move |min_demand| Case {
+                (0..max_demand, any::<bool>()).prop_map(move |(min_demand, flush_when_idle)| Case {
                     items: items.clone(),
                     processors,
                     max_demand,
@@ -189,6 +190,7 @@ fn case() -> impl Strategy<Value = Case> {
                     keyed_batches,
                     batch_size,
                     batch_concurrency,
+                    flush_when_idle,
                     max_in_flight: batch_size + extra,
                 })
             },
@@ -235,6 +237,7 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
                 .batch_size(case.batch_size)
                 .batch_timeout(Duration::from_millis(5))
                 .concurrency(case.batch_concurrency)
+                .flush_when_idle(case.flush_when_idle)
         };
         let pipeline = Pipeline::builder("props", handler)
             .producer(producer)

@@ -690,3 +690,52 @@ fn stage_metrics_are_recorded_per_pipeline_and_stage() {
         assert!(names.contains(&name), "{name} missing");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
+    let (mut handler, batches) = Collect::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    handler.gate = Some(gate.clone());
+    let mut builder = Pipeline::builder("group-commit", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(100)
+                .batch_timeout(Duration::from_secs(3600))
+                .flush_when_idle(true),
+        );
+    let ingress = builder.ingress(100);
+    let _pipeline = builder.start().unwrap();
+
+    // The only batch processor is idle: the first message goes at once.
+    let first = ingress.try_push_tracked(0u64).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // While it is busy, later messages gather into one batch...
+    let rest: Vec<Completion> = (100..130u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // ...which goes as soon as the batch processor is free again.
+    let started = Instant::now();
+    gate.add_permits(2);
+    assert_eq!(first.await, Outcome::Succeeded);
+    for completion in rest {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no batch waited for its timeout"
+    );
+    let seen: Vec<(BatchTrigger, usize)> = batches
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|batch| (batch.2, batch.3.len()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(BatchTrigger::Idle, 1), (BatchTrigger::Idle, 30)]
+    );
+}
