@@ -493,7 +493,63 @@ async fn an_optimistic_copy_of_mismatched_types_switches_itself_off() {
     assert_eq!(count(&pool).await, 75);
 }
 
+/// A `bigint` the client refuses to encode when negative.
+#[derive(Debug, Clone, Copy)]
+struct Picky(i64);
+
+impl sqlx::Type<sqlx::Postgres> for Picky {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <i64 as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for Picky {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        <i64 as sqlx::postgres::PgHasArrayType>::array_type_info()
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Picky {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        if self.0 < 0 {
+            return Err(format!("refusing to encode {}", self.0).into());
+        }
+        <i64 as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+async fn a_row_the_client_cannot_encode_is_rejected(mode: Mode) {
+    let pool = setup().await;
+    let statement = UnnestInsert::builder("events", |e: &Event| e.id.clone())
+        .key_column("id", "text", |e: &Event| e.id.clone())
+        .column("amount", "bigint", |e: &Event| Picky(e.amount))
+        .column("payload", "jsonb", |e: &Event| JsonText(e.payload.clone()))
+        .optimistic_copy(mode == Mode::Copy)
+        .build()
+        .expect("valid statement");
+    let writer = BatchWriter::new(pool.clone(), statement, fast_retries());
+    let mut rows = events(0..20);
+    rows[7].amount = -3;
+    let outcomes = writer.write(&rows).await.expect("write");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            RowOutcome::Rejected(reason) if i == 7 => {
+                assert!(reason.code.is_empty());
+                assert!(reason.message.contains("refusing to encode -3"), "{reason}");
+            }
+            RowOutcome::Inserted if i != 7 => {}
+            other => panic!("row {i}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(count(&pool).await, 19);
+}
+
 in_both_modes! {
+    #[tokio::test]
+    a_row_the_client_cannot_encode_is_rejected => a_row_the_client_cannot_encode_is_rejected_unnest, a_row_the_client_cannot_encode_is_rejected_copy;
     #[tokio::test]
     a_batch_is_inserted_and_its_redelivery_is_duplicate => a_batch_is_inserted_and_its_redelivery_is_duplicate_unnest, a_batch_is_inserted_and_its_redelivery_is_duplicate_copy;
     #[tokio::test]

@@ -20,8 +20,9 @@ pub enum RowOutcome {
     /// row of the same batch; nothing new was stored for it (under an upsert,
     /// the stored row may have been updated).
     Duplicate,
-    /// The database refused the row (a type or constraint violation); it is
-    /// not stored, and writing it again will fail again.
+    /// The database refused the row (a type or constraint violation), or the
+    /// client could not encode one of its values; it is not stored, and
+    /// writing it again will fail again.
     Rejected(Rejection),
 }
 
@@ -32,10 +33,11 @@ impl RowOutcome {
     }
 }
 
-/// Why the database refused a row.
+/// Why a row was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// The SQLSTATE code, e.g. `23514` for a CHECK violation.
+    /// The SQLSTATE code, e.g. `23514` for a CHECK violation; empty when the
+    /// client could not encode the row (see `message`).
     pub code: String,
     /// The database's message, e.g. `new row for relation "t" violates check
     /// constraint "t_amount_check"`.
@@ -65,9 +67,24 @@ impl Rejection {
     }
 }
 
+impl Rejection {
+    fn from_client_error(error: &sqlx::Error) -> Self {
+        Rejection {
+            code: String::new(),
+            message: error.to_string(),
+            constraint: None,
+            detail: None,
+        }
+    }
+}
+
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (SQLSTATE {})", self.message, self.code)
+        if self.code.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{} (SQLSTATE {})", self.message, self.code)
+        }
     }
 }
 
@@ -273,16 +290,16 @@ impl<S: BatchStatement> BatchWriter<S> {
                     }
                 }
                 Err(RangeError::Row(error)) if end - start == 1 => {
-                    let Some(db) = error.as_database_error() else {
-                        return Err(WriteError::Database(error));
+                    let rejection = match error.as_database_error() {
+                        Some(db) if self.statement.is_conflict(db) => {
+                            outcomes[start] = RowOutcome::Duplicate;
+                            continue;
+                        }
+                        Some(db) => Rejection::from_database_error(db),
+                        None => Rejection::from_client_error(&error),
                     };
-                    outcomes[start] = if self.statement.is_conflict(db) {
-                        RowOutcome::Duplicate
-                    } else {
-                        let rejection = Rejection::from_database_error(db);
-                        tracing::warn!(row = start, reason = %rejection, "row rejected by the database");
-                        RowOutcome::Rejected(rejection)
-                    };
+                    tracing::warn!(row = start, reason = %rejection, "row rejected");
+                    outcomes[start] = RowOutcome::Rejected(rejection);
                 }
                 Err(RangeError::Row(error)) => {
                     tracing::debug!(

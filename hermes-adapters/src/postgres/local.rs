@@ -857,8 +857,8 @@ fn find_bindir() -> Option<PathBuf> {
 /// it safely: initialisation is atomic (see the [module docs](self)) and every
 /// call creates its own database named `hermes_test_<pid>_<n>`, so tests never
 /// see each other's rows. Databases left by test processes that have exited
-/// are dropped when a new process first uses the cluster. The cluster is left
-/// running for the next test run.
+/// are dropped in the background when a new process first uses the cluster.
+/// The cluster is left running for the next test run.
 ///
 /// # Panics
 ///
@@ -889,7 +889,19 @@ pub async fn try_test_database() -> Result<String, LocalPostgresError> {
                 .durability(Durability::Relaxed)
                 .max_connections(300);
             let pg = LocalPostgres::start_with(config).await?;
-            drop_abandoned_test_databases(&pg).await;
+            // Each DROP DATABASE waits for a checkpoint: clean up on the side
+            // rather than delaying the first test.
+            let cleaner = pg.clone();
+            let _ = std::thread::Builder::new()
+                .name("hermes-test-db-cleanup".into())
+                .spawn(move || {
+                    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        runtime.block_on(drop_abandoned_test_databases(&cleaner));
+                    }
+                });
             Ok::<_, LocalPostgresError>(pg)
         })
         .await?;

@@ -77,8 +77,9 @@ pub enum ErrorClass {
     Transient,
     /// The data of some row violates a type or a constraint (SQLSTATE class
     /// 22 or 23, `21000` cardinality violation, `54000` program limit such as
-    /// an index row too large). Retrying the same rows fails again; smaller
-    /// batches tell which rows are at fault.
+    /// an index row too large), or the client could not encode some value.
+    /// Retrying the same rows fails again; smaller batches tell which rows
+    /// are at fault.
     Row,
     /// Anything else: a broken statement, a missing table, missing
     /// privileges, a closed pool. No retry will help.
@@ -101,6 +102,7 @@ pub fn classify(error: &sqlx::Error) -> ErrorClass {
             Some(code) => classify_sqlstate(&code),
             None => ErrorClass::Fatal,
         },
+        sqlx::Error::Encode(_) => ErrorClass::Row,
         _ => ErrorClass::Fatal,
     }
 }
@@ -141,6 +143,10 @@ mod tests {
         assert_eq!(classify(&io), ErrorClass::Transient);
         assert_eq!(classify(&sqlx::Error::PoolTimedOut), ErrorClass::Transient);
         assert_eq!(classify(&sqlx::Error::PoolClosed), ErrorClass::Fatal);
+        assert_eq!(
+            classify(&sqlx::Error::Encode("bad".into())),
+            ErrorClass::Row
+        );
     }
 
     #[test]
