@@ -1,4 +1,4 @@
-//! The command line: `hermes serve` and `hermes migrate`.
+//! The command line: `hermes serve`, `hermes migrate` and `hermes demo`.
 
 use std::path::PathBuf;
 
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::database::{Database, MIGRATOR};
+use crate::demo::{self, DemoOptions};
 use crate::server::Server;
 use crate::telemetry::{self, LogFormat};
 
@@ -30,6 +31,23 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Apply pending migrations and exit.
     Migrate(ConfigArgs),
+    /// Serve on the embedded defaults and drive signed webhook traffic at
+    /// the host, printing live progress and a summary.
+    Demo(DemoArgs),
+}
+
+/// Options of `hermes demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The configuration, as for `serve`.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Stop after this long (e.g. `10s`, `2m`); default: until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Connections sending valid SMS webhooks as fast as the host answers.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
 }
 
 /// Where the configuration comes from.
@@ -47,6 +65,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::Demo(args) => {
+            let config = Config::load(args.config.config.as_deref())?;
+            let options = DemoOptions {
+                duration: args.duration,
+                connections: args.connections.max(1),
+            };
+            demo::run(config, options).await
+        }
     }
 }
 

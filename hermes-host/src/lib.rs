@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod database;
+pub mod demo;
 pub mod http;
 pub mod server;
 pub mod shutdown;

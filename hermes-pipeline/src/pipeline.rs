@@ -174,7 +174,8 @@ impl<H: Handler> Pipeline<H> {
         self.shared.shutdown.is_cancelled()
     }
 
-    /// Messages produced and not yet acknowledged.
+    /// In-flight slots taken: messages produced and not yet acknowledged, plus
+    /// those a producer is being asked for right now.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.current()
     }

@@ -147,7 +147,10 @@ impl IngestPipeline {
                 BatcherOptions::new()
                     .batch_size(config.batch_size)
                     .batch_timeout(config.batch_timeout())
-                    .concurrency(config.batch_concurrency),
+                    .concurrency(config.batch_concurrency)
+                    // Group commit: a request waits for one batch write, not for
+                    // batch_timeout, whenever a batch processor is free.
+                    .flush_when_idle(true),
             );
         if let Some(max) = config.max_in_flight {
             builder = builder.max_in_flight(max);

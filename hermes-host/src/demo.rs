@@ -1,0 +1,308 @@
+//! `hermes demo`: serves on the embedded defaults and drives signed webhook
+//! traffic at itself (valid SMS and email events, redeliveries, malformed
+//! payloads and forged signatures), printing live progress and a summary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hermes_adapters::sandbox::webhook_sender::{self, BodyFn, SenderConfig, Snapshot, Stats};
+use hermes_adapters::webhook::{Secret, Verifier};
+use sqlx::PgPool;
+
+use crate::config::{Config, Normalize, SourceConfig};
+use crate::server::{RunningServer, Server, StartError};
+use crate::shutdown;
+
+/// What `hermes demo` was asked to do.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Stop after this long; `None` runs until SIGINT/SIGTERM.
+    pub duration: Option<Duration>,
+    /// Connections driving valid SMS traffic as fast as the host answers.
+    pub connections: usize,
+}
+
+/// The demo's traffic: one stream per kind of sender.
+struct Traffic {
+    sms: Arc<Stats>,
+    email: Arc<Stats>,
+    forged: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs the demo.
+pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
+    let config = with_demo_sources(config);
+    let server = start(config).await?;
+    println!(
+        "hermes demo: serving on {} (Postgres: {})",
+        server.url(),
+        server.database().url()
+    );
+    match options.duration {
+        Some(duration) => println!("hermes demo: sending signed webhooks for {duration:?}\n"),
+        None => println!("hermes demo: sending signed webhooks until Ctrl-C\n"),
+    }
+
+    let traffic = drive(&server, &options)?;
+    let started = Instant::now();
+    let ended = async {
+        match options.duration {
+            Some(duration) => tokio::time::sleep(duration).await,
+            None => shutdown::signal().await,
+        }
+    };
+    tokio::pin!(ended);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let mut previous = 0;
+    loop {
+        tokio::select! {
+            () = &mut ended => break,
+            _ = ticker.tick() => {
+                let accepted = accepted(&traffic.sms.snapshot()) + accepted(&traffic.email.snapshot());
+                let in_flight = server.ingest().pipeline().in_flight();
+                print_progress(started.elapsed(), accepted - previous, in_flight, &traffic);
+                previous = accepted;
+            }
+        }
+    }
+    traffic.stop.store(true, Ordering::Relaxed);
+    for task in traffic.tasks {
+        let _ = task.await;
+    }
+    // Every request has its answer now, so every 202 is committed: count them.
+    let elapsed = started.elapsed();
+    let pool = server.database().pool();
+    summary(elapsed, &traffic.sms, &traffic.email, &traffic.forged, pool).await?;
+    let report = server.shutdown().await;
+    println!(
+        "hermes demo: stopped{}",
+        if report.forced {
+            " (drain deadline passed)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// Adds an SMS and an email source with fresh secrets, unless sources are configured.
+fn with_demo_sources(mut config: Config) -> Config {
+    if config.webhooks.sources.is_empty() {
+        let sms_secret = hex_secret();
+        let mut sms =
+            SourceConfig::new("sms", "hmac-sha256", &[&sms_secret]).normalize(Normalize::Sms);
+        sms.header = Some("x-provider-signature-256".into());
+        sms.prefix = Some("sha256=".into());
+        let email_secret = format!("whsec_{}", base64_secret());
+        let email = SourceConfig::new("email", "standard-webhooks", &[&email_secret])
+            .normalize(Normalize::Email);
+        config.webhooks.sources = vec![sms, email];
+    }
+    config
+}
+
+fn hex_secret() -> String {
+    hex::encode(rand::random::<[u8; 24]>())
+}
+
+fn base64_secret() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>())
+}
+
+/// Starts the host; if the configured port is taken, on a free one instead.
+async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    match Server::start(config.clone()).await {
+        Err(StartError::Bind { addr, .. }) => {
+            println!("hermes demo: {addr} is in use, taking a free port");
+            let mut config = config;
+            config.http.listen.set_port(0);
+            Ok(Server::start(config).await?)
+        }
+        started => Ok(started?),
+    }
+}
+
+fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffic> {
+    let run = format!("demo-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let sms_source = server
+        .sources()
+        .get("sms")
+        .context("the demo needs a source named \"sms\"")?;
+    let email_source = server
+        .sources()
+        .get("email")
+        .context("the demo needs a source named \"email\"")?;
+    let sms_verifier = Arc::new(sms_source.verifier().clone());
+    let email_verifier = Arc::new(email_source.verifier().clone());
+    let forged_verifier = Arc::new(Verifier::new(
+        sms_verifier.scheme().clone(),
+        vec![Secret::from("not-the-secret")],
+    )?);
+    let url = |source: &str| format!("{}/webhooks/{source}", server.url());
+    let forever = Duration::from_secs(365 * 24 * 3600);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let sms_run = run.clone();
+    let senders = [
+        SenderConfig {
+            url: url("sms"),
+            verifier: sms_verifier,
+            connections: options.connections,
+            duration: forever,
+            rate_per_sec: None,
+            body: Arc::new(move |n| webhook_sender::sms_body(n, &sms_run)),
+        },
+        SenderConfig {
+            url: url("email"),
+            verifier: email_verifier,
+            connections: 4,
+            duration: forever,
+            rate_per_sec: Some(100),
+            body: email_bodies(run.clone()),
+        },
+        SenderConfig {
+            url: url("sms"),
+            verifier: forged_verifier,
+            connections: 1,
+            duration: forever,
+            rate_per_sec: Some(5),
+            body: Arc::new(move |n| webhook_sender::sms_body(n, &format!("{run}-forged"))),
+        },
+    ];
+    let stats = [Stats::new(), Stats::new(), Stats::new()];
+    let tasks = senders
+        .into_iter()
+        .zip(stats.iter().cloned())
+        .map(|(sender, stats)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(error) = webhook_sender::run(sender, stats, stop).await {
+                    eprintln!("hermes demo: a sender stopped: {error}");
+                }
+            })
+        })
+        .collect();
+    let [sms, email, forged] = stats;
+    Ok(Traffic {
+        sms,
+        email,
+        forged,
+        stop,
+        tasks,
+    })
+}
+
+/// Emails between a few mailboxes: every 10th is a redelivery of the previous
+/// event, every 25th has an invalid address (422).
+fn email_bodies(run: String) -> BodyFn {
+    Arc::new(move |n| {
+        let n = if n % 10 == 9 { n - 1 } else { n };
+        let from = if n % 25 == 24 {
+            "not-an-address".to_owned()
+        } else {
+            format!("Customer{}@Example.COM", n % 7)
+        };
+        let id = format!("{run}-email-{n}");
+        let body = serde_json::json!({
+            "from": from,
+            "to": "support@hermes.example",
+            "body": format!("email {n}: where is my order?"),
+            "timestamp": "2026-11-22T12:00:00Z",
+            "provider_message_id": id,
+        });
+        (id, body.to_string().into_bytes())
+    })
+}
+
+fn accepted(snapshot: &Snapshot) -> u64 {
+    snapshot.statuses.get(&202).copied().unwrap_or(0)
+}
+
+fn statuses(snapshots: &[Snapshot]) -> String {
+    let mut all = std::collections::BTreeMap::<u16, u64>::new();
+    for snapshot in snapshots {
+        for (status, count) in &snapshot.statuses {
+            *all.entry(*status).or_default() += count;
+        }
+    }
+    all.iter()
+        .map(|(status, count)| format!("{status}:{count}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_progress(
+    elapsed: Duration,
+    accepted_last_second: u64,
+    in_flight: usize,
+    traffic: &Traffic,
+) {
+    let sms = traffic.sms.snapshot();
+    let snapshots = [
+        sms.clone(),
+        traffic.email.snapshot(),
+        traffic.forged.snapshot(),
+    ];
+    println!(
+        "[{:>4}s] {:>7} events/s  p50 {:>6.1} ms  p99 {:>6.1} ms  in flight {:>4}  {}",
+        elapsed.as_secs(),
+        accepted_last_second,
+        sms.p50_ms,
+        sms.p99_ms,
+        in_flight,
+        statuses(&snapshots)
+    );
+}
+
+async fn summary(
+    elapsed: Duration,
+    sms: &Stats,
+    email: &Stats,
+    forged: &Stats,
+    pool: &PgPool,
+) -> anyhow::Result<()> {
+    let (sms, email, forged) = (sms.snapshot(), email.snapshot(), forged.snapshot());
+    let accepted_total = accepted(&sms) + accepted(&email);
+    let count = |table: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(pool)
+            .await
+    };
+    println!("\nsummary after {:.1} s", elapsed.as_secs_f64());
+    println!(
+        "  sms     {} sent, {} accepted ({:.0}/s), p50 {:.1} ms, p99 {:.1} ms",
+        sms.sent,
+        accepted(&sms),
+        accepted(&sms) as f64 / elapsed.as_secs_f64(),
+        sms.p50_ms,
+        sms.p99_ms
+    );
+    println!(
+        "  email   {} sent, {} accepted ({} of them redeliveries, stored once), {} refused as invalid (422)",
+        email.sent,
+        accepted(&email),
+        email.duplicates,
+        email.statuses.get(&422).copied().unwrap_or(0)
+    );
+    println!(
+        "  forged  {} sent, {} refused (401)",
+        forged.sent,
+        forged.statuses.get(&401).copied().unwrap_or(0)
+    );
+    println!("  by status: {}", statuses(&[sms, email, forged]));
+    println!(
+        "  in Postgres: {} events, {} parties, {} conversations, {} messages ({} accepted this run)",
+        count("webhook_events").await?,
+        count("parties").await?,
+        count("conversations").await?,
+        count("messages").await?,
+        accepted_total
+    );
+    Ok(())
+}
