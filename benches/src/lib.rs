@@ -3,3 +3,4 @@
 
 pub mod pipeline;
 pub mod report;
+pub mod webhook;

@@ -1,6 +1,7 @@
 //! `hermes-bench`: runs Hermes benchmarks and prints one JSON line per result.
 
 use clap::{Parser, Subcommand};
+use hermes_benches::webhook;
 
 #[derive(Parser)]
 #[command(about = "Hermes benchmarks: one JSON line per result")]
@@ -23,6 +24,65 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The host end to end: signed 1 KB webhooks over many connections
+    /// (closed loop) against the standalone Postgres limit for the same
+    /// rows, then the latency at half the measured capacity (open loop).
+    WebhookE2e {
+        /// Measured seconds of each load phase.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Connections of the closed loop.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Twice the host's capacity offered open loop to a small ingest
+    /// buffer: the 503 share, the host's peak RSS and lost 202s.
+    WebhookOverload {
+        /// Measured seconds of overload.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Base connections: capacity is measured closed loop over 8x (at least
+        /// 256), the overload is offered over twice that.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// The host's `[webhooks] ingest_capacity`.
+        #[arg(long, default_value_t = 64)]
+        ingest_capacity: usize,
+        /// The host's `[webhooks] max_in_flight` (events waiting in the
+        /// pipeline for their commit).
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+/// Where the host under test comes from and what it runs on.
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The `hermes` binary (default: `hermes` next to this executable, e.g.
+    /// target/release/hermes from `cargo build --release -p hermes-host`).
+    #[arg(long)]
+    hermes_bin: Option<std::path::PathBuf>,
+    /// Run the benchmark's Postgres without fsync (not crash-safe).
+    #[arg(long)]
+    relaxed: bool,
+    /// Extra `[webhooks]` settings for the host, TOML lines such as
+    /// "batch_timeout_ms = 2" (repeatable).
+    #[arg(long = "webhooks")]
+    webhooks: Vec<String>,
+}
+
+fn webhook_options(secs: u64, connections: usize, host: HostArgs) -> webhook::Options {
+    webhook::Options {
+        secs,
+        connections,
+        hermes_bin: host.hermes_bin,
+        relaxed: host.relaxed,
+        webhooks: host.webhooks,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +92,21 @@ fn main() -> anyhow::Result<()> {
             sink_messages,
             runs,
         } => hermes_benches::pipeline::run(messages, sink_messages, runs),
+        Bench::WebhookE2e {
+            secs,
+            connections,
+            host,
+        } => webhook::run_e2e(&webhook_options(secs, connections, host)),
+        Bench::WebhookOverload {
+            secs,
+            connections,
+            ingest_capacity,
+            max_in_flight,
+            host,
+        } => webhook::run_overload(
+            &webhook_options(secs, connections, host),
+            ingest_capacity,
+            max_in_flight,
+        ),
     }
 }

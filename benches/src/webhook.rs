@@ -1,0 +1,596 @@
+//! End-to-end webhook benchmarks: the `hermes` binary on a private Postgres,
+//! driven by signed 1 KB sms webhooks.
+//!
+//! - `webhook_e2e`: a closed loop over many connections for a fixed time:
+//!   committed 202s per second, p50/p99 of the 202s, counts by status, and
+//!   the standalone Postgres limit for the same rows measured in the same run
+//!   (COPY of the same 1 KB jsonb event rows into the same table, one
+//!   connection, no host), with `ratio` = accepted_per_sec ÷ that limit.
+//! - `webhook_e2e_latency`: an open loop at a fraction of the measured
+//!   capacity: p50/p99 of the 202s below saturation, against the target
+//!   `batch_timeout_ms + 25`.
+//! - `webhook_overload`: an open loop offering twice the capacity to a host
+//!   with a small ingest buffer: the 503 share, the host's peak RSS (and its
+//!   RSS over time), and `lost`: events answered 202 that are not stored.
+//!
+//! The host runs as a subprocess — the release binary next to `hermes-bench`
+//! (`target/release/hermes`, built by `cargo build --release -p hermes-host`),
+//! or `--hermes-bin` — so its RSS is its own. Load generator, host and
+//! Postgres share the machine's cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
+use hermes_adapters::sandbox::webhook_sender::{self, SenderConfig, Snapshot, Stats};
+use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+use crate::report::{emit, peak_rss_mb_of, round3};
+
+/// The signing secret of the benchmark's source (benchmark-only).
+const SECRET: &str = "hermes-bench-secret";
+/// The signature header of the benchmark's source.
+const HEADER: &str = "x-provider-signature-256";
+/// Rows per COPY (one transaction each) of the standalone Postgres limit.
+const COPY_CHUNK: usize = 5_000;
+/// Distinct bodies generated for the standalone limit (then reused with new keys).
+const COPY_BODIES: u64 = 10_000;
+/// How long the standalone Postgres limit is measured.
+const LIMIT_SECS: f64 = 4.0;
+/// Warm-up before a measured run (connections, caches, Postgres buffers).
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// Options shared by the webhook benchmarks.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Measured seconds of load.
+    pub secs: u64,
+    /// Connections of the closed loop.
+    pub connections: usize,
+    /// The `hermes` binary; default: `hermes` next to this executable.
+    pub hermes_bin: Option<PathBuf>,
+    /// Run Postgres without fsync (faster, not crash-safe). Default: durable.
+    pub relaxed: bool,
+    /// Extra `[webhooks]` TOML lines for the host (tuning experiments).
+    pub webhooks: Vec<String>,
+}
+
+/// `hermes-bench webhook-e2e`: prints `webhook_e2e` and `webhook_e2e_latency`.
+pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let bench = Bench::setup(options).await?;
+        let limit = bench.pg_copy_limit().await?;
+        let host = bench
+            .start_host("e2e", &options.webhooks.join("\n"))
+            .await?;
+        let run = format!("e2e-{}", std::process::id());
+        // Warm-up, then the measured closed loop.
+        drive(
+            &host,
+            options.connections,
+            WARMUP,
+            None,
+            &format!("{run}-w"),
+        )
+        .await?;
+        let started = Instant::now();
+        let (closed, _) = drive(
+            &host,
+            options.connections,
+            Duration::from_secs(options.secs),
+            None,
+            &run,
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
+        let accepted_per_sec = accepted as f64 / secs;
+        emit(&json!({
+            "bench": "webhook_e2e",
+            "secs": round3(secs),
+            "connections": options.connections,
+            "accepted": accepted,
+            "accepted_per_sec": accepted_per_sec.round(),
+            "p50_ms": round3(closed.p50_ms),
+            "p99_ms": round3(closed.p99_ms),
+            "statuses": statuses(&closed),
+            "errors": closed.errors,
+            "pg_copy_rows_per_sec": limit.round(),
+            "ratio": round3(accepted_per_sec / limit),
+            "durable": !options.relaxed,
+            "host_peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
+        }));
+
+        // Below saturation: half the measured capacity, open loop.
+        let rate = ((accepted_per_sec * 0.5) as u64).max(1);
+        let (open, _) = drive(
+            &host,
+            options.connections,
+            Duration::from_secs(options.secs),
+            Some(rate),
+            &format!("{run}-latency"),
+        )
+        .await?;
+        let batch_timeout_ms = host.batch_timeout_ms;
+        let open_accepted = open.statuses.get(&202).copied().unwrap_or(0);
+        emit(&json!({
+            "bench": "webhook_e2e_latency",
+            "secs": options.secs,
+            "offered_per_sec": rate,
+            "accepted_per_sec": (open_accepted as f64 / options.secs as f64).round(),
+            "p50_ms": round3(open.p50_ms),
+            "p99_ms": round3(open.p99_ms),
+            "p99_target_ms": batch_timeout_ms + 25,
+            "statuses": statuses(&open),
+            "errors": open.errors,
+        }));
+        host.stop().await;
+        Ok(())
+    })
+}
+
+/// `hermes-bench webhook-overload`: prints `webhook_overload`.
+pub fn run_overload(
+    options: &Options,
+    ingest_capacity: usize,
+    max_in_flight: usize,
+) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let bench = Bench::setup(options).await?;
+        let extra = format!(
+            "ingest_capacity = {ingest_capacity}\nmax_in_flight = {max_in_flight}\n{}",
+            options.webhooks.join("\n")
+        );
+        let host = bench.start_host("overload", &extra).await?;
+        let run = format!("overload-{}", std::process::id());
+        // Capacity: a short closed loop over many connections (with few,
+        // the loop is bound by the commit latency, not by the host).
+        let capacity_connections = (options.connections * 8).max(256);
+        drive(&host, capacity_connections, WARMUP, None, &format!("{run}-w")).await?;
+        let capacity_secs = 3;
+        let (closed, _) = drive(
+            &host,
+            capacity_connections,
+            Duration::from_secs(capacity_secs),
+            None,
+            &format!("{run}-capacity"),
+        )
+        .await?;
+        let capacity =
+            closed.statuses.get(&202).copied().unwrap_or(0) as f64 / capacity_secs as f64;
+        let rss_before = rss_mb_of(host.pid());
+
+        // Twice that, open loop: enough connections that the offered rate
+        // holds while accepted requests wait for their commit.
+        let rate = ((capacity * 2.0) as u64).max(1);
+        let connections = capacity_connections * 2;
+        let sampler = RssSampler::start(host.pid());
+        let started = Instant::now();
+        let (overload, stats) = drive(
+            &host,
+            connections,
+            Duration::from_secs(options.secs),
+            Some(rate),
+            &run,
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        let samples = sampler.stop().await;
+
+        let accepted_ids = stats.accepted_ids();
+        let lost = bench.count_missing(&accepted_ids).await?;
+        let answered: u64 = overload.statuses.values().sum();
+        let unavailable = overload.statuses.get(&503).copied().unwrap_or(0);
+        let accepted = overload.statuses.get(&202).copied().unwrap_or(0);
+        let half = samples.len() / 2;
+        let max = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+        emit(&json!({
+            "bench": "webhook_overload",
+            "secs": round3(secs),
+            "connections": connections,
+            "ingest_capacity": ingest_capacity,
+            "max_in_flight": max_in_flight,
+            "capacity_per_sec": capacity.round(),
+            "offered_per_sec": rate,
+            "sent_per_sec": (overload.sent as f64 / secs).round(),
+            "accepted_per_sec": (accepted as f64 / secs).round(),
+            "p50_ms": round3(overload.p50_ms),
+            "p99_ms": round3(overload.p99_ms),
+            "statuses": statuses(&overload),
+            "errors": overload.errors,
+            "share_503": round3(if answered == 0 { 0.0 } else { unavailable as f64 / answered as f64 }),
+            "lost": lost,
+            "rss_before_mb": round3(rss_before),
+            "rss_first_half_max_mb": round3(max(&samples[..half])),
+            "rss_second_half_max_mb": round3(max(&samples[half..])),
+            "peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
+            "durable": !options.relaxed,
+        }));
+        host.stop().await;
+        Ok(())
+    })
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Status counts as a JSON object keyed by status code.
+fn statuses(snapshot: &Snapshot) -> Value {
+    snapshot
+        .statuses
+        .iter()
+        .map(|(status, count)| (status.to_string(), json!(count)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Sends signed sms webhooks at `host` for `duration`: closed loop when
+/// `rate` is `None`, else open loop at `rate` per second.
+async fn drive(
+    host: &HostProcess,
+    connections: usize,
+    duration: Duration,
+    rate: Option<u64>,
+    run: &str,
+) -> anyhow::Result<(Snapshot, Arc<Stats>)> {
+    let run: Arc<str> = run.into();
+    let config = SenderConfig {
+        url: format!("{}/webhooks/sms", host.url),
+        verifier: Arc::new(verifier()?),
+        connections,
+        duration,
+        rate_per_sec: rate,
+        body: Arc::new(move |n| webhook_sender::sms_body(n, &run)),
+    };
+    let stats = Stats::new();
+    webhook_sender::run(config, stats.clone(), Arc::new(AtomicBool::new(false)))
+        .await
+        .context("the webhook sender failed to start")?;
+    Ok((stats.snapshot(), stats))
+}
+
+/// The verifier of the benchmark's source (it signs the requests).
+fn verifier() -> anyhow::Result<Verifier> {
+    let scheme = Scheme::hmac_sha256(HEADER, Some("sha256="), Encoding::Hex)?;
+    Ok(Verifier::new(scheme, vec![Secret::new(SECRET)])?)
+}
+
+/// The private cluster and the `hermes` binary of one benchmark run.
+struct Bench {
+    pg: LocalPostgres,
+    hermes_bin: PathBuf,
+    dir: PathBuf,
+    database_url: String,
+}
+
+impl Bench {
+    /// Starts (or reuses) the cluster under `target/bench-pg` and creates a
+    /// fresh `hermes_bench` database.
+    async fn setup(options: &Options) -> anyhow::Result<Self> {
+        let hermes_bin = match &options.hermes_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?.with_file_name("hermes"),
+        };
+        if !hermes_bin.is_file() {
+            bail!(
+                "no hermes binary at {}: build it with `cargo build --release -p hermes-host --bin hermes`, \
+                 or pass --hermes-bin",
+                hermes_bin.display()
+            );
+        }
+        let dir = target_dir().join("bench-pg");
+        let durability = if options.relaxed {
+            Durability::Relaxed
+        } else {
+            Durability::Durable
+        };
+        let config = LocalPostgresConfig::new(dir.join("cluster"), "postgres")
+            .durability(durability)
+            .max_connections(200);
+        let pg = LocalPostgres::start_with(config)
+            .await
+            .context("cannot start the benchmark's Postgres")?;
+        pg.drop_database("hermes_bench").await?;
+        pg.create_database("hermes_bench").await?;
+        let database_url = pg.url_for("hermes_bench");
+        Ok(Self {
+            pg,
+            hermes_bin,
+            dir,
+            database_url,
+        })
+    }
+
+    /// Starts the host on the benchmark database with `[webhooks]` lines
+    /// `extra`, and waits until it is ready.
+    async fn start_host(&self, name: &str, extra: &str) -> anyhow::Result<HostProcess> {
+        let config = format!(
+            "[webhooks]\n{extra}\n\
+             [[webhooks.sources]]\nname = \"sms\"\nscheme = \"hmac-sha256\"\n\
+             header = \"{HEADER}\"\nprefix = \"sha256=\"\nencoding = \"hex\"\n\
+             secrets = [\"{SECRET}\"]\nnormalize = \"sms\"\n"
+        );
+        let config_path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, &config)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let log = self.dir.join(format!("{name}.log"));
+        HostProcess::start(&self.hermes_bin, &config_path, &self.database_url, &log).await
+    }
+
+    /// Rows per second that Postgres alone stores of the same 1 KB event rows
+    /// on one connection: `COPY` into `webhook_events` (same table,
+    /// constraints and indexes, migrated by `hermes migrate`) in transactions
+    /// of [`COPY_CHUNK`] rows, for [`LIMIT_SECS`], in its own database.
+    async fn pg_copy_limit(&self) -> anyhow::Result<f64> {
+        let database = "hermes_bench_limit";
+        self.pg.drop_database(database).await?;
+        self.pg.create_database(database).await?;
+        let url = self.pg.url_for(database);
+        let status = Command::new(&self.hermes_bin)
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run hermes migrate")?;
+        if !status.success() {
+            bail!("hermes migrate failed ({status}) on {url}");
+        }
+        let bodies: Vec<String> = (0..COPY_BODIES)
+            .map(|n| {
+                let (_, body) = webhook_sender::sms_body(n, "limit");
+                copy_text_escape(&String::from_utf8_lossy(&body))
+            })
+            .collect();
+        let mut conn = PgConnection::connect(&url).await?;
+        let mut next = 0u64;
+        let mut rows = 0u64;
+        let mut buffer = String::with_capacity(COPY_CHUNK * 1_200);
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < LIMIT_SECS {
+            buffer.clear();
+            for _ in 0..COPY_CHUNK {
+                let body = &bodies[(next % COPY_BODIES) as usize];
+                // Same shape as the host's rows: a 64-character key.
+                buffer.push_str(&format!(
+                    "sms\t{next:064}\t{body}\t2024-05-01 12:00:00+00\n"
+                ));
+                next += 1;
+            }
+            let mut copy = conn
+                .copy_in_raw(
+                    "COPY webhook_events (source, idempotency_key, body, received_at) FROM STDIN",
+                )
+                .await?;
+            copy.send(buffer.as_bytes()).await?;
+            rows += copy.finish().await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        conn.close().await?;
+        self.pg.drop_database(database).await?;
+        Ok(rows as f64 / secs)
+    }
+
+    /// How many of `ids` are not in `webhook_events`.
+    async fn count_missing(&self, ids: &[i64]) -> anyhow::Result<u64> {
+        let mut unique = ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let mut conn = PgConnection::connect(&self.database_url).await?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE id = ANY($1)")
+                .bind(&unique)
+                .fetch_one(&mut conn)
+                .await?;
+        conn.close().await?;
+        Ok((unique.len() as u64).saturating_sub(u64::try_from(found).unwrap_or(0)))
+    }
+}
+
+/// `text` escaped for a field of `COPY … FROM STDIN` text format.
+fn copy_text_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '\t' => escaped.push_str("\\t"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// Cargo's target directory (marked by `CACHEDIR.TAG`) above this executable,
+/// else `./target`.
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// A `hermes serve` subprocess.
+struct HostProcess {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    batch_timeout_ms: u64,
+}
+
+impl HostProcess {
+    async fn start(
+        bin: &Path,
+        config: &Path,
+        database_url: &str,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("DATABASE_URL", database_url)
+            .env("HERMES_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "RUST_LOG",
+                std::env::var(HOST_LOG_ENV).unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let batch_timeout_ms = std::fs::read_to_string(config)
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|line| {
+                    line.trim()
+                        .strip_prefix("batch_timeout_ms")
+                        .and_then(|rest| rest.trim().strip_prefix('='))
+                        .and_then(|value| value.trim().parse().ok())
+                })
+            })
+            .unwrap_or(DEFAULT_BATCH_TIMEOUT_MS);
+        let mut host = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log: log.to_owned(),
+            batch_timeout_ms,
+        };
+        host.wait_ready().await?;
+        Ok(host)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "hermes exited ({status}) before it was ready; log {}:\n{}",
+                    self.log.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            let ready = client
+                .get(format!("{}/ready", self.url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("hermes not ready in 60 s; log {}", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM (graceful: drain and exit), then SIGKILL after 15 s.
+    async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Environment variable: the host's `RUST_LOG` (default `warn`); its log is
+/// written to `target/bench-pg/<bench>.log`.
+pub const HOST_LOG_ENV: &str = "HERMES_BENCH_HOST_LOG";
+
+/// The host's default `batch_timeout_ms` (the benchmark config leaves it unset).
+const DEFAULT_BATCH_TIMEOUT_MS: u64 = 10;
+
+/// Resident set size of process `pid` now, in MiB (Linux: VmRSS).
+fn rss_mb_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Samples a process's RSS every 250 ms in the background.
+struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => samples.push(rss_mb_of(pid)),
+                    _ = &mut stopped => return samples,
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Vec<f64> {
+        let _ = self.stop.send(());
+        let mut samples = self.task.await.unwrap_or_default();
+        if samples.is_empty() {
+            samples.push(0.0);
+        }
+        samples
+    }
+}
