@@ -3,34 +3,41 @@
 //! target directory.
 //!
 //! Each run writes `rows` rows (unique text key, ~1 KB jsonb payload) into
-//! fresh, identical tables (`key text PRIMARY KEY, payload jsonb`):
+//! fresh, identical tables (`key text PRIMARY KEY, payload jsonb`) by:
 //!
-//! - `copy`: one `COPY ... FROM STDIN` of all rows, streamed in text format.
-//!   The ceiling: one transaction, no per-row outcome, no idempotency.
+//! - `copy`: raw `COPY ... FROM STDIN` in text format, one statement per
+//!   slice of [`SLICE_ROWS`] rows. The ceiling: no per-row outcome, no
+//!   idempotency, one commit per slice.
 //! - writer `optimistic_copy`: [`BatchWriter`] with the ready-made
 //!   [`UnnestInsert`] and [`UnnestInsertBuilder::optimistic_copy`], in
-//!   batches of [`BATCH_SIZE`]: one transaction per batch, per-row outcomes,
-//!   idempotent by key. New rows go in by binary `COPY` in a savepoint.
+//!   batches of [`BATCH_SIZE`]: one durable transaction per batch, per-row
+//!   outcomes, idempotent by key. New rows go in by binary `COPY` in a
+//!   savepoint.
 //! - writer `unnest`: the same without the optimistic COPY: one
 //!   `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO NOTHING RETURNING`
 //!   with binary array binds per batch.
 //!
-//! All include encoding the rows on the client. The server is durable
-//! (`fsync` on) and a `CHECKPOINT` precedes every timed section; the three are
-//! interleaved in every run. For each writer, the median of [`RUNS`] runs is
-//! printed as one JSON line:
+//! Each writer runs with 1 batch in flight (sequential) and with 2 (as a
+//! batcher with `concurrency: 2` would, so one batch's commit overlaps the
+//! next batch's write). All methods include encoding the rows on the client.
+//! The server is durable (`fsync` on) and a `CHECKPOINT` precedes every run.
+//! The methods are interleaved slice by slice, in a rotating order, so they
+//! share the machine's load alike. Per writer and concurrency, one JSON line:
 //!
 //! ```text
-//! {"bench":"pg_sink","writer":"optimistic_copy","rows":200000,"batch_size":1000,
-//!  "writer_rows_per_sec":...,"copy_rows_per_sec":...,"ratio":...}
+//! {"bench":"pg_sink","writer":"optimistic_copy","concurrency":1,"rows":200000,
+//!  "batch_size":1000,"writer_rows_per_sec":...,"copy_rows_per_sec":...,"ratio":...}
 //! ```
 //!
-//! `ratio` is writer ÷ copy (medians).
+//! Rates are medians of [`RUNS`] runs; `ratio` is writer ÷ copy, the median
+//! of the per-run ratios (each run's methods ran interleaved, so its ratio is
+//! a like-for-like comparison).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::{StreamExt, stream};
 #[cfg(doc)]
 use hermes_adapters::postgres::UnnestInsertBuilder;
 use hermes_adapters::postgres::{
@@ -48,6 +55,9 @@ pub const BATCH_SIZE: usize = 1000;
 
 /// Runs per measurement; the median is reported.
 pub const RUNS: usize = 3;
+
+/// Rows per slice: each run alternates the methods slice by slice.
+pub const SLICE_ROWS: usize = 20_000;
 
 /// Approximate size of each row's jsonb payload, in bytes.
 const PAYLOAD_BYTES: usize = 1024;
@@ -73,7 +83,7 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
         pg.port()
     );
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(4)
         // The writer retries a dead pooled connection itself; no ping per batch.
         .test_before_acquire(false)
         .connect(&pg.url())
@@ -81,43 +91,102 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
         .context("connecting to the benchmark database")?;
     let data = generate(rows);
 
-    let mut copy_rates = Vec::with_capacity(RUNS);
-    let mut optimistic_rates = Vec::with_capacity(RUNS);
-    let mut unnest_rates = Vec::with_capacity(RUNS);
+    let mut rates: Vec<Vec<f64>> = vec![Vec::with_capacity(RUNS); METHODS.len()];
     for run in 0..RUNS {
-        let copy = measure_copy(&pool, &data, run).await?;
-        let optimistic = measure_writer(&pool, &data, run, true).await?;
-        let unnest = measure_writer(&pool, &data, run, false).await?;
-        eprintln!(
-            "pg-sink run {}: copy {copy:.0} rows/s, writer optimistic_copy {optimistic:.0} rows/s, \
-             writer unnest {unnest:.0} rows/s",
-            run + 1,
-        );
-        copy_rates.push(copy);
-        optimistic_rates.push(optimistic);
-        unnest_rates.push(unnest);
+        let run_rates = measure_run(&pool, &data).await?;
+        let summary: Vec<String> = METHODS
+            .iter()
+            .zip(&run_rates)
+            .map(|(method, rate)| format!("{} {rate:.0}", method.label()))
+            .collect();
+        eprintln!("pg-sink run {}: rows/s {}", run + 1, summary.join(", "));
+        for (all, rate) in rates.iter_mut().zip(run_rates) {
+            all.push(rate);
+        }
     }
-    let copy = median_by(copy_rates, |r| *r).unwrap_or(0.0);
-    for (writer, rates) in [
-        ("optimistic_copy", optimistic_rates),
-        ("unnest", unnest_rates),
-    ] {
-        let rate = median_by(rates, |r| *r).unwrap_or(0.0);
+    let copy_rates = &rates[0];
+    let copy = median_by(copy_rates.clone(), |r| *r).unwrap_or(0.0);
+    for (method, writer_rates) in METHODS.iter().zip(&rates).skip(1) {
+        let Method::Writer {
+            name, concurrency, ..
+        } = method
+        else {
+            continue;
+        };
+        let ratios: Vec<f64> = writer_rates
+            .iter()
+            .zip(copy_rates)
+            .map(|(w, c)| if *c > 0.0 { w / c } else { 0.0 })
+            .collect();
         emit(&json!({
             "bench": "pg_sink",
-            "writer": writer,
+            "writer": name,
+            "concurrency": concurrency,
             "rows": rows,
             "batch_size": BATCH_SIZE,
             "payload_bytes": PAYLOAD_BYTES,
             "runs": RUNS,
-            "writer_rows_per_sec": rate.round(),
+            "writer_rows_per_sec": median_by(writer_rates.clone(), |r| *r).unwrap_or(0.0).round(),
             "copy_rows_per_sec": copy.round(),
-            "ratio": round3(if copy > 0.0 { rate / copy } else { 0.0 }),
+            "ratio": round3(median_by(ratios, |r| *r).unwrap_or(0.0)),
         }));
     }
     pool.close().await;
     Ok(())
 }
+
+/// One way of storing the rows.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    /// Raw `COPY`, one statement per slice.
+    Copy,
+    /// The batch writer.
+    Writer {
+        name: &'static str,
+        optimistic_copy: bool,
+        concurrency: usize,
+    },
+}
+
+impl Method {
+    fn label(&self) -> String {
+        match self {
+            Method::Copy => "copy".to_owned(),
+            Method::Writer {
+                name, concurrency, ..
+            } => format!("{name}x{concurrency}"),
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("pg_sink_{}", self.label())
+    }
+}
+
+/// The methods measured; `copy` first.
+const METHODS: [Method; 5] = [
+    Method::Copy,
+    Method::Writer {
+        name: "optimistic_copy",
+        optimistic_copy: true,
+        concurrency: 1,
+    },
+    Method::Writer {
+        name: "unnest",
+        optimistic_copy: false,
+        concurrency: 1,
+    },
+    Method::Writer {
+        name: "optimistic_copy",
+        optimistic_copy: true,
+        concurrency: 2,
+    },
+    Method::Writer {
+        name: "unnest",
+        optimistic_copy: false,
+        concurrency: 2,
+    },
+];
 
 /// `<cargo target dir>/tmp/hermes-bench-pg` (the target dir is found from the
 /// running executable; `./target` if that fails).
@@ -169,7 +238,6 @@ async fn fresh_table(pool: &PgPool, name: &str) -> anyhow::Result<()> {
     ))
     .execute(pool)
     .await?;
-    sqlx::query("CHECKPOINT").execute(pool).await?;
     Ok(())
 }
 
@@ -186,48 +254,97 @@ async fn finish_table(pool: &PgPool, name: &str, expected: usize) -> anyhow::Res
     Ok(())
 }
 
-/// Rows per second of the batch writer with `UnnestInsert`, with or without
-/// the optimistic COPY.
-async fn measure_writer(
-    pool: &PgPool,
-    data: &[Row],
-    run: usize,
-    optimistic_copy: bool,
-) -> anyhow::Result<f64> {
-    let table = format!("pg_sink_writer_{run}");
-    fresh_table(pool, &table).await?;
-    let statement = UnnestInsert::builder(table.clone(), |r: &Row| r.key.clone())
+type Writer = BatchWriter<UnnestInsert<Row, String>>;
+
+/// A batch writer into `table`, with or without the optimistic COPY.
+fn writer(pool: &PgPool, table: &str, optimistic_copy: bool) -> anyhow::Result<Writer> {
+    let statement = UnnestInsert::builder(table, |r: &Row| r.key.clone())
         .key_column("key", "text", |r: &Row| r.key.clone())
         .column("payload", "jsonb", |r: &Row| r.payload.clone())
         .optimistic_copy(optimistic_copy)
         .build()?;
-    let writer = BatchWriter::new(pool.clone(), statement, RetryPolicy::default());
-    let started = Instant::now();
-    for batch in data.chunks(BATCH_SIZE) {
-        let outcomes = writer.write(batch).await?;
-        if let Some(bad) = outcomes.iter().find(|o| **o != RowOutcome::Inserted) {
+    Ok(BatchWriter::new(
+        pool.clone(),
+        statement,
+        RetryPolicy::default(),
+    ))
+}
+
+/// One run: rows per second of each of [`METHODS`], interleaved slice by
+/// slice in a rotating order.
+async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
+    let tables: Vec<String> = METHODS.iter().map(Method::table).collect();
+    for table in &tables {
+        fresh_table(pool, table).await?;
+    }
+    sqlx::query("CHECKPOINT").execute(pool).await?;
+    let mut writers: Vec<Option<(Writer, usize)>> = Vec::with_capacity(METHODS.len());
+    for (method, table) in METHODS.iter().zip(&tables) {
+        writers.push(match method {
+            Method::Copy => None,
+            Method::Writer {
+                optimistic_copy,
+                concurrency,
+                ..
+            } => Some((writer(pool, table, *optimistic_copy)?, *concurrency)),
+        });
+    }
+    let mut elapsed = vec![Duration::ZERO; METHODS.len()];
+    for (index, slice) in data.chunks(SLICE_ROWS).enumerate() {
+        for step in 0..METHODS.len() {
+            let method = (index + step) % METHODS.len();
+            let started = Instant::now();
+            match &writers[method] {
+                None => copy_slice(pool, &tables[method], slice).await?,
+                Some((writer, concurrency)) => write_slice(writer, *concurrency, slice).await?,
+            }
+            elapsed[method] += started.elapsed();
+        }
+    }
+    for (method, writer) in METHODS.iter().zip(&writers) {
+        if let (
+            Method::Writer {
+                optimistic_copy, ..
+            },
+            Some((writer, _)),
+        ) = (method, writer)
+        {
+            if writer.statement().copy_enabled() != *optimistic_copy {
+                bail!("the optimistic COPY switched itself off; see the log");
+            }
+        }
+    }
+    for table in &tables {
+        finish_table(pool, table, data.len()).await?;
+    }
+    Ok(elapsed
+        .iter()
+        .map(|time| data.len() as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE))
+        .collect())
+}
+
+/// Writes `rows` in batches of [`BATCH_SIZE`], `concurrency` batches in
+/// flight; every row must be new.
+async fn write_slice(writer: &Writer, concurrency: usize, rows: &[Row]) -> anyhow::Result<()> {
+    let mut results = stream::iter(rows.chunks(BATCH_SIZE))
+        .map(|batch| writer.write(batch))
+        .buffer_unordered(concurrency.max(1));
+    while let Some(outcomes) = results.next().await {
+        if let Some(bad) = outcomes?.iter().find(|o| **o != RowOutcome::Inserted) {
             bail!("writer reported {bad:?} for a fresh row");
         }
     }
-    let rate = data.len() as f64 / started.elapsed().as_secs_f64();
-    if writer.statement().copy_enabled() != optimistic_copy {
-        bail!("the optimistic COPY switched itself off; see the log");
-    }
-    finish_table(pool, &table, data.len()).await?;
-    Ok(rate)
+    Ok(())
 }
 
-/// Rows per second of one `COPY ... FROM STDIN` (text format) of all rows.
-async fn measure_copy(pool: &PgPool, data: &[Row], run: usize) -> anyhow::Result<f64> {
-    let table = format!("pg_sink_copy_{run}");
-    fresh_table(pool, &table).await?;
+/// One `COPY ... FROM STDIN` (text format) of `rows`, streamed in chunks.
+async fn copy_slice(pool: &PgPool, table: &str, rows: &[Row]) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
-    let started = Instant::now();
     let mut copy = conn
         .copy_in_raw(&format!("COPY {table} (key, payload) FROM STDIN"))
         .await?;
     let mut buf = Vec::with_capacity(BATCH_SIZE * (PAYLOAD_BYTES + 32));
-    for chunk in data.chunks(BATCH_SIZE) {
+    for chunk in rows.chunks(BATCH_SIZE) {
         buf.clear();
         for row in chunk {
             copy_text_field(&mut buf, &row.key);
@@ -238,10 +355,7 @@ async fn measure_copy(pool: &PgPool, data: &[Row], run: usize) -> anyhow::Result
         copy.send(buf.as_slice()).await?;
     }
     copy.finish().await?;
-    let rate = data.len() as f64 / started.elapsed().as_secs_f64();
-    drop(conn);
-    finish_table(pool, &table, data.len()).await?;
-    Ok(rate)
+    Ok(())
 }
 
 /// Appends `value` escaped for COPY's text format.
