@@ -149,9 +149,10 @@ pub fn run_overload(
         );
         let host = bench.start_host("overload", &extra).await?;
         let run = format!("overload-{}", std::process::id());
-        // Capacity: a short closed loop over many connections (with few,
-        // the loop is bound by the commit latency, not by the host).
-        let capacity_connections = (options.connections * 8).max(256);
+        // Capacity: a short closed loop over exactly as many connections as
+        // the host holds (ingress buffer + pipeline): it stays full, and
+        // nothing is refused, so what it commits per second is its capacity.
+        let capacity_connections = ingest_capacity + max_in_flight;
         drive(&host, capacity_connections, WARMUP, None, &format!("{run}-w")).await?;
         let capacity_secs = 3;
         let (closed, _) = drive(
@@ -169,7 +170,7 @@ pub fn run_overload(
         // Twice that, open loop: enough connections that the offered rate
         // holds while accepted requests wait for their commit.
         let rate = ((capacity * 2.0) as u64).max(1);
-        let connections = capacity_connections * 2;
+        let connections = (options.connections * 16).max(512);
         let sampler = RssSampler::start(host.pid());
         let started = Instant::now();
         let (overload, stats) = drive(

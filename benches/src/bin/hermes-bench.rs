@@ -43,8 +43,8 @@ enum Bench {
         /// Measured seconds of overload.
         #[arg(long, default_value_t = 10)]
         secs: u64,
-        /// Base connections: capacity is measured closed loop over 8x (at least
-        /// 256), the overload is offered over twice that.
+        /// Base connections: the overload (open loop) uses 16x, at least 512;
+        /// capacity is measured closed loop over ingest_capacity + max_in_flight.
         #[arg(long, default_value_t = 64)]
         connections: usize,
         /// The host's `[webhooks] ingest_capacity`.
