@@ -117,8 +117,8 @@ pub struct UnnestInsert<R, K> {
 struct CopyFastPath {
     sql: String,
     fields: u16,
-    /// Set when the COPY failed where the INSERT succeeded for another reason
-    /// than an existing key: it will not work for this table.
+    /// Set when the COPY failed where the INSERT succeeded, for another reason
+    /// than an integrity error: it will not work for this table.
     disabled: AtomicBool,
     /// Batches that skip the COPY before trying it again.
     skip: AtomicU32,
@@ -275,10 +275,11 @@ where
     /// redeliveries or upserts do not pay twice.
     ///
     /// Each column's Rust type must have the binary format of the column's SQL
-    /// type (e.g. `sqlx::types::Json<_>`, not `String`, for `jsonb`; `i64` for
-    /// `bigint`). If the `COPY` fails where the statement succeeds for another
-    /// reason than an existing key, it is switched off for this statement with
-    /// a warning. `COPY` fires the table's triggers but ignores its rules.
+    /// type (e.g. [`JsonText`](super::JsonText) or `sqlx::types::Json<_>`, not
+    /// `String`, for `jsonb`; `i64` for `bigint`). If the `COPY` fails where
+    /// the statement succeeds for another reason than an integrity error
+    /// (SQLSTATE class 23), it is switched off for this statement with a
+    /// warning. `COPY` fires the table's triggers but ignores its rules.
     pub fn optimistic_copy(mut self, enabled: bool) -> Self {
         self.optimistic_copy = enabled;
         self
@@ -472,8 +473,15 @@ where
             }
             let written = self.insert(conn, &sorted, &order).await?;
             if let Some((fast, error)) = copy_error {
+                // The INSERT succeeded where the COPY failed. An integrity
+                // error (class 23: an existing key, or a constraint the
+                // conflict clause resolved) is about these rows: back off for
+                // a while. Anything else (binary format, types) will fail
+                // every time: stop trying.
                 match &error {
-                    sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                    sqlx::Error::Database(db)
+                        if db.code().is_some_and(|code| code.starts_with("23")) =>
+                    {
                         fast.met_existing_key()
                     }
                     _ => fast.disable(&error),
