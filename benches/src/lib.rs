@@ -1,6 +1,7 @@
 //! Benchmarks for Hermes. Each benchmark prints one JSON line per result, so runs
 //! can be compared by machine; see the README's benchmark section.
 
+pub mod pg_sink;
 pub mod pipeline;
 pub mod report;
 pub mod webhook;

@@ -53,6 +53,9 @@ pub struct Options {
     pub secs: u64,
     /// Connections of the closed loop.
     pub connections: usize,
+    /// Requests in flight per connection: 1 is HTTP/1.1; more multiplexes
+    /// HTTP/2 streams (for `webhook-e2e`).
+    pub streams: usize,
     /// The `hermes` binary; default: `hermes` next to this executable.
     pub hermes_bin: Option<PathBuf>,
     /// Run Postgres without fsync (faster, not crash-safe). Default: durable.
@@ -74,6 +77,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         drive(
             &host,
             options.connections,
+            options.streams,
             WARMUP,
             None,
             &format!("{run}-w"),
@@ -83,6 +87,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         let (closed, _) = drive(
             &host,
             options.connections,
+            options.streams,
             Duration::from_secs(options.secs),
             None,
             &run,
@@ -95,6 +100,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "bench": "webhook_e2e",
             "secs": round3(secs),
             "connections": options.connections,
+            "streams_per_connection": options.streams,
             "accepted": accepted,
             "accepted_per_sec": accepted_per_sec.round(),
             "p50_ms": round3(closed.p50_ms),
@@ -112,6 +118,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         let (open, _) = drive(
             &host,
             options.connections,
+            options.streams,
             Duration::from_secs(options.secs),
             Some(rate),
             &format!("{run}-latency"),
@@ -153,11 +160,12 @@ pub fn run_overload(
         // the host holds (ingress buffer + pipeline): it stays full, and
         // nothing is refused, so what it commits per second is its capacity.
         let capacity_connections = ingest_capacity + max_in_flight;
-        drive(&host, capacity_connections, WARMUP, None, &format!("{run}-w")).await?;
+        drive(&host, capacity_connections, 1, WARMUP, None, &format!("{run}-w")).await?;
         let capacity_secs = 3;
         let (closed, _) = drive(
             &host,
             capacity_connections,
+            1,
             Duration::from_secs(capacity_secs),
             None,
             &format!("{run}-capacity"),
@@ -176,6 +184,7 @@ pub fn run_overload(
         let (overload, stats) = drive(
             &host,
             connections,
+            1,
             Duration::from_secs(options.secs),
             Some(rate),
             &run,
@@ -239,6 +248,7 @@ fn statuses(snapshot: &Snapshot) -> Value {
 async fn drive(
     host: &HostProcess,
     connections: usize,
+    streams: usize,
     duration: Duration,
     rate: Option<u64>,
     run: &str,
@@ -248,6 +258,7 @@ async fn drive(
         url: format!("{}/webhooks/sms", host.url),
         verifier: Arc::new(verifier()?),
         connections,
+        streams_per_connection: streams,
         duration,
         rate_per_sec: rate,
         body: Arc::new(move |n| webhook_sender::sms_body(n, &run)),

@@ -34,8 +34,19 @@ enum Bench {
         /// Connections of the closed loop.
         #[arg(long, default_value_t = 64)]
         connections: usize,
+        /// Requests in flight per connection: 1 speaks HTTP/1.1; more
+        /// multiplexes HTTP/2 streams over each connection.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
         #[command(flatten)]
         host: HostArgs,
+    },
+    /// The Postgres batch writer against a raw COPY of the same 1 KB jsonb
+    /// rows, in the same run.
+    PgSink {
+        /// Rows per measured method.
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
     },
     /// Twice the host's capacity offered open loop to a small ingest
     /// buffer: the 503 share, the host's peak RSS and lost 202s.
@@ -75,10 +86,16 @@ struct HostArgs {
     webhooks: Vec<String>,
 }
 
-fn webhook_options(secs: u64, connections: usize, host: HostArgs) -> webhook::Options {
+fn webhook_options(
+    secs: u64,
+    connections: usize,
+    streams: usize,
+    host: HostArgs,
+) -> webhook::Options {
     webhook::Options {
         secs,
         connections,
+        streams,
         hermes_bin: host.hermes_bin,
         relaxed: host.relaxed,
         webhooks: host.webhooks,
@@ -95,8 +112,13 @@ fn main() -> anyhow::Result<()> {
         Bench::WebhookE2e {
             secs,
             connections,
+            streams,
             host,
-        } => webhook::run_e2e(&webhook_options(secs, connections, host)),
+        } => webhook::run_e2e(&webhook_options(secs, connections, streams, host)),
+        Bench::PgSink { rows } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(hermes_benches::pg_sink::run(rows)),
         Bench::WebhookOverload {
             secs,
             connections,
@@ -104,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             max_in_flight,
             host,
         } => webhook::run_overload(
-            &webhook_options(secs, connections, host),
+            &webhook_options(secs, connections, 1, host),
             ingest_capacity,
             max_in_flight,
         ),

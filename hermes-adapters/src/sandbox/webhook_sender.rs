@@ -23,6 +23,10 @@ pub struct SenderConfig {
     pub verifier: Arc<Verifier>,
     /// Concurrent connections.
     pub connections: usize,
+    /// Requests in flight per connection: 1 speaks HTTP/1.1 (one request at
+    /// a time per connection, as most providers do); more multiplexes that
+    /// many streams per connection over HTTP/2 (cleartext, prior knowledge).
+    pub streams_per_connection: usize,
     /// How long to send.
     pub duration: Duration,
     /// Total requests per second offered (open loop), or `None` to send as fast
@@ -136,21 +140,31 @@ pub async fn run(
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), reqwest::Error> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(config.connections)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let connections = config.connections.max(1);
+    let streams = config.streams_per_connection.max(1);
+    // One client per connection, so the connection count is exact.
+    let clients = (0..connections)
+        .map(|_| {
+            let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+            let builder = if streams > 1 {
+                builder.http2_prior_knowledge()
+            } else {
+                builder.http1_only().pool_max_idle_per_host(1)
+            };
+            builder.build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + config.duration;
-    let connections = config.connections.max(1);
-    // Open loop: each connection sends on its own schedule, so the offered rate
+    let workers = connections * streams;
+    // Open loop: each worker sends on its own schedule, so the offered rate
     // does not drop when the host slows down.
     let interval = config
         .rate_per_sec
-        .map(|rate| Duration::from_secs_f64(connections as f64 / rate.max(1) as f64));
-    let workers = (0..connections).map(|worker| {
+        .map(|rate| Duration::from_secs_f64(workers as f64 / rate.max(1) as f64));
+    let workers = (0..workers).map(|worker| {
         let (client, config, stats, next, stop) = (
-            client.clone(),
+            clients[worker / streams].clone(),
             config.clone(),
             stats.clone(),
             next.clone(),
@@ -158,7 +172,7 @@ pub async fn run(
         );
         tokio::spawn(async move {
             let mut ticker = interval.map(|interval| {
-                let offset = interval.mul_f64(worker as f64 / connections as f64);
+                let offset = interval.mul_f64(worker as f64 / (connections * streams) as f64);
                 let mut ticker =
                     tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
