@@ -567,3 +567,106 @@ in_both_modes! {
     #[tokio::test]
     a_serialization_failure_is_retried => a_serialization_failure_is_retried_unnest, a_serialization_failure_is_retried_copy;
 }
+
+/// Records whether the statements of one execution share a transaction, then
+/// runs the plain UNNEST insert (one statement).
+struct TransactionProbe {
+    inner: UnnestInsert<Event, String>,
+    in_transaction: std::sync::Mutex<Vec<bool>>,
+}
+
+impl BatchStatement for TransactionProbe {
+    type Row = Event;
+    type Key = String;
+
+    fn key(&self, row: &Event) -> String {
+        self.inner.key(row)
+    }
+
+    fn execute<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        rows: &'c [&'c Event],
+    ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
+        Box::pin(async move {
+            // A transaction-local setting survives into the next statement
+            // only inside a transaction block.
+            sqlx::query("SELECT set_config('hermes.probe', 'set', true)")
+                .execute(&mut *conn)
+                .await?;
+            let value: Option<String> =
+                sqlx::query_scalar("SELECT current_setting('hermes.probe', true)")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            self.in_transaction
+                .lock()
+                .expect("probe lock")
+                .push(value.as_deref() == Some("set"));
+            self.inner.execute(conn, rows).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_single_statement_runs_in_autocommit_and_keeps_the_guarantees() {
+    let pool = setup().await;
+    for single in [false, true] {
+        sqlx::query("TRUNCATE events")
+            .execute(&pool)
+            .await
+            .expect("truncate");
+        let probe = TransactionProbe {
+            inner: insert_events(Mode::Unnest),
+            in_transaction: Default::default(),
+        };
+        let writer = BatchWriter::new(pool.clone(), probe, fast_retries()).single_statement(single);
+        let mut rows = events(0..50);
+        rows[20].amount = -1; // violates CHECK (amount >= 0)
+        rows.push(event("evt-00003", 9)); // in-batch duplicate
+
+        let outcomes = writer.write(&rows).await.expect("write");
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match i {
+                20 => assert!(matches!(outcome, RowOutcome::Rejected(_)), "{outcome:?}"),
+                50 => assert_eq!(*outcome, RowOutcome::Duplicate),
+                _ => assert_eq!(*outcome, RowOutcome::Inserted, "row {i}"),
+            }
+        }
+        assert_eq!(count(&pool).await, 49);
+        let again = writer.write(&rows[..20]).await.expect("redelivery");
+        assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+
+        let seen = writer
+            .statement()
+            .in_transaction
+            .lock()
+            .expect("probe lock")
+            .clone();
+        assert!(seen.len() > 2, "bisection ran several attempts: {seen:?}");
+        assert!(
+            seen.iter().all(|&in_tx| in_tx != single),
+            "single_statement({single}): in a transaction block: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_single_statement_is_retried_on_a_terminated_connection() {
+    let pool = setup().await;
+    let writer = sabotaged_writer(
+        &pool,
+        Mode::Unnest,
+        Sabotage::TerminateBackend,
+        2,
+        fast_retries(),
+    )
+    .await
+    .single_statement(true);
+    let outcomes = writer
+        .write(&events(0..100))
+        .await
+        .expect("write after retries");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert_eq!(count(&pool).await, 100);
+}

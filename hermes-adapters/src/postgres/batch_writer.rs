@@ -141,7 +141,9 @@ pub enum InBatchDuplicates {
 /// - **de-duplication inside the batch** by [`BatchStatement::key`], before
 ///   anything is sent (a statement cannot insert one key twice, and
 ///   `ON CONFLICT DO UPDATE` refuses to touch a row twice);
-/// - **one transaction per attempt**, committed before outcomes are reported;
+/// - **one transaction per attempt**, committed before outcomes are reported
+///   (or, for a statement that is one atomic SQL statement, autocommit: see
+///   [`BatchWriter::single_statement`]);
 /// - **retries of transient errors** with the [`RetryPolicy`]'s jittered
 ///   exponential back-off;
 /// - **poison-row isolation**: when the database rejects the batch for a data
@@ -155,6 +157,7 @@ pub struct BatchWriter<S> {
     statement: S,
     retry: RetryPolicy,
     duplicates: InBatchDuplicates,
+    single_statement: bool,
 }
 
 /// Why one attempt failed.
@@ -185,6 +188,7 @@ impl<S: BatchStatement> BatchWriter<S> {
             statement,
             retry,
             duplicates: InBatchDuplicates::KeepFirst,
+            single_statement: false,
         }
     }
 
@@ -192,6 +196,22 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// (default: [`InBatchDuplicates::KeepFirst`]).
     pub fn in_batch_duplicates(mut self, policy: InBatchDuplicates) -> Self {
         self.duplicates = policy;
+        self
+    }
+
+    /// Declares that the statement's [`execute`](BatchStatement::execute)
+    /// sends exactly one SQL statement (e.g. a call of a function that does
+    /// the whole write), which Postgres runs atomically by itself. The writer
+    /// then runs it in autocommit on a plain pooled connection, without
+    /// `BEGIN` and `COMMIT`: one round trip per attempt instead of three.
+    /// De-duplication, retries and poison-row isolation are unchanged; the
+    /// outcomes are committed when the statement returns.
+    ///
+    /// Only for single statements: a statement that sends several would have
+    /// each committed on its own, and a failure could leave part of a batch
+    /// stored. Default: `false` (one transaction per attempt).
+    pub fn single_statement(mut self, single: bool) -> Self {
+        self.single_statement = single;
         self
     }
 
@@ -361,8 +381,23 @@ impl<S: BatchStatement> BatchWriter<S> {
         }
     }
 
-    /// One transaction: begin, execute, check, commit.
+    /// One transaction: begin, execute, check, commit; or, for a
+    /// [single statement](Self::single_statement), execute (autocommit) and
+    /// check.
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
+        if self.single_statement {
+            let mut conn = self.pool.acquire().await?;
+            let written = self.statement.execute(&mut conn, rows).await?;
+            // Already committed: a wrong count fails the batch, and writing
+            // it again reports its rows as duplicates.
+            if written.len() != rows.len() {
+                return Err(AttemptError::OutcomeCount {
+                    expected: rows.len(),
+                    got: written.len(),
+                });
+            }
+            return Ok(written);
+        }
         let mut tx = self.pool.begin().await?;
         let written = self.statement.execute(&mut tx, rows).await?;
         if written.len() != rows.len() {

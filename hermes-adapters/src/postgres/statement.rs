@@ -37,8 +37,10 @@ pub trait BatchStatement: Send + Sync {
     fn key(&self, row: &Self::Row) -> Self::Key;
 
     /// Writes `rows` (non-empty, with pairwise distinct keys) on `conn`, which
-    /// is inside a transaction the writer commits afterwards, and returns one
-    /// [`Written`] per row, in the order of `rows`.
+    /// is inside a transaction the writer commits afterwards (in autocommit
+    /// instead when the writer was told it is a
+    /// [single statement](super::BatchWriter::single_statement)), and returns
+    /// one [`Written`] per row, in the order of `rows`.
     ///
     /// A key that already exists must not be an error (use `ON CONFLICT`),
     /// unless [`BatchStatement::is_conflict`] recognises that error.
