@@ -161,3 +161,33 @@ async fn wait_until(condition: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_resolve_the_same_new_parties_once() {
+    // Distinct events between the same two new numbers, in small batches
+    // written concurrently: each batch's later steps must see the parties and
+    // conversation a concurrent batch committed while an earlier step waited.
+    let h = start("[webhooks]\nbatch_size = 2\nbatch_concurrency = 4\nbatch_timeout_ms = 2").await;
+    let tasks: Vec<_> = (0..40)
+        .map(|n| {
+            let (from, to) = if n % 2 == 0 {
+                ("+14155550110", "+14155550111")
+            } else {
+                ("+14155550111", "+14155550110")
+            };
+            let body = serde_json::to_vec(&sms(from, to, &format!("message {n}"))).unwrap();
+            let headers = h.sign("sms", &body, &format!("pair-{n}"));
+            let (client, url) = (h.client.clone(), h.url.clone());
+            tokio::spawn(async move { post(&client, &url, "sms", body, headers).await })
+        })
+        .collect();
+    for task in tasks {
+        let reply = task.await.unwrap().unwrap();
+        h.assert_committed(&reply).await;
+        assert!(!reply.duplicate(), "{reply:?}");
+    }
+    assert_eq!(h.count("webhook_events").await, 40);
+    assert_eq!(h.count("messages").await, 40);
+    assert_eq!(h.count("parties").await, 2);
+    assert_eq!(h.count("conversations").await, 1);
+}

@@ -3,7 +3,7 @@
 //!
 //! Verification, parsing and normalization happen in the HTTP handler, before
 //! a message is enqueued, so nothing invalid takes room in the pipeline. The
-//! batch handler writes each batch in one transaction and records each
+//! batch handler writes each batch with one atomic statement and records each
 //! event's [`Fate`] before the pipeline acknowledges it.
 
 use std::collections::HashMap;
@@ -36,7 +36,9 @@ impl IngestHandler {
     /// A handler writing batches to `pool`.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            writer: BatchWriter::new(pool, WebhookBatchStatement, RetryPolicy::default()),
+            writer: BatchWriter::new(pool, WebhookBatchStatement, RetryPolicy::default())
+                // One call of ingest_webhook_batch: atomic without BEGIN/COMMIT.
+                .single_statement(true),
         }
     }
 }
