@@ -21,9 +21,18 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Peak resident set size of process `pid`, in MiB (Linux: VmHWM).
 pub fn peak_rss_mb_of(pid: u32) -> f64 {
+    process_mb(pid, "VmHWM:")
+}
+
+/// Resident set size of process `pid` now, in MiB (Linux: VmRSS).
+pub fn rss_mb_of(pid: u32) -> f64 {
+    process_mb(pid, "VmRSS:")
+}
+
+fn process_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|status| parse_kib(&status, "VmHWM:"))
+        .and_then(|status| parse_kib(&status, field))
         .map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 

@@ -31,7 +31,7 @@ use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-use crate::report::{emit, peak_rss_mb_of, round3};
+use crate::report::{emit, peak_rss_mb_of, round3, rss_mb_of};
 
 /// The signing secret of the benchmark's source (benchmark-only).
 const SECRET: &str = "hermes-bench-secret";
@@ -560,20 +560,6 @@ pub const HOST_LOG_ENV: &str = "HERMES_BENCH_HOST_LOG";
 
 /// The host's default `batch_timeout_ms` (the benchmark config leaves it unset).
 const DEFAULT_BATCH_TIMEOUT_MS: u64 = 10;
-
-/// Resident set size of process `pid` now, in MiB (Linux: VmRSS).
-fn rss_mb_of(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|kib| kib.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
 
 /// Samples a process's RSS every 250 ms in the background.
 struct RssSampler {
