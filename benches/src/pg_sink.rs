@@ -263,11 +263,9 @@ fn writer(pool: &PgPool, table: &str, optimistic_copy: bool) -> anyhow::Result<W
         .column("payload", "jsonb", |r: &Row| r.payload.clone())
         .optimistic_copy(optimistic_copy)
         .build()?;
-    Ok(BatchWriter::new(
-        pool.clone(),
-        statement,
-        RetryPolicy::default(),
-    ))
+    // Each attempt is atomic on its own (a failed COPY stores nothing), so
+    // autocommit saves the BEGIN and COMMIT round trips.
+    Ok(BatchWriter::new(pool.clone(), statement, RetryPolicy::default()).single_statement(true))
 }
 
 /// One run: rows per second of each of [`METHODS`], interleaved slice by

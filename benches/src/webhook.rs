@@ -64,7 +64,9 @@ pub struct Options {
     pub webhooks: Vec<String>,
 }
 
-/// `hermes-bench webhook-e2e`: prints `webhook_e2e` and `webhook_e2e_latency`.
+/// `hermes-bench webhook-e2e`: prints `webhook_e2e` (raw events: the same
+/// rows as the Postgres limit), `webhook_e2e_normalized` (SMS events resolved
+/// into parties, conversations and messages) and `webhook_e2e_latency`.
 pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let bench = Bench::setup(options).await?;
@@ -73,50 +75,42 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             .start_host("e2e", &options.webhooks.join("\n"))
             .await?;
         let run = format!("e2e-{}", std::process::id());
-        // Warm-up, then the measured closed loop.
-        drive(
-            &host,
-            options.connections,
-            options.streams,
-            WARMUP,
-            None,
-            &format!("{run}-w"),
-        )
-        .await?;
-        let started = Instant::now();
-        let (closed, _) = drive(
-            &host,
-            options.connections,
-            options.streams,
-            Duration::from_secs(options.secs),
-            None,
-            &run,
-        )
-        .await?;
-        let secs = started.elapsed().as_secs_f64();
-        let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
-        let accepted_per_sec = accepted as f64 / secs;
-        emit(&json!({
-            "bench": "webhook_e2e",
-            "secs": round3(secs),
-            "connections": options.connections,
-            "streams_per_connection": options.streams,
-            "accepted": accepted,
-            "accepted_per_sec": accepted_per_sec.round(),
-            "p50_ms": round3(closed.p50_ms),
-            "p99_ms": round3(closed.p99_ms),
-            "statuses": statuses(&closed),
-            "errors": closed.errors,
-            "pg_copy_rows_per_sec": limit.round(),
-            "ratio": round3(accepted_per_sec / limit),
-            "durable": !options.relaxed,
-            "host_peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
-        }));
+        let mut raw_per_sec = 0.0;
+        for (bench_name, source) in [
+            ("webhook_e2e", RAW_SOURCE),
+            ("webhook_e2e_normalized", SMS_SOURCE),
+        ] {
+            let (closed, secs) =
+                closed_loop(&host, source, options, &format!("{run}-{source}")).await?;
+            let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
+            let accepted_per_sec = accepted as f64 / secs;
+            if source == RAW_SOURCE {
+                raw_per_sec = accepted_per_sec;
+            }
+            emit(&json!({
+                "bench": bench_name,
+                "source_normalize": if source == RAW_SOURCE { "none" } else { "sms" },
+                "secs": round3(secs),
+                "connections": options.connections,
+                "streams_per_connection": options.streams,
+                "accepted": accepted,
+                "accepted_per_sec": accepted_per_sec.round(),
+                "p50_ms": round3(closed.p50_ms),
+                "p99_ms": round3(closed.p99_ms),
+                "statuses": statuses(&closed),
+                "errors": closed.errors,
+                "pg_copy_rows_per_sec": limit.round(),
+                "ratio": round3(accepted_per_sec / limit),
+                "durable": !options.relaxed,
+                "host_peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
+            }));
+        }
 
-        // Below saturation: half the measured capacity, open loop.
-        let rate = ((accepted_per_sec * 0.5) as u64).max(1);
+        // Below saturation: half the measured raw capacity, open loop.
+        let rate = ((raw_per_sec * 0.5) as u64).max(1);
         let (open, _) = drive(
             &host,
+            RAW_SOURCE,
             options.connections,
             options.streams,
             Duration::from_secs(options.secs),
@@ -142,6 +136,40 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
     })
 }
 
+/// A warm-up, then the measured closed loop on `source`: what it got, and
+/// how long it ran.
+async fn closed_loop(
+    host: &HostProcess,
+    source: &str,
+    options: &Options,
+    run: &str,
+) -> anyhow::Result<(Snapshot, f64)> {
+    let warmup = format!("{run}-w");
+    drive(
+        host,
+        source,
+        options.connections,
+        options.streams,
+        WARMUP,
+        None,
+        &warmup,
+    )
+    .await?;
+    let started = Instant::now();
+    let duration = Duration::from_secs(options.secs);
+    let (closed, _) = drive(
+        host,
+        source,
+        options.connections,
+        options.streams,
+        duration,
+        None,
+        run,
+    )
+    .await?;
+    Ok((closed, started.elapsed().as_secs_f64()))
+}
+
 /// `hermes-bench webhook-overload`: prints `webhook_overload`.
 pub fn run_overload(
     options: &Options,
@@ -160,10 +188,11 @@ pub fn run_overload(
         // the host holds (ingress buffer + pipeline): it stays full, and
         // nothing is refused, so what it commits per second is its capacity.
         let capacity_connections = ingest_capacity + max_in_flight;
-        drive(&host, capacity_connections, 1, WARMUP, None, &format!("{run}-w")).await?;
+        drive(&host, SMS_SOURCE, capacity_connections, 1, WARMUP, None, &format!("{run}-w")).await?;
         let capacity_secs = 3;
         let (closed, _) = drive(
             &host,
+            SMS_SOURCE,
             capacity_connections,
             1,
             Duration::from_secs(capacity_secs),
@@ -183,6 +212,7 @@ pub fn run_overload(
         let started = Instant::now();
         let (overload, stats) = drive(
             &host,
+            SMS_SOURCE,
             connections,
             1,
             Duration::from_secs(options.secs),
@@ -247,6 +277,7 @@ fn statuses(snapshot: &Snapshot) -> Value {
 /// `rate` is `None`, else open loop at `rate` per second.
 async fn drive(
     host: &HostProcess,
+    source: &str,
     connections: usize,
     streams: usize,
     duration: Duration,
@@ -255,7 +286,7 @@ async fn drive(
 ) -> anyhow::Result<(Snapshot, Arc<Stats>)> {
     let run: Arc<str> = run.into();
     let config = SenderConfig {
-        url: format!("{}/webhooks/sms", host.url),
+        url: format!("{}/webhooks/{source}", host.url),
         verifier: Arc::new(verifier()?),
         connections,
         streams_per_connection: streams,
@@ -327,9 +358,12 @@ impl Bench {
     async fn start_host(&self, name: &str, extra: &str) -> anyhow::Result<HostProcess> {
         let config = format!(
             "[webhooks]\n{extra}\n\
-             [[webhooks.sources]]\nname = \"sms\"\nscheme = \"hmac-sha256\"\n\
+             [[webhooks.sources]]\nname = \"{SMS_SOURCE}\"\nscheme = \"hmac-sha256\"\n\
              header = \"{HEADER}\"\nprefix = \"sha256=\"\nencoding = \"hex\"\n\
-             secrets = [\"{SECRET}\"]\nnormalize = \"sms\"\n"
+             secrets = [\"{SECRET}\"]\nnormalize = \"sms\"\n\
+             [[webhooks.sources]]\nname = \"{RAW_SOURCE}\"\nscheme = \"hmac-sha256\"\n\
+             header = \"{HEADER}\"\nprefix = \"sha256=\"\nencoding = \"hex\"\n\
+             secrets = [\"{SECRET}\"]\nnormalize = \"none\"\n"
         );
         let config_path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, &config)
@@ -553,6 +587,12 @@ impl Drop for HostProcess {
         }
     }
 }
+
+/// The source whose events are normalized as SMS.
+const SMS_SOURCE: &str = "sms";
+
+/// The source whose events are stored raw: the same rows as the Postgres limit.
+const RAW_SOURCE: &str = "raw";
 
 /// Environment variable: the host's `RUST_LOG` (default `warn`); its log is
 /// written to `target/bench-pg/<bench>.log`.

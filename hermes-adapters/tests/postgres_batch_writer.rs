@@ -670,3 +670,41 @@ async fn a_single_statement_is_retried_on_a_terminated_connection() {
     assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
     assert_eq!(count(&pool).await, 100);
 }
+
+#[tokio::test]
+async fn the_optimistic_copy_in_autocommit_keeps_every_outcome() {
+    let pool = setup().await;
+    let writer = BatchWriter::new(pool.clone(), insert_events(Mode::Copy), fast_retries())
+        .single_statement(true);
+
+    // New rows: the COPY alone stores them.
+    let outcomes = writer.write(&events(0..200)).await.expect("write");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(count(&pool).await, 200);
+
+    // Old and new mixed: the COPY fails and stores nothing, the INSERT decides.
+    let mixed = events(150..250);
+    let outcomes = writer.write(&mixed).await.expect("write mixed");
+    for (row, outcome) in mixed.iter().zip(&outcomes) {
+        let expected = if row.id.as_str() < "evt-00200" {
+            RowOutcome::Duplicate
+        } else {
+            RowOutcome::Inserted
+        };
+        assert_eq!(*outcome, expected, "{}", row.id);
+    }
+    assert_eq!(count(&pool).await, 250);
+
+    // A poison row: rejected alone, the rest stored.
+    let mut poisoned = events(300..340);
+    poisoned[7].amount = -1;
+    let outcomes = writer.write(&poisoned).await.expect("write poisoned");
+    let rejected: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, RowOutcome::Rejected(_)))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(rejected, vec![7]);
+    assert_eq!(count(&pool).await, 250 + 39);
+}

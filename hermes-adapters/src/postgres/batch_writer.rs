@@ -209,7 +209,10 @@ impl<S: BatchStatement> BatchWriter<S> {
     ///
     /// Only for single statements: a statement that sends several would have
     /// each committed on its own, and a failure could leave part of a batch
-    /// stored. Default: `false` (one transaction per attempt).
+    /// stored. (One exception is safe: a statement whose first attempt stores
+    /// nothing when it fails, followed by one that decides, as
+    /// [`UnnestInsert`](super::UnnestInsert)'s optimistic COPY and its
+    /// fallback INSERT.) Default: `false` (one transaction per attempt).
     pub fn single_statement(mut self, single: bool) -> Self {
         self.single_statement = single;
         self

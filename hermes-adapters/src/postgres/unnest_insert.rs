@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArguments, PgHasArrayType};
-use sqlx::{Arguments, Encode, PgConnection, Postgres, Type};
+use sqlx::{Arguments, Connection, Encode, PgConnection, Postgres, Type};
 
 use super::binary_copy::BinaryCopy;
 use super::retry::{ErrorClass, classify};
@@ -535,7 +535,10 @@ where
         })
     }
 
-    /// The optimistic COPY, in a savepoint it rolls back to on failure.
+    /// The optimistic COPY: in a transaction, inside a savepoint it rolls
+    /// back to on failure; in autocommit
+    /// ([`BatchWriter::single_statement`](super::BatchWriter::single_statement)),
+    /// on its own, since a failed COPY stores nothing.
     fn copy_rows<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -556,20 +559,25 @@ where
             let data = data.finish();
             fast.bytes_per_row
                 .store(data.len() / sorted.len().max(1) + 1, Ordering::Relaxed);
-            sqlx::query("SAVEPOINT hermes_copy")
-                .execute(&mut *conn)
-                .await
-                .map_err(CopyFailure::Abort)?;
+            let savepoint = conn.is_in_transaction();
+            if savepoint {
+                sqlx::query("SAVEPOINT hermes_copy")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(CopyFailure::Abort)?;
+            }
             match send_copy(conn, &fast.sql, data).await {
                 Ok(()) => Ok(()),
                 Err(error) if classify(&error) == ErrorClass::Transient => {
                     Err(CopyFailure::Abort(error))
                 }
                 Err(error) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(CopyFailure::Abort)?;
+                    if savepoint {
+                        sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(CopyFailure::Abort)?;
+                    }
                     Err(CopyFailure::Fallback(error))
                 }
             }
