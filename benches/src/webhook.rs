@@ -1,11 +1,13 @@
 //! End-to-end webhook benchmarks: the `hermes` binary on a private Postgres,
 //! driven by signed 1 KB sms webhooks.
 //!
-//! - `webhook_e2e`: a closed loop over many connections for a fixed time:
-//!   committed 202s per second, p50/p99 of the 202s, counts by status, and
-//!   the standalone Postgres limit for the same rows measured in the same run
-//!   (COPY of the same 1 KB jsonb event rows into the same table, one
-//!   connection, no host), with `ratio` = accepted_per_sec ÷ that limit.
+//! - `webhook_e2e`: a closed loop over many connections for a fixed time to a
+//!   source stored raw: committed 202s per second, p50/p99 of the 202s,
+//!   counts by status, and the standalone Postgres limit for the same rows
+//!   measured in the same run (COPY of the same 1 KB jsonb event rows into the
+//!   same table, one connection, no host), with `ratio` = accepted_per_sec ÷
+//!   that limit. `webhook_e2e_normalized`: the same to an SMS source, whose
+//!   events also resolve parties, conversations and messages.
 //! - `webhook_e2e_latency`: an open loop at a fraction of the measured
 //!   capacity: p50/p99 of the 202s below saturation, against the target
 //!   `batch_timeout_ms + 25`.
