@@ -105,15 +105,20 @@ async fn bad_missing_and_stale_signatures_are_401() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_too_large_and_unknown_are_400_413_404() {
     let h = start("").await;
-    for body in [
-        b"{not json".to_vec(),
-        vec![0xff, 0xfe, b'{', b'}'],
-        Vec::new(),
-    ] {
-        let headers = h.sign("sms", &body, "id");
-        let reply = h.post("sms", body, headers).await;
-        assert_eq!(reply.status, 400, "{reply:?}");
-        assert!(reply.error().contains("malformed"), "{reply:?}");
+    // A raw source ("none") checks the JSON without building it: same answers.
+    for source in ["sms", "raw"] {
+        for body in [
+            b"{not json".to_vec(),
+            vec![0xff, 0xfe, b'{', b'}'],
+            Vec::new(),
+            b"{} trailing".to_vec(),
+            b"[1, 2,]".to_vec(),
+        ] {
+            let headers = h.sign(source, &body, "id");
+            let reply = h.post(source, body, headers).await;
+            assert_eq!(reply.status, 400, "{source}: {reply:?}");
+            assert!(reply.error().contains("malformed"), "{source}: {reply:?}");
+        }
     }
 
     // max_body_bytes = 4096 for "sms".

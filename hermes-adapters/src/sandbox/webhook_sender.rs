@@ -7,6 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
 use crate::webhook::Verifier;
@@ -135,6 +141,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Sends webhooks as configured until `config.duration` passes or `stop` is set,
 /// recording into `stats`.
+///
+/// HTTP/1.1 to an `http://` URL runs on a lean hyper connection per worker
+/// (keep-alive, reconnecting when the server closes it), so the sender spends
+/// little CPU of its own; HTTP/2 and other URLs go through reqwest.
 pub async fn run(
     config: SenderConfig,
     stats: Arc<Stats>,
@@ -142,18 +152,27 @@ pub async fn run(
 ) -> Result<(), reqwest::Error> {
     let connections = config.connections.max(1);
     let streams = config.streams_per_connection.max(1);
+    let http1 = if streams == 1 {
+        Http1Target::parse(&config.url)
+    } else {
+        None
+    };
     // One client per connection, so the connection count is exact.
-    let clients = (0..connections)
-        .map(|_| {
-            let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-            let builder = if streams > 1 {
-                builder.http2_prior_knowledge()
-            } else {
-                builder.http1_only().pool_max_idle_per_host(1)
-            };
-            builder.build()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let clients = match http1 {
+        Some(_) => Vec::new(),
+        None => (0..connections)
+            .map(|_| {
+                let builder = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+                let builder = if streams > 1 {
+                    builder.http2_prior_knowledge()
+                } else {
+                    builder.http1_only().pool_max_idle_per_host(1)
+                };
+                builder.build()
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let http1 = http1.map(Arc::new);
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + config.duration;
     let workers = connections * streams;
@@ -163,13 +182,15 @@ pub async fn run(
         .rate_per_sec
         .map(|rate| Duration::from_secs_f64(workers as f64 / rate.max(1) as f64));
     let workers = (0..workers).map(|worker| {
-        let (client, config, stats, next, stop) = (
-            clients[worker / streams].clone(),
-            config.clone(),
-            stats.clone(),
-            next.clone(),
-            stop.clone(),
-        );
+        let mut transport = match &http1 {
+            Some(target) => Transport::Http1 {
+                target: target.clone(),
+                connection: None,
+            },
+            None => Transport::Reqwest(clients[worker / streams].clone()),
+        };
+        let (config, stats, next, stop) =
+            (config.clone(), stats.clone(), next.clone(), stop.clone());
         tokio::spawn(async move {
             let mut ticker = interval.map(|interval| {
                 let offset = interval.mul_f64(worker as f64 / (connections * streams) as f64);
@@ -183,7 +204,7 @@ pub async fn run(
                     ticker.tick().await;
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                send_one(&client, &config, &stats, n).await;
+                send_one(&mut transport, &config, &stats, n).await;
             }
         })
     });
@@ -191,31 +212,154 @@ pub async fn run(
     Ok(())
 }
 
-async fn send_one(client: &reqwest::Client, config: &SenderConfig, stats: &Stats, n: u64) {
+/// How long one request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where HTTP/1.1 requests go: a plain `http://` URL taken apart once.
+struct Http1Target {
+    /// `host:port` to connect to.
+    address: String,
+    /// The `Host` header.
+    host: HeaderValue,
+    /// The request target (path and query).
+    path: Uri,
+}
+
+impl Http1Target {
+    fn parse(url: &str) -> Option<Self> {
+        let uri: Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let authority = uri.authority()?;
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        let host = HeaderValue::from_str(authority.as_str()).ok()?;
+        let path = uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+            .ok()?;
+        Some(Self {
+            address,
+            host,
+            path,
+        })
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, BoxError> {
+        let stream = tokio::net::TcpStream::connect(&self.address).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // Ends when the sender is dropped or the server closes it.
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// How a worker sends its requests.
+enum Transport {
+    /// Its own keep-alive HTTP/1.1 connection, opened on first use and
+    /// reopened after an error.
+    Http1 {
+        target: Arc<Http1Target>,
+        connection: Option<http1::SendRequest<Full<Bytes>>>,
+    },
+    /// A reqwest client (HTTP/2 streams, or a URL hyper is not used for).
+    Reqwest(reqwest::Client),
+}
+
+impl Transport {
+    /// Sends one request: its status and body, or `None` if no response came.
+    async fn send(&mut self, url: &str, headers: HeaderMap, body: Vec<u8>) -> Option<(u16, Bytes)> {
+        match self {
+            Transport::Http1 { target, connection } => {
+                let result = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    exchange(target, connection, headers, body),
+                )
+                .await;
+                match result {
+                    Ok(Ok(response)) => Some(response),
+                    _ => {
+                        // A fresh connection for the next request.
+                        *connection = None;
+                        None
+                    }
+                }
+            }
+            Transport::Reqwest(client) => {
+                let response = client
+                    .post(url)
+                    .headers(headers)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                let status = response.status().as_u16();
+                let body = response.bytes().await.unwrap_or_default();
+                Some((status, body))
+            }
+        }
+    }
+}
+
+/// One request on the worker's HTTP/1.1 connection, (re)connecting first if
+/// it has none or the server closed it.
+async fn exchange(
+    target: &Http1Target,
+    connection: &mut Option<http1::SendRequest<Full<Bytes>>>,
+    headers: HeaderMap,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), BoxError> {
+    if connection.as_ref().is_none_or(|sender| sender.is_closed()) {
+        *connection = Some(target.connect().await?);
+    }
+    let mut sender = connection.take().ok_or("no connection")?;
+    if sender.ready().await.is_err() {
+        // Closed by the server before this request was sent: a new one.
+        sender = target.connect().await?;
+        sender.ready().await?;
+    }
+    let sender = connection.insert(sender);
+    let mut request = Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = target.path.clone();
+    *request.headers_mut() = headers;
+    let request_headers = request.headers_mut();
+    request_headers.insert(HOST, target.host.clone());
+    request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+async fn send_one(transport: &mut Transport, config: &SenderConfig, stats: &Stats, n: u64) {
     let (id, body) = (config.body)(n);
     let headers = config
         .verifier
         .sign(&body, &config.url, &id, SystemTime::now());
     stats.sent.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let response = client
-        .post(&config.url)
-        .headers(headers)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await;
-    match response {
-        Ok(response) => {
-            let status = response.status().as_u16();
+    match transport.send(&config.url, headers, body).await {
+        Some((status, body)) => {
             let accepted = if status == 202 {
-                response.json::<Accepted>().await.ok()
+                serde_json::from_slice::<Accepted>(&body).ok()
             } else {
                 None
             };
             stats.record(status, started.elapsed(), accepted);
         }
-        Err(_) => {
+        None => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -232,4 +376,95 @@ pub fn sms_body(n: u64, run: &str) -> (String, Vec<u8>) {
         "provider_message_id": id,
     });
     (id, body.to_string().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use hyper::Response;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+
+    use super::*;
+    use crate::webhook::{Encoding, Scheme, Secret};
+
+    /// A server that answers every 4th request 503 and the others 202, and
+    /// closes the connection after every 5th request.
+    async fn server() -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/webhooks/sms", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let served = Arc::new(AtomicU64::new(0));
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let (counter, served) = (counter.clone(), served.clone());
+                        async move {
+                            assert_eq!(request.method(), Method::POST);
+                            assert_eq!(request.uri().path(), "/webhooks/sms");
+                            assert!(request.headers().contains_key("x-signature"));
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            assert!(!body.is_empty());
+                            let n = counter.fetch_add(1, Ordering::Relaxed);
+                            let close = served.fetch_add(1, Ordering::Relaxed) % 5 == 4;
+                            let mut response = if n % 4 == 3 {
+                                let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+                                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                r
+                            } else {
+                                let body = format!(r#"{{"id":{n},"duplicate":false}}"#);
+                                let mut r = Response::new(Full::new(Bytes::from(body)));
+                                *r.status_mut() = http::StatusCode::ACCEPTED;
+                                r
+                            };
+                            if close {
+                                response
+                                    .headers_mut()
+                                    .insert("connection", HeaderValue::from_static("close"));
+                            }
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn http1_sender_keeps_alive_reconnects_and_counts() {
+        let (url, seen) = server().await;
+        let scheme = Scheme::hmac_sha256("x-signature", None, Encoding::Hex).unwrap();
+        let verifier = Verifier::new(scheme, vec![Secret::new("s")]).unwrap();
+        let config = SenderConfig {
+            url,
+            verifier: Arc::new(verifier),
+            connections: 4,
+            streams_per_connection: 1,
+            duration: Duration::from_millis(300),
+            rate_per_sec: None,
+            body: Arc::new(|n| sms_body(n, "test")),
+        };
+        let stats = Stats::new();
+        run(config, stats.clone(), Arc::new(AtomicBool::new(false)))
+            .await
+            .unwrap();
+        let snapshot = stats.snapshot();
+        let served = seen.load(Ordering::Relaxed);
+        assert!(served >= 20, "{snapshot:?}");
+        assert_eq!(snapshot.errors, 0, "{snapshot:?}");
+        assert_eq!(snapshot.sent, served, "{snapshot:?}");
+        let accepted = snapshot.statuses[&202];
+        assert_eq!(accepted + snapshot.statuses[&503], served, "{snapshot:?}");
+        assert_eq!(stats.accepted_ids().len() as u64, accepted);
+        assert!(snapshot.p50_ms > 0.0);
+    }
 }

@@ -23,10 +23,12 @@ use chrono::Utc;
 use futures::StreamExt;
 use hermes_pipeline::{Outcome, PushError};
 use serde::Serialize;
+use serde::de::IgnoredAny;
 
 use super::event::{Fate, WebhookEvent};
 use super::normalize::normalize;
 use super::source::Source;
+use crate::config::Normalize;
 use crate::http::{ApiError, AppState};
 
 /// The body of a 202.
@@ -61,11 +63,17 @@ pub async fn receive(
 
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
-    let payload: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|error| ApiError::bad_request(format!("malformed JSON body: {error}")))?;
-    let message = normalize(source.normalize(), &payload)
-        .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?;
-    drop(payload);
+    let malformed =
+        |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
+    let message = if source.normalize() == Normalize::None {
+        // Stored raw: only checked to be JSON, without building its tree.
+        serde_json::from_str::<IgnoredAny>(&text).map_err(malformed)?;
+        None
+    } else {
+        let payload: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        normalize(source.normalize(), &payload)
+            .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?
+    };
 
     let event = Arc::new(WebhookEvent::new(
         source.name_arc().clone(),
