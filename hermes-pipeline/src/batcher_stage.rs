@@ -167,21 +167,17 @@ impl<H: Handler> Batching<H> {
                 .as_ref()
                 .map(|(max, size_of)| (*max, size_of(&message)));
             if let Some((max, size)) = size
-                && let Some(open) = self.open_batch(&key)
-                && open.bytes + size > max
-                && let Some(batch) = self.take(&key)
+                && self
+                    .open_batch(&key)
+                    .is_some_and(|open| open.bytes + size > max)
             {
-                self.timers.remove(&batch.timer);
-                self.dispatch(key.clone(), batch, BatchTrigger::Bytes);
+                self.close(key.clone(), BatchTrigger::Bytes);
             }
             let batch = self.open_or_create(&key);
             batch.bytes += size.map_or(0, |(_, size)| size);
             batch.messages.push(message);
-            if batch.messages.len() >= self.stage.limits.batch_size
-                && let Some(batch) = self.take(&key)
-            {
-                self.timers.remove(&batch.timer);
-                self.dispatch(key, batch, BatchTrigger::Size);
+            if batch.messages.len() >= self.stage.limits.batch_size {
+                self.close(key, BatchTrigger::Size);
             }
         }
     }
@@ -195,7 +191,7 @@ impl<H: Handler> Batching<H> {
         if !self.holds_idle_flushable() {
             return;
         }
-        if self.default.is_some() && self.idle_processor().is_some() {
+        if self.default.is_some() && self.any_processor_idle() {
             self.close(BatchKey::Default, BatchTrigger::Idle);
         }
         let idle_keys: Vec<BatchKey> = self
@@ -213,11 +209,12 @@ impl<H: Handler> Batching<H> {
         self.outstanding[index].count.load(Ordering::Acquire) == 0
     }
 
-    fn idle_processor(&self) -> Option<usize> {
-        (0..self.processors.len()).find(|&index| self.is_idle(index))
+    fn any_processor_idle(&self) -> bool {
+        (0..self.processors.len()).any(|index| self.is_idle(index))
     }
 
-    /// Closes the open batch of `key` before its timeout and dispatches it.
+    /// Closes the open batch of `key` before its timeout (cancelling the
+    /// timer) and dispatches it.
     fn close(&mut self, key: BatchKey, trigger: BatchTrigger) {
         if let Some(batch) = self.take(&key) {
             self.timers.remove(&batch.timer);
@@ -225,11 +222,11 @@ impl<H: Handler> Batching<H> {
         }
     }
 
-    fn open_batch(&mut self, key: &BatchKey) -> Option<&mut OpenBatch<H::Data>> {
+    fn open_batch(&self, key: &BatchKey) -> Option<&OpenBatch<H::Data>> {
         if key.is_default() {
-            self.default.as_mut()
+            self.default.as_ref()
         } else {
-            self.keyed.get_mut(key)
+            self.keyed.get(key)
         }
     }
 
