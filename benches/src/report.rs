@@ -1,4 +1,4 @@
-//! Reporting helpers: JSON lines, medians, memory.
+//! Reporting helpers: JSON lines, medians, memory, CPU time.
 
 use serde_json::Value;
 
@@ -47,6 +47,78 @@ fn parse_kib(status: &str, field: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
+}
+
+/// CPU time (user + system, all threads) that process `pid` has used so far,
+/// in seconds (Linux: `/proc/PID/stat`); 0 when it cannot be read.
+pub fn cpu_secs_of(pid: u32) -> f64 {
+    proc_stat_fields(pid).map_or(0.0, |fields| fields.cpu_secs)
+}
+
+/// CPU time used so far by process `pid` and its live children (e.g. a
+/// postmaster and its backends), in seconds.
+pub fn cpu_secs_of_tree(pid: u32) -> f64 {
+    let children: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(proc_stat_fields)
+        .filter(|fields| fields.parent == pid)
+        .map(|fields| fields.cpu_secs)
+        .sum();
+    cpu_secs_of(pid) + children
+}
+
+/// Seconds of CPU the whole machine has spent busy (not idle, not waiting
+/// for I/O) so far, summed over its cores (Linux: `/proc/stat`).
+pub fn machine_busy_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal …
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !matches!(i, 3 | 4))
+        .map(|(_, ticks)| ticks)
+        .sum();
+    busy as f64 / clock_ticks_per_sec()
+}
+
+struct ProcStat {
+    parent: u32,
+    cpu_secs: f64,
+}
+
+fn proc_stat_fields(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // state ppid … utime (14th field of the line) stime (15th).
+    let parent = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(ProcStat {
+        parent,
+        cpu_secs: (utime + stime) as f64 / clock_ticks_per_sec(),
+    })
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
 /// Rounds to three decimals for readable output.

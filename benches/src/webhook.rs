@@ -33,7 +33,9 @@ use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-use crate::report::{emit, peak_rss_mb_of, round3, rss_mb_of};
+use crate::report::{
+    cpu_secs_of, cpu_secs_of_tree, emit, machine_busy_secs, peak_rss_mb_of, round3, rss_mb_of,
+};
 
 /// The signing secret of the benchmark's source (benchmark-only).
 const SECRET: &str = "hermes-bench-secret";
@@ -76,14 +78,18 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         let host = bench
             .start_host("e2e", &options.webhooks.join("\n"))
             .await?;
+        let cpu = CpuMeter {
+            host: host.pid(),
+            postmaster: bench.postmaster_pid()?,
+        };
         let run = format!("e2e-{}", std::process::id());
         let mut raw_per_sec = 0.0;
         for (bench_name, source) in [
             ("webhook_e2e", RAW_SOURCE),
             ("webhook_e2e_normalized", SMS_SOURCE),
         ] {
-            let (closed, secs) =
-                closed_loop(&host, source, options, &format!("{run}-{source}")).await?;
+            let (closed, secs, used) =
+                closed_loop(&host, &cpu, source, options, &format!("{run}-{source}")).await?;
             let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
             let accepted_per_sec = accepted as f64 / secs;
             if source == RAW_SOURCE {
@@ -105,6 +111,8 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "ratio": round3(accepted_per_sec / limit),
                 "durable": !options.relaxed,
                 "host_peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
+                "cpu_us_per_event": used.per_event_us(accepted),
+                "busy_cores": round3(used.machine_busy / secs),
             }));
         }
 
@@ -138,14 +146,15 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
     })
 }
 
-/// A warm-up, then the measured closed loop on `source`: what it got, and
-/// how long it ran.
+/// A warm-up, then the measured closed loop on `source`: what it got, how
+/// long it ran, and the CPU it took.
 async fn closed_loop(
     host: &HostProcess,
+    cpu: &CpuMeter,
     source: &str,
     options: &Options,
     run: &str,
-) -> anyhow::Result<(Snapshot, f64)> {
+) -> anyhow::Result<(Snapshot, f64, CpuUsed)> {
     let warmup = format!("{run}-w");
     drive(
         host,
@@ -157,6 +166,7 @@ async fn closed_loop(
         &warmup,
     )
     .await?;
+    let before = cpu.sample();
     let started = Instant::now();
     let duration = Duration::from_secs(options.secs);
     let (closed, _) = drive(
@@ -169,7 +179,55 @@ async fn closed_loop(
         run,
     )
     .await?;
-    Ok((closed, started.elapsed().as_secs_f64()))
+    let secs = started.elapsed().as_secs_f64();
+    Ok((closed, secs, cpu.sample().since(&before)))
+}
+
+/// Samples the CPU time of the parts of an end-to-end run, which share the
+/// machine's cores.
+struct CpuMeter {
+    host: u32,
+    postmaster: u32,
+}
+
+/// CPU seconds used by each part (or, for a sample, used so far).
+struct CpuUsed {
+    host: f64,
+    postgres: f64,
+    load_generator: f64,
+    machine_busy: f64,
+}
+
+impl CpuMeter {
+    fn sample(&self) -> CpuUsed {
+        CpuUsed {
+            host: cpu_secs_of(self.host),
+            postgres: cpu_secs_of_tree(self.postmaster),
+            load_generator: cpu_secs_of(std::process::id()),
+            machine_busy: machine_busy_secs(),
+        }
+    }
+}
+
+impl CpuUsed {
+    fn since(&self, earlier: &CpuUsed) -> CpuUsed {
+        CpuUsed {
+            host: self.host - earlier.host,
+            postgres: self.postgres - earlier.postgres,
+            load_generator: self.load_generator - earlier.load_generator,
+            machine_busy: self.machine_busy - earlier.machine_busy,
+        }
+    }
+
+    /// Microseconds of CPU per event of each part.
+    fn per_event_us(&self, events: u64) -> Value {
+        let per_event = |secs: f64| round3(secs * 1e6 / events.max(1) as f64);
+        json!({
+            "host": per_event(self.host),
+            "postgres": per_event(self.postgres),
+            "load_generator": per_event(self.load_generator),
+        })
+    }
 }
 
 /// `hermes-bench webhook-overload`: prints `webhook_overload`.
@@ -427,6 +485,17 @@ impl Bench {
         conn.close().await?;
         self.pg.drop_database(database).await?;
         Ok(rows as f64 / secs)
+    }
+
+    /// The pid of the cluster's postmaster (the parent of its backends).
+    fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let file = self.pg.data_dir().join("postmaster.pid");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        text.lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("no pid in {}", file.display()))
     }
 
     /// How many of `ids` are not in `webhook_events`.

@@ -11,35 +11,38 @@ use common::{Reply, post, sms, start};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_deliveries_are_stored_once() {
     // Small batches written concurrently: copies meet in one batch and in
-    // concurrent batches.
+    // concurrent batches. "sms" batches go through ingest_webhook_batch,
+    // "raw" ones through the plain INSERT and the lookup of redeliveries.
     let h = start("[webhooks]\nbatch_size = 4\nbatch_concurrency = 4\nbatch_timeout_ms = 2").await;
     for round in 0..2 {
-        let payload = sms("+14155550100", "+14155550101", &format!("same {round}"));
-        let body = serde_json::to_vec(&payload).unwrap();
-        let headers = h.sign("sms", &body, "id");
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let (client, url, body, headers) = (
-                    h.client.clone(),
-                    h.url.clone(),
-                    body.clone(),
-                    headers.clone(),
-                );
-                tokio::spawn(async move { post(&client, &url, "sms", body, headers).await })
-            })
-            .collect();
-        let mut replies = Vec::new();
-        for task in tasks {
-            replies.push(task.await.unwrap().unwrap());
+        for source in ["sms", "raw"] {
+            let payload = sms("+14155550100", "+14155550101", &format!("same {round}"));
+            let body = serde_json::to_vec(&payload).unwrap();
+            let headers = h.sign(source, &body, &format!("id-{round}"));
+            let tasks: Vec<_> = (0..50)
+                .map(|_| {
+                    let (client, url, body, headers) = (
+                        h.client.clone(),
+                        h.url.clone(),
+                        body.clone(),
+                        headers.clone(),
+                    );
+                    tokio::spawn(async move { post(&client, &url, source, body, headers).await })
+                })
+                .collect();
+            let mut replies = Vec::new();
+            for task in tasks {
+                replies.push(task.await.unwrap().unwrap());
+            }
+            for reply in &replies {
+                h.assert_committed(reply).await;
+            }
+            let ids: HashSet<i64> = replies.iter().map(Reply::id).collect();
+            assert_eq!(ids.len(), 1, "{source}: one id for every copy: {ids:?}");
+            let first = replies.iter().filter(|r| !r.duplicate()).count();
+            assert_eq!(first, 1, "{source}: exactly one copy is not a duplicate");
         }
-        for reply in &replies {
-            h.assert_committed(reply).await;
-        }
-        let ids: HashSet<i64> = replies.iter().map(Reply::id).collect();
-        assert_eq!(ids.len(), 1, "one id for every copy: {ids:?}");
-        let first = replies.iter().filter(|r| !r.duplicate()).count();
-        assert_eq!(first, 1, "exactly one copy is not a duplicate");
-        assert_eq!(h.count("webhook_events").await, round + 1);
+        assert_eq!(h.count("webhook_events").await, 2 * (round + 1));
         assert_eq!(h.count("messages").await, round + 1);
     }
     assert_eq!(h.count("parties").await, 2);
