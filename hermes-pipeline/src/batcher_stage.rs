@@ -186,12 +186,15 @@ impl<H: Handler> Batching<H> {
         self.stage.limits.flush_when_idle && (self.default.is_some() || !self.keyed.is_empty())
     }
 
-    /// With `flush_when_idle`, hands partial batches to idle batch processors.
+    /// With `flush_when_idle`, hands partial batches to idle batch processors:
+    /// a key's batch when its processor is idle; the default-key batch when
+    /// every processor is, so that it keeps filling while another batch is
+    /// being handled (see `BatcherOptions::flush_when_idle`).
     fn flush_idle(&mut self) {
         if !self.holds_idle_flushable() {
             return;
         }
-        if self.default.is_some() && self.any_processor_idle() {
+        if self.default.is_some() && self.all_processors_idle() {
             self.close(BatchKey::Default, BatchTrigger::Idle);
         }
         let idle_keys: Vec<BatchKey> = self
@@ -209,8 +212,8 @@ impl<H: Handler> Batching<H> {
         self.outstanding[index].count.load(Ordering::Acquire) == 0
     }
 
-    fn any_processor_idle(&self) -> bool {
-        (0..self.processors.len()).any(|index| self.is_idle(index))
+    fn all_processors_idle(&self) -> bool {
+        (0..self.processors.len()).all(|index| self.is_idle(index))
     }
 
     /// Closes the open batch of `key` before its timeout (cancelling the

@@ -24,7 +24,7 @@ pub enum BatchTrigger {
     Bytes,
     /// `batch_timeout` passed since the batch's first message arrived.
     Timeout,
-    /// A batch processor was idle and no more messages were waiting
+    /// No batch was being handled and no more messages were waiting
     /// (`BatcherOptions::flush_when_idle`).
     Idle,
     /// The pipeline is draining: partial batches are flushed.

@@ -739,3 +739,56 @@ async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
         vec![(BatchTrigger::Idle, 1), (BatchTrigger::Idle, 30)]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn flush_when_idle_fills_the_next_batch_while_one_is_handled() {
+    let (mut handler, batches) = Collect::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    handler.gate = Some(gate.clone());
+    let mut builder = Pipeline::builder("group-commit-2", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(10)
+                .batch_timeout(Duration::from_secs(3600))
+                .concurrency(2)
+                .flush_when_idle(true),
+        );
+    let ingress = builder.ingress(100);
+    let _pipeline = builder.start().unwrap();
+
+    // Nothing is being handled: the first message goes at once.
+    let mut completions = vec![ingress.try_push_tracked(0u64).unwrap()];
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // While it is handled, the next messages gather although the second batch
+    // processor is idle; a full batch goes to it.
+    for n in 100..115u64 {
+        completions.push(ingress.try_push_tracked(n).unwrap());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    gate.add_permits(3);
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no batch waited for its timeout"
+    );
+    let seen: Vec<(BatchTrigger, Vec<u64>)> = batches
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|batch| (batch.2, batch.3.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (BatchTrigger::Idle, vec![0]),
+            (BatchTrigger::Size, (100..110).collect()),
+            (BatchTrigger::Idle, (110..115).collect()),
+        ]
+    );
+}
