@@ -181,6 +181,13 @@ impl Scheme {
     pub fn has_timestamp(&self) -> bool {
         matches!(self, Scheme::StandardWebhooks | Scheme::Stripe)
     }
+
+    /// Whether the scheme signs the request URL (Twilio), so that
+    /// [`SignedRequest::url`] must be the URL the provider called; the others
+    /// ignore it.
+    pub fn signs_url(&self) -> bool {
+        matches!(self, Scheme::Twilio)
+    }
 }
 
 impl fmt::Display for Scheme {

@@ -56,7 +56,11 @@ pub async fn receive(
     };
     let body = read_body(body, &headers, source.max_body_bytes()).await?;
 
-    let url = request_url(&source, &headers, &uri);
+    let url = if source.verifier().scheme().signs_url() {
+        request_url(&source, &headers, &uri)
+    } else {
+        String::new()
+    };
     let verified = source
         .verify(&headers, &body, &url, SystemTime::now())
         .map_err(|error| ApiError::unauthorized(error.to_string()))?;
@@ -158,7 +162,7 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
 }
 
 /// The URL the provider called: the source's configured URL, else
-/// `http://` + `Host` + path and query (Twilio signs it; others ignore it).
+/// `http://` + `Host` + path and query (for schemes that sign it).
 fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(url) = source.url() {
         return match uri.query() {
