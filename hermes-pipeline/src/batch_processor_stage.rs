@@ -25,11 +25,12 @@ pub(crate) struct Batch<T> {
     pub(crate) opened: Instant,
 }
 
-/// Batches sent to a batch processor and not yet acknowledged, and a signal for
-/// when a batch processor runs out of work.
+/// Batches sent to a batch processor and not yet acknowledged, their
+/// messages, and a signal for when a batch processor runs out of work.
 #[derive(Clone, Default)]
 pub(crate) struct Outstanding {
     pub(crate) count: Arc<AtomicUsize>,
+    pub(crate) messages: Arc<AtomicUsize>,
     pub(crate) idle: Arc<Notify>,
 }
 
@@ -49,7 +50,9 @@ pub(crate) struct BatchProcessorStage<H: Handler> {
 impl<H: Handler> BatchProcessorStage<H> {
     pub(crate) async fn run(mut self) {
         while let Some(batch) = self.inbox.recv().await {
+            let size = batch.messages.len();
             self.handle(batch).await;
+            self.outstanding.messages.fetch_sub(size, Ordering::AcqRel);
             if self.outstanding.count.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.outstanding.idle.notify_waiters();
                 self.any_idle.notify_one();

@@ -187,14 +187,18 @@ impl<H: Handler> Batching<H> {
     }
 
     /// With `flush_when_idle`, hands partial batches to idle batch processors:
-    /// a key's batch when its processor is idle; the default-key batch when
-    /// every processor is, so that it keeps filling while another batch is
-    /// being handled (see `BatcherOptions::flush_when_idle`).
+    /// a key's batch when its processor is idle; the default-key batch when a
+    /// processor is idle and the batch is at least as large as any batch
+    /// being handled, so that it keeps filling while a larger one is (see
+    /// `BatcherOptions::flush_when_idle`).
     fn flush_idle(&mut self) {
         if !self.holds_idle_flushable() {
             return;
         }
-        if self.default.is_some() && self.all_processors_idle() {
+        if let Some(batch) = &self.default
+            && self.any_processor_idle()
+            && batch.messages.len() >= self.largest_outstanding()
+        {
             self.close(BatchKey::Default, BatchTrigger::Idle);
         }
         let idle_keys: Vec<BatchKey> = self
@@ -212,8 +216,17 @@ impl<H: Handler> Batching<H> {
         self.outstanding[index].count.load(Ordering::Acquire) == 0
     }
 
-    fn all_processors_idle(&self) -> bool {
-        (0..self.processors.len()).all(|index| self.is_idle(index))
+    fn any_processor_idle(&self) -> bool {
+        (0..self.processors.len()).any(|index| self.is_idle(index))
+    }
+
+    /// The most messages any batch processor holds (0 when all are idle).
+    fn largest_outstanding(&self) -> usize {
+        self.outstanding
+            .iter()
+            .map(|outstanding| outstanding.messages.load(Ordering::Acquire))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Closes the open batch of `key` before its timeout (cancelling the
@@ -267,6 +280,9 @@ impl<H: Handler> Batching<H> {
             self.route(&key)
         };
         self.outstanding[index].count.fetch_add(1, Ordering::AcqRel);
+        self.outstanding[index]
+            .messages
+            .fetch_add(batch.messages.len(), Ordering::AcqRel);
         let batch = Batch {
             messages: batch.messages,
             key,

@@ -24,8 +24,8 @@ pub enum BatchTrigger {
     Bytes,
     /// `batch_timeout` passed since the batch's first message arrived.
     Timeout,
-    /// No batch was being handled and no more messages were waiting
-    /// (`BatcherOptions::flush_when_idle`).
+    /// A batch processor was idle, no more messages were waiting, and no
+    /// larger batch was being handled (`BatcherOptions::flush_when_idle`).
     Idle,
     /// The pipeline is draining: partial batches are flushed.
     Flush,

@@ -119,17 +119,16 @@ impl<T> BatcherOptions<T> {
         self
     }
 
-    /// Group commit: hands a partial batch to a batch processor as soon as no
-    /// more messages are waiting and no batch is being handled, instead of
-    /// holding it until `batch_timeout`. While a batch is being handled, the
-    /// next one keeps filling until it is full (`batch_size` or
-    /// `max_batch_bytes`), its timeout passes, or the handling ends, so batches
-    /// grow with load and each handling costs less per message; further batch
-    /// processors (`concurrency`) take the batches that fill up faster than
-    /// one handles them. Latency stays at about one batch handling time when
-    /// load is light. A batch of a key goes as soon as its own batch processor
-    /// is idle. Off by default (Broadway's behaviour: a partial batch waits for
-    /// its timeout).
+    /// Group commit: hands a partial batch to an idle batch processor as soon
+    /// as no more messages are waiting, instead of holding it until
+    /// `batch_timeout`, provided it is at least as large as every batch being
+    /// handled. So while a batch is handled the next one keeps filling (until
+    /// it matches it, is full, times out, or the handling ends): batches grow
+    /// with load and each handling costs less per message, while further
+    /// batch processors (`concurrency`) overlap batches of similar size.
+    /// Latency stays at about one batch handling time when load is light. A
+    /// batch of a key goes as soon as its own batch processor is idle. Off by
+    /// default (Broadway's behaviour: a partial batch waits for its timeout).
     pub fn flush_when_idle(mut self, flush_when_idle: bool) -> Self {
         self.flush_when_idle = flush_when_idle;
         self

@@ -741,7 +741,7 @@ async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn flush_when_idle_fills_the_next_batch_while_one_is_handled() {
+async fn flush_when_idle_fills_the_next_batch_while_a_larger_one_is_handled() {
     let (mut handler, batches) = Collect::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     handler.gate = Some(gate.clone());
@@ -750,7 +750,7 @@ async fn flush_when_idle_fills_the_next_batch_while_one_is_handled() {
         .batcher(
             "default",
             BatcherOptions::new()
-                .batch_size(10)
+                .batch_size(100)
                 .batch_timeout(Duration::from_secs(3600))
                 .concurrency(2)
                 .flush_when_idle(true),
@@ -758,12 +758,15 @@ async fn flush_when_idle_fills_the_next_batch_while_one_is_handled() {
     let ingress = builder.ingress(100);
     let _pipeline = builder.start().unwrap();
 
-    // Nothing is being handled: the first message goes at once.
-    let mut completions = vec![ingress.try_push_tracked(0u64).unwrap()];
+    // Nothing is being handled: the first five go at once, as one batch.
+    let mut completions: Vec<Completion> = (0..5u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     // While it is handled, the next messages gather although the second batch
-    // processor is idle; a full batch goes to it.
-    for n in 100..115u64 {
+    // processor is idle, until they are as many: then they go to it. The
+    // last five wait for an idle processor.
+    for n in 100..110u64 {
         completions.push(ingress.try_push_tracked(n).unwrap());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -786,9 +789,9 @@ async fn flush_when_idle_fills_the_next_batch_while_one_is_handled() {
     assert_eq!(
         seen,
         vec![
-            (BatchTrigger::Idle, vec![0]),
-            (BatchTrigger::Size, (100..110).collect()),
-            (BatchTrigger::Idle, (110..115).collect()),
+            (BatchTrigger::Idle, (0..5).collect()),
+            (BatchTrigger::Idle, (100..105).collect()),
+            (BatchTrigger::Idle, (105..110).collect()),
         ]
     );
 }
