@@ -356,3 +356,34 @@ async fn a_row_the_database_rejects_fails_alone() {
     }
     assert_eq!(h.count("webhook_events").await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_202_names_the_row_of_its_own_event() {
+    // Raw events are stored by COPY under ids drawn ahead from the table's
+    // sequence, normalized ones by INSERT under its next value: interleaved,
+    // every id is distinct and names the row of the event it answered.
+    let h = start("").await;
+    let mut ids = std::collections::HashSet::new();
+    let mut answered = Vec::new();
+    for n in 0..6 {
+        let (source, payload) = if n % 2 == 0 {
+            ("raw", json!({"n": n}))
+        } else {
+            ("sms", sms("+14155550100", "+14155550101", &format!("m{n}")))
+        };
+        let reply = h.deliver(source, &payload, &format!("d{n}")).await;
+        h.assert_committed(&reply).await;
+        let body: serde_json::Value =
+            sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+                .bind(reply.id())
+                .fetch_one(&h.pool)
+                .await
+                .unwrap();
+        assert_eq!(body, payload, "{source} event {n}");
+        assert!(ids.insert(reply.id()), "id {} answered twice", reply.id());
+        answered.push(reply.id());
+    }
+    // The first raw event drew a block of ids, so the next sms event, numbered
+    // by the sequence, comes after the whole block: the COPY path ran.
+    assert!(answered[1] > answered[0] + 1000, "ids {answered:?}");
+}

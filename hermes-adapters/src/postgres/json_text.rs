@@ -11,8 +11,10 @@ use sqlx::{Encode, Postgres, Type};
 ///
 /// Unlike `String`, it has `jsonb`'s binary format, so it also works in
 /// binary `COPY` (see [`UnnestInsertBuilder::optimistic_copy`](super::UnnestInsertBuilder::optimistic_copy)).
+/// The text may be owned (`JsonText<String>`, the default) or borrowed
+/// (`JsonText<&str>`, to encode a field without copying it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct JsonText(pub String);
+pub struct JsonText<S = String>(pub S);
 
 impl From<String> for JsonText {
     fn from(text: String) -> Self {
@@ -26,7 +28,7 @@ impl From<&str> for JsonText {
     }
 }
 
-impl Type<Postgres> for JsonText {
+impl<S> Type<Postgres> for JsonText<S> {
     fn type_info() -> PgTypeInfo {
         <serde_json::Value as Type<Postgres>>::type_info()
     }
@@ -36,21 +38,21 @@ impl Type<Postgres> for JsonText {
     }
 }
 
-impl PgHasArrayType for JsonText {
+impl<S> PgHasArrayType for JsonText<S> {
     fn array_type_info() -> PgTypeInfo {
         <serde_json::Value as PgHasArrayType>::array_type_info()
     }
 }
 
-impl Encode<'_, Postgres> for JsonText {
+impl<S: AsRef<str>> Encode<'_, Postgres> for JsonText<S> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
         // jsonb's binary format: a version byte (1), then the JSON text.
         buf.push(1);
-        buf.extend_from_slice(self.0.as_bytes());
+        buf.extend_from_slice(self.0.as_ref().as_bytes());
         Ok(IsNull::No)
     }
 
     fn size_hint(&self) -> usize {
-        self.0.len() + 1
+        self.0.as_ref().len() + 1
     }
 }

@@ -9,13 +9,15 @@
 //!   [`BatchStatement`].
 //! - [`UnnestInsert`]: the ready-made [`BatchStatement`] for "insert into one
 //!   table, unique key, tell inserted from duplicate", with an optional
-//!   optimistic binary `COPY` ([`BinaryCopy`]) for batches of new rows.
+//!   optimistic binary `COPY` ([`OptimisticCopy`], [`BinaryCopy`]) for
+//!   batches of new rows.
 //! - [`JsonText`]: JSON text bound as `jsonb` without parsing it in Rust.
 
 pub mod batch_writer;
 pub mod binary_copy;
 pub mod json_text;
 pub mod local;
+pub mod optimistic_copy;
 pub mod retry;
 pub mod statement;
 pub mod unnest_insert;
@@ -24,6 +26,7 @@ pub use batch_writer::{BatchWriter, InBatchDuplicates, Rejection, RowOutcome, Wr
 pub use binary_copy::BinaryCopy;
 pub use json_text::JsonText;
 pub use local::{LocalPostgres, LocalPostgresConfig, LocalPostgresError};
+pub use optimistic_copy::{CopyFailure, OptimisticCopy};
 pub use retry::{ErrorClass, RetryPolicy};
 pub use statement::{BatchStatement, Written};
 pub use unnest_insert::{OnConflict, UnnestInsert, UnnestInsertBuilder, UnnestInsertError};

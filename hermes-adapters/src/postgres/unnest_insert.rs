@@ -28,15 +28,14 @@
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArguments, PgHasArrayType};
-use sqlx::{Arguments, Connection, Encode, PgConnection, Postgres, Type};
+use sqlx::{Arguments, Encode, PgConnection, Postgres, Type};
 
 use super::binary_copy::BinaryCopy;
-use super::retry::{ErrorClass, classify};
+use super::optimistic_copy::{CopyFailure, OptimisticCopy};
 use super::statement::{BatchStatement, Written};
 
 /// Binds one column of a batch as one array parameter.
@@ -44,10 +43,6 @@ type Binder<R> = Box<dyn Fn(&[&R], &mut PgArguments) -> Result<(), BoxDynError> 
 
 /// Appends one column of one row to binary COPY data.
 type Encoder<R> = Box<dyn Fn(&R, &mut BinaryCopy) -> Result<(), BoxDynError> + Send + Sync>;
-
-/// The most batches in a row that skip the COPY fast path after it met an
-/// existing key.
-const MAX_COPY_SKIP: u32 = 64;
 
 /// PostgreSQL's limit on the columns of a table.
 const MAX_COLUMNS: usize = 1600;
@@ -115,56 +110,8 @@ pub struct UnnestInsert<R, K> {
 
 /// The optimistic COPY of [`UnnestInsertBuilder::optimistic_copy`].
 struct CopyFastPath {
-    sql: String,
+    copy: OptimisticCopy,
     fields: u16,
-    /// Set when the COPY failed where the INSERT succeeded, for another reason
-    /// than an integrity error: it will not work for this table.
-    disabled: AtomicBool,
-    /// Batches that skip the COPY before trying it again.
-    skip: AtomicU32,
-    /// What `skip` is set to after the next conflict (doubled each time).
-    penalty: AtomicU32,
-    /// Bytes per row of the last COPY data, to size the next buffer.
-    bytes_per_row: AtomicUsize,
-}
-
-impl CopyFastPath {
-    fn should_try(&self) -> bool {
-        !self.disabled.load(Ordering::Relaxed)
-            && self
-                .skip
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1))
-                .is_err()
-    }
-
-    fn succeeded(&self) {
-        self.penalty.store(0, Ordering::Relaxed);
-    }
-
-    fn met_existing_key(&self) {
-        let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_COPY_SKIP);
-        self.penalty.store(penalty, Ordering::Relaxed);
-        self.skip.store(penalty, Ordering::Relaxed);
-    }
-
-    fn disable(&self, error: &sqlx::Error) {
-        if !self.disabled.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                statement = %self.sql,
-                %error,
-                "the optimistic COPY failed where the INSERT succeeded (do the Rust types have \
-                 the binary format of the column types?); using the INSERT only"
-            );
-        }
-    }
-}
-
-/// Why the optimistic COPY did not store the batch.
-enum CopyFailure {
-    /// Rolled back to the savepoint: run the INSERT instead.
-    Fallback(sqlx::Error),
-    /// The connection or transaction is unusable: fail the attempt.
-    Abort(sqlx::Error),
 }
 
 impl<R, K> std::fmt::Debug for UnnestInsert<R, K> {
@@ -217,7 +164,7 @@ where
     pub fn copy_enabled(&self) -> bool {
         self.copy
             .as_ref()
-            .is_some_and(|fast| !fast.disabled.load(Ordering::Relaxed))
+            .is_some_and(|fast| fast.copy.is_enabled())
     }
 }
 
@@ -343,7 +290,7 @@ where
         };
         let sql = self.sql();
         let copy = self.optimistic_copy.then(|| CopyFastPath {
-            sql: format!(
+            copy: OptimisticCopy::new(format!(
                 "COPY {} ({}) FROM STDIN (FORMAT binary)",
                 self.quoted_table(),
                 self.columns
@@ -351,12 +298,8 @@ where
                     .map(|c| quote_ident(&c.name))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
+            )),
             fields,
-            disabled: AtomicBool::new(false),
-            skip: AtomicU32::new(0),
-            penalty: AtomicU32::new(0),
-            bytes_per_row: AtomicUsize::new(0),
         });
         Ok(UnnestInsert {
             key: self.key,
@@ -461,31 +404,16 @@ where
             let sorted: Vec<&R> = order.iter().map(|&i| rows[i]).collect();
 
             let mut copy_error = None;
-            if let Some(fast) = self.copy.as_ref().filter(|fast| fast.should_try()) {
+            if let Some(fast) = self.copy.as_ref().filter(|fast| fast.copy.should_try()) {
                 match self.copy_rows(conn, fast, &sorted).await {
-                    Ok(()) => {
-                        fast.succeeded();
-                        return Ok(vec![Written::Inserted; rows.len()]);
-                    }
+                    Ok(()) => return Ok(vec![Written::Inserted; rows.len()]),
                     Err(CopyFailure::Abort(error)) => return Err(error),
                     Err(CopyFailure::Fallback(error)) => copy_error = Some((fast, error)),
                 }
             }
             let written = self.insert(conn, &sorted, &order).await?;
             if let Some((fast, error)) = copy_error {
-                // The INSERT succeeded where the COPY failed. An integrity
-                // error (class 23: an existing key, or a constraint the
-                // conflict clause resolved) is about these rows: back off for
-                // a while. Anything else (binary format, types) will fail
-                // every time: stop trying.
-                match &error {
-                    sqlx::Error::Database(db)
-                        if db.code().is_some_and(|code| code.starts_with("23")) =>
-                    {
-                        fast.met_existing_key()
-                    }
-                    _ => fast.disable(&error),
-                }
+                fast.copy.resolved_by_fallback(&error);
             }
             Ok(written)
         })
@@ -535,10 +463,7 @@ where
         })
     }
 
-    /// The optimistic COPY: in a transaction, inside a savepoint it rolls
-    /// back to on failure; in autocommit
-    /// ([`BatchWriter::single_statement`](super::BatchWriter::single_statement)),
-    /// on its own, since a failed COPY stores nothing.
+    /// The optimistic COPY of the rows, in key order.
     fn copy_rows<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -546,9 +471,7 @@ where
         sorted: &'a [&'a R],
     ) -> BoxFuture<'a, Result<(), CopyFailure>> {
         Box::pin(async move {
-            // Size the buffer like the last batch's, per row, to avoid regrowing it.
-            let per_row = fast.bytes_per_row.load(Ordering::Relaxed).max(16);
-            let mut data = BinaryCopy::with_capacity(sorted.len() * per_row + 64);
+            let mut data = fast.copy.buffer(sorted.len());
             for row in sorted {
                 data.row(fast.fields);
                 for column in &self.columns {
@@ -556,47 +479,9 @@ where
                         .map_err(|e| CopyFailure::Fallback(sqlx::Error::Encode(e)))?;
                 }
             }
-            let data = data.finish();
-            fast.bytes_per_row
-                .store(data.len() / sorted.len().max(1) + 1, Ordering::Relaxed);
-            let savepoint = conn.is_in_transaction();
-            if savepoint {
-                sqlx::query("SAVEPOINT hermes_copy")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(CopyFailure::Abort)?;
-            }
-            match send_copy(conn, &fast.sql, data).await {
-                Ok(()) => Ok(()),
-                Err(error) if classify(&error) == ErrorClass::Transient => {
-                    Err(CopyFailure::Abort(error))
-                }
-                Err(error) => {
-                    if savepoint {
-                        sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(CopyFailure::Abort)?;
-                    }
-                    Err(CopyFailure::Fallback(error))
-                }
-            }
+            fast.copy.run(conn, data).await
         })
     }
-}
-
-/// Runs `COPY ... FROM STDIN` with `data` as its whole input.
-async fn send_copy<'a>(
-    conn: &'a mut PgConnection,
-    sql: &'a str,
-    data: Vec<u8>,
-) -> Result<(), sqlx::Error> {
-    let mut copy = conn.copy_in_raw(sql).await?;
-    // A failed send means a broken connection; dropping `copy` then queues
-    // a CopyFail, and the writer discards the connection with the attempt.
-    copy.send(data).await?;
-    copy.finish().await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -4,13 +4,15 @@
 //!
 //! ```text
 //! POST /webhooks/{source} -> verify -> parse -> normalize -> ingress
-//!     -> processors -> batcher "postgres" -> one transaction per batch -> ack -> 202
+//!     -> processors -> batcher "postgres" -> one atomic write per batch -> ack -> 202
 //! ```
 
 pub mod endpoint;
 pub mod event;
+pub mod event_ids;
 pub mod normalize;
 pub mod pipeline;
+pub mod raw_store;
 pub mod source;
 pub mod store;
 

@@ -36,9 +36,13 @@ impl IngestHandler {
     /// A handler writing batches to `pool`.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            writer: BatchWriter::new(pool, WebhookBatchStatement, RetryPolicy::default())
-                // One call of ingest_webhook_batch: atomic without BEGIN/COMMIT.
-                .single_statement(true),
+            writer: BatchWriter::new(
+                pool,
+                WebhookBatchStatement::default(),
+                RetryPolicy::default(),
+            )
+            // Each batch is one storing statement: atomic without BEGIN/COMMIT.
+            .single_statement(true),
         }
     }
 }

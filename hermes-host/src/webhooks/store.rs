@@ -2,13 +2,9 @@
 //! the adapters' [`BatchWriter`](hermes_adapters::postgres::BatchWriter),
 //! which adds in-batch de-duplication, retries and poison-row isolation.
 //!
-//! A batch of raw events only (sources with `normalize = "none"`) is one
-//! plain statement: `INSERT … SELECT FROM unnest(…) ON CONFLICT (source,
-//! idempotency_key) DO NOTHING RETURNING id, source, idempotency_key`, the
-//! batch bound as parallel arrays. The keys it did not return were already
-//! stored (redeliveries); a second, read-only statement finds their ids (in
-//! autocommit it sees what a concurrent batch committed meanwhile). Most
-//! batches hold no redelivery and take one round trip.
+//! A batch of raw events only (sources with `normalize = "none"`) goes to
+//! [`RawEventStore`]: an optimistic binary `COPY`, else an idempotent
+//! `INSERT` (see [`raw_store`](super::raw_store)).
 //!
 //! A batch with normalized events is one statement too, one round trip:
 //! `SELECT … FROM ingest_webhook_batch(…)` (migration
@@ -16,7 +12,8 @@
 //! separate statements, each with a fresh snapshot (so a step sees what
 //! concurrent batches committed while an earlier step waited on them):
 //!
-//! 1. the raw events, as above, then the ids of the redeliveries;
+//! 1. the raw events (`INSERT … ON CONFLICT (source, idempotency_key) DO
+//!    NOTHING`), then the ids of the redeliveries;
 //! 2. for the new events that were normalized: providers, channels, parties
 //!    and conversations (each `INSERT … ON CONFLICT DO NOTHING` of the
 //!    distinct values, in a fixed order to keep lock order stable), then the
@@ -24,13 +21,13 @@
 //!
 //! Either way the write reports, per event in input order, its id and
 //! whether it was inserted. Each write is atomic without an explicit
-//! transaction (one statement, then at most a read), so the writer runs it
+//! transaction (one statement that stores, before or after at most a read
+//! or a failed `COPY` that stores nothing), so the writer runs it
 //! in autocommit ([`BatchWriter::single_statement`]), saving the `BEGIN` and
 //! `COMMIT` round trips.
 //!
 //! [`BatchWriter::single_statement`]: hermes_adapters::postgres::BatchWriter::single_statement
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -39,11 +36,14 @@ use hermes_adapters::postgres::{BatchStatement, Written};
 use sqlx::PgConnection;
 
 use super::event::WebhookEvent;
+use super::raw_store::RawEventStore;
 
 /// Writes batches of [`WebhookEvent`]s and what they normalize into, with one
 /// statement per batch.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WebhookBatchStatement;
+#[derive(Debug, Default)]
+pub struct WebhookBatchStatement {
+    raw: RawEventStore,
+}
 
 /// The unique key of an event: source and idempotency key.
 pub type EventKey = (Arc<str>, String);
@@ -55,27 +55,8 @@ const INGEST_BATCH: &str = "
                               $10::text[], $11::text[], $12::timestamptz[], $13::text[],
                               $14::int4[], $15::int4[], $16::text[])";
 
-/// The raw events of a batch without normalized messages; a redelivered key
-/// is left alone. Rows are inserted in key order so that concurrent batches
-/// with common keys lock them in the same order (no deadlock).
-const INSERT_EVENTS: &str = "
-    INSERT INTO webhook_events (source, idempotency_key, body, received_at)
-    SELECT t.source, t.idempotency_key, t.body::jsonb, t.received_at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-         AS t(source, idempotency_key, body, received_at)
-    ORDER BY t.source, t.idempotency_key
-    ON CONFLICT (source, idempotency_key) DO NOTHING
-    RETURNING id, source, idempotency_key";
-
-/// The ids of events already stored.
-const FIND_EVENTS: &str = "
-    SELECT e.id, e.source, e.idempotency_key
-    FROM unnest($1::text[], $2::text[]) AS t(source, idempotency_key)
-    JOIN webhook_events e
-      ON e.source = t.source AND e.idempotency_key = t.idempotency_key";
-
 /// A broken invariant of the write, reported as a (fatal) database error.
-fn invariant(message: String) -> sqlx::Error {
+pub(super) fn invariant(message: String) -> sqlx::Error {
     sqlx::Error::Protocol(message)
 }
 
@@ -92,7 +73,13 @@ impl BatchStatement for WebhookBatchStatement {
         conn: &'c mut PgConnection,
         rows: &'c [&'c Self::Row],
     ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
-        Box::pin(write_batch(conn, rows))
+        Box::pin(async move {
+            if rows.iter().all(|row| row.message.is_none()) {
+                self.raw.write(conn, rows).await
+            } else {
+                write_normalized_batch(conn, rows).await
+            }
+        })
     }
 }
 
@@ -175,92 +162,6 @@ impl<'a> Arrays<'a> {
         }
         Ok(a)
     }
-}
-
-async fn write_batch(
-    conn: &mut PgConnection,
-    rows: &[&Arc<WebhookEvent>],
-) -> Result<Vec<Written>, sqlx::Error> {
-    if rows.iter().all(|row| row.message.is_none()) {
-        write_raw_batch(conn, rows).await
-    } else {
-        write_normalized_batch(conn, rows).await
-    }
-}
-
-/// Writes a batch of events without normalized messages: one `INSERT`, and a
-/// lookup of the redeliveries' ids when there are any.
-async fn write_raw_batch(
-    conn: &mut PgConnection,
-    rows: &[&Arc<WebhookEvent>],
-) -> Result<Vec<Written>, sqlx::Error> {
-    let sources: Vec<&str> = rows.iter().map(|row| &*row.source).collect();
-    let keys: Vec<&str> = rows
-        .iter()
-        .map(|row| row.idempotency_key.as_str())
-        .collect();
-    let bodies: Vec<&str> = rows.iter().map(|row| row.body.as_str()).collect();
-    let received: Vec<DateTime<Utc>> = rows.iter().map(|row| row.received_at).collect();
-    let inserted: Vec<(i64, String, String)> = sqlx::query_as(INSERT_EVENTS)
-        .bind(&sources)
-        .bind(&keys)
-        .bind(&bodies)
-        .bind(&received)
-        .fetch_all(&mut *conn)
-        .await?;
-
-    let index: HashMap<(&str, &str), usize> = sources
-        .iter()
-        .zip(&keys)
-        .enumerate()
-        .map(|(i, (source, key))| ((*source, *key), i))
-        .collect();
-    let mut written: Vec<Option<Written>> = vec![None; rows.len()];
-    record(inserted, Written::Inserted, &index, rows, &mut written)?;
-
-    let (dup_sources, dup_keys): (Vec<&str>, Vec<&str>) = written
-        .iter()
-        .zip(sources.iter().zip(&keys))
-        .filter(|(outcome, _)| outcome.is_none())
-        .map(|(_, (source, key))| (*source, *key))
-        .unzip();
-    if !dup_keys.is_empty() {
-        let found: Vec<(i64, String, String)> = sqlx::query_as(FIND_EVENTS)
-            .bind(&dup_sources)
-            .bind(&dup_keys)
-            .fetch_all(&mut *conn)
-            .await?;
-        record(found, Written::Duplicate, &index, rows, &mut written)?;
-    }
-    written
-        .into_iter()
-        .map(|outcome| {
-            outcome.ok_or_else(|| invariant("an event was neither inserted nor found".into()))
-        })
-        .collect()
-}
-
-/// Records the ids and outcome of the events a statement returned.
-fn record(
-    found: Vec<(i64, String, String)>,
-    outcome: Written,
-    index: &HashMap<(&str, &str), usize>,
-    rows: &[&Arc<WebhookEvent>],
-    written: &mut [Option<Written>],
-) -> Result<(), sqlx::Error> {
-    for (id, source, key) in found {
-        let i = index
-            .get(&(source.as_str(), key.as_str()))
-            .copied()
-            .ok_or_else(|| {
-                invariant(format!(
-                    "the write returned an unknown event {source}/{key}"
-                ))
-            })?;
-        rows[i].set_written_id(id);
-        written[i] = Some(outcome);
-    }
-    Ok(())
 }
 
 /// Writes a batch with normalized messages: one call of `ingest_webhook_batch`.

@@ -1,0 +1,157 @@
+//! An optimistic binary `COPY`: store a batch of rows that are probably all
+//! new with `COPY … FROM STDIN (FORMAT binary)`, the fastest way into a
+//! table, and let a regular statement decide when it fails.
+//!
+//! `COPY` has no `ON CONFLICT`: one existing key fails the whole batch, which
+//! then stores nothing. The caller runs its regular, idempotent statement
+//! instead and reports back ([`OptimisticCopy::resolved_by_fallback`]): after
+//! an integrity error the next 1, 2, 4… up to 64 batches skip the `COPY`, so
+//! streams of redeliveries do not pay twice; after any other error (a binary
+//! format the column does not take) the `COPY` is switched off for good.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use sqlx::{Connection, PgConnection};
+
+use super::binary_copy::BinaryCopy;
+use super::retry::{ErrorClass, classify};
+
+/// The most batches in a row that skip the `COPY` after it met an existing key.
+const MAX_SKIP: u32 = 64;
+
+/// A `COPY` statement tried first for each batch, with its back-off.
+#[derive(Debug)]
+pub struct OptimisticCopy {
+    sql: String,
+    /// Set when the `COPY` failed where the regular statement succeeded, for
+    /// another reason than an integrity error: it will not work here.
+    disabled: AtomicBool,
+    /// Batches that skip the `COPY` before trying it again.
+    skip: AtomicU32,
+    /// What `skip` is set to after the next conflict (doubled each time).
+    penalty: AtomicU32,
+    /// Bytes per row of the last data, to size the next buffer.
+    bytes_per_row: AtomicUsize,
+}
+
+/// Why an optimistic `COPY` did not store the batch.
+#[derive(Debug)]
+pub enum CopyFailure {
+    /// Nothing was stored and the connection is usable (in a transaction,
+    /// rolled back to a savepoint): run the regular statement instead, then
+    /// call [`OptimisticCopy::resolved_by_fallback`] with this error.
+    Fallback(sqlx::Error),
+    /// The connection or transaction is unusable (a transient error): fail
+    /// the attempt.
+    Abort(sqlx::Error),
+}
+
+impl OptimisticCopy {
+    /// A `COPY … FROM STDIN (FORMAT binary)` statement, e.g.
+    /// `COPY events (id, source, payload) FROM STDIN (FORMAT binary)`.
+    pub fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            disabled: AtomicBool::new(false),
+            skip: AtomicU32::new(0),
+            penalty: AtomicU32::new(0),
+            bytes_per_row: AtomicUsize::new(0),
+        }
+    }
+
+    /// The `COPY` statement.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// Whether it has not been switched off.
+    pub fn is_enabled(&self) -> bool {
+        !self.disabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether this batch should try the `COPY` (it is enabled and not
+    /// backing off); counts the batch against the back-off.
+    pub fn should_try(&self) -> bool {
+        self.is_enabled()
+            && self
+                .skip
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1))
+                .is_err()
+    }
+
+    /// An empty buffer for `rows` rows, sized like the last batch's.
+    pub fn buffer(&self, rows: usize) -> BinaryCopy {
+        let per_row = self.bytes_per_row.load(Ordering::Relaxed).max(16);
+        BinaryCopy::with_capacity(rows * per_row + 64)
+    }
+
+    /// Runs the `COPY` with `data` on `conn`: in a transaction inside a
+    /// savepoint it rolls back to on failure, in autocommit on its own (a
+    /// failed `COPY` stores nothing). On success every row is stored.
+    pub async fn run(&self, conn: &mut PgConnection, data: BinaryCopy) -> Result<(), CopyFailure> {
+        let rows = data.rows().max(1);
+        let data = data.finish();
+        self.bytes_per_row
+            .store(data.len() / rows + 1, Ordering::Relaxed);
+        let savepoint = conn.is_in_transaction();
+        if savepoint {
+            sqlx::query("SAVEPOINT hermes_copy")
+                .execute(&mut *conn)
+                .await
+                .map_err(CopyFailure::Abort)?;
+        }
+        match send(conn, &self.sql, data).await {
+            Ok(()) => {
+                self.penalty.store(0, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) if classify(&error) == ErrorClass::Transient => {
+                Err(CopyFailure::Abort(error))
+            }
+            Err(error) => {
+                if savepoint {
+                    sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(CopyFailure::Abort)?;
+                }
+                Err(CopyFailure::Fallback(error))
+            }
+        }
+    }
+
+    /// Reports that the regular statement stored the batch whose `COPY`
+    /// failed with `error`. An integrity error (SQLSTATE class 23: an existing
+    /// key, or a constraint the statement's conflict clause resolved) is about
+    /// these rows: back off for a while. Anything else will fail every time:
+    /// stop trying.
+    pub fn resolved_by_fallback(&self, error: &sqlx::Error) {
+        match error {
+            sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("23")) => {
+                let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_SKIP);
+                self.penalty.store(penalty, Ordering::Relaxed);
+                self.skip.store(penalty, Ordering::Relaxed);
+            }
+            _ => {
+                if !self.disabled.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        statement = %self.sql,
+                        %error,
+                        "the optimistic COPY failed where the regular statement succeeded (do the \
+                         Rust types have the binary format of the column types?); not trying it again"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Runs `COPY ... FROM STDIN` with `data` as its whole input.
+async fn send(conn: &mut PgConnection, sql: &str, data: Vec<u8>) -> Result<(), sqlx::Error> {
+    let mut copy = conn.copy_in_raw(sql).await?;
+    // A failed send means a broken connection; dropping `copy` then queues
+    // a CopyFail, and the writer discards the connection with the attempt.
+    copy.send(data).await?;
+    copy.finish().await?;
+    Ok(())
+}
