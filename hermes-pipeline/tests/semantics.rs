@@ -691,8 +691,17 @@ fn stage_metrics_are_recorded_per_pipeline_and_stage() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
+/// A pipeline whose batcher flushes when idle, with `concurrency` batch
+/// processors that each wait for a permit of the returned gate before
+/// handling a batch, and a timeout long enough to never fire.
+fn gated_group_commit(
+    concurrency: usize,
+) -> (
+    Ingress<u64>,
+    Pipeline<Collect>,
+    Arc<tokio::sync::Semaphore>,
+    Arc<Batches>,
+) {
     let (mut handler, batches) = Collect::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     handler.gate = Some(gate.clone());
@@ -703,60 +712,65 @@ async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
             BatcherOptions::new()
                 .batch_size(100)
                 .batch_timeout(Duration::from_secs(3600))
+                .concurrency(concurrency)
                 .flush_when_idle(true),
         );
     let ingress = builder.ingress(100);
-    let _pipeline = builder.start().unwrap();
+    let pipeline = builder.start().unwrap();
+    (ingress, pipeline, gate, batches)
+}
 
-    // The only batch processor is idle: the first message goes at once.
-    let first = ingress.try_push_tracked(0u64).unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    // While it is busy, later messages gather into one batch...
-    let rest: Vec<Completion> = (100..130u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    // ...which goes as soon as the batch processor is free again.
+/// Releases `permits` batches through the gate, awaits every completion
+/// (none may wait for the batch timeout), and returns the batches handled:
+/// trigger and messages.
+async fn release_and_collect(
+    gate: &tokio::sync::Semaphore,
+    permits: usize,
+    completions: Vec<Completion>,
+    batches: &Batches,
+) -> Vec<(BatchTrigger, Vec<u64>)> {
     let started = Instant::now();
-    gate.add_permits(2);
-    assert_eq!(first.await, Outcome::Succeeded);
-    for completion in rest {
+    gate.add_permits(permits);
+    for completion in completions {
         assert_eq!(completion.await, Outcome::Succeeded);
     }
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "no batch waited for its timeout"
     );
-    let seen: Vec<(BatchTrigger, usize)> = batches
+    batches
         .seen
         .lock()
         .unwrap()
         .iter()
-        .map(|batch| (batch.2, batch.3.len()))
-        .collect();
+        .map(|batch| (batch.2, batch.3.clone()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn flush_when_idle_hands_partial_batches_to_idle_batch_processors() {
+    let (ingress, _pipeline, gate, batches) = gated_group_commit(1);
+
+    // The only batch processor is idle: the first message goes at once.
+    let mut completions = vec![ingress.try_push_tracked(0u64).unwrap()];
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // While it is busy, later messages gather into one batch, which goes as
+    // soon as the batch processor is free again.
+    completions.extend((100..130u64).map(|n| ingress.try_push_tracked(n).unwrap()));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let seen = release_and_collect(&gate, 2, completions, &batches).await;
     assert_eq!(
         seen,
-        vec![(BatchTrigger::Idle, 1), (BatchTrigger::Idle, 30)]
+        vec![
+            (BatchTrigger::Idle, vec![0]),
+            (BatchTrigger::Idle, (100..130).collect()),
+        ]
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn flush_when_idle_fills_the_next_batch_while_a_larger_one_is_handled() {
-    let (mut handler, batches) = Collect::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    handler.gate = Some(gate.clone());
-    let mut builder = Pipeline::builder("group-commit-2", handler)
-        .processors(ProcessorOptions::new().concurrency(1))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(100)
-                .batch_timeout(Duration::from_secs(3600))
-                .concurrency(2)
-                .flush_when_idle(true),
-        );
-    let ingress = builder.ingress(100);
-    let _pipeline = builder.start().unwrap();
+    let (ingress, _pipeline, gate, batches) = gated_group_commit(2);
 
     // Nothing is being handled: the first five go at once, as one batch.
     let mut completions: Vec<Completion> = (0..5u64)
@@ -770,22 +784,7 @@ async fn flush_when_idle_fills_the_next_batch_while_a_larger_one_is_handled() {
         completions.push(ingress.try_push_tracked(n).unwrap());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let started = Instant::now();
-    gate.add_permits(3);
-    for completion in completions {
-        assert_eq!(completion.await, Outcome::Succeeded);
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "no batch waited for its timeout"
-    );
-    let seen: Vec<(BatchTrigger, Vec<u64>)> = batches
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|batch| (batch.2, batch.3.clone()))
-        .collect();
+    let seen = release_and_collect(&gate, 3, completions, &batches).await;
     assert_eq!(
         seen,
         vec![
