@@ -387,3 +387,31 @@ async fn each_202_names_the_row_of_its_own_event() {
     // numbered by the sequence, comes after the whole block: the COPY ran.
     assert!(answered[1] > answered[0] + 200, "ids {answered:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_messages_name_cannot_be_removed() {
+    // Messages name parties, channels and conversations without foreign
+    // keys (migration 0003): those tables are append-only instead.
+    let h = start("").await;
+    let reply = h
+        .deliver("sms", &sms("+14155550100", "+14155550101", "hello"), "d1")
+        .await;
+    h.assert_committed(&reply).await;
+    for statement in [
+        "DELETE FROM parties",
+        "DELETE FROM channels",
+        "DELETE FROM conversations",
+        "TRUNCATE parties CASCADE",
+        "UPDATE parties SET id = DEFAULT",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(&h.pool)
+            .await
+            .expect_err(statement);
+        let db = error.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23001"), "{statement}: {db}");
+    }
+    assert_eq!(h.count("parties").await, 2);
+    assert_eq!(h.count("conversations").await, 1);
+    assert_eq!(h.count("messages").await, 1);
+}
