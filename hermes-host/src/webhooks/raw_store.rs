@@ -109,7 +109,7 @@ impl RawEventStore {
         for (row, id) in sorted.iter().zip(ids) {
             data.row(COPY_FIELDS);
             data.field(id)
-                .and_then(|()| data.field(&&*row.source))
+                .and_then(|()| data.field(&row.source.as_ref()))
                 .and_then(|()| data.field(&row.idempotency_key.as_str()))
                 .and_then(|()| data.field(&JsonText(row.body.as_str())))
                 .and_then(|()| data.field(&row.received_at))
