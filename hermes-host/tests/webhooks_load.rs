@@ -12,7 +12,8 @@ use common::{Reply, post, sms, start};
 async fn concurrent_identical_deliveries_are_stored_once() {
     // Small batches written concurrently: copies meet in one batch and in
     // concurrent batches. "sms" batches go through ingest_webhook_batch,
-    // "raw" ones through the plain INSERT and the lookup of redeliveries.
+    // "raw" ones through the COPY, which fails on a stored key, and then
+    // through ingest_webhook_batch.
     let h = start("[webhooks]\nbatch_size = 4\nbatch_concurrency = 4\nbatch_timeout_ms = 2").await;
     for round in 0..2 {
         for source in ["sms", "raw"] {
