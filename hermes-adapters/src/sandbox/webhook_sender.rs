@@ -2,11 +2,8 @@
 //! connections, like a provider under load, and measures what it gets back.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
@@ -17,7 +14,6 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 
 use crate::webhook::Verifier;
 
@@ -158,9 +154,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// recording into `stats`.
 ///
 /// HTTP/1.1 to an `http://` URL runs on a lean hyper connection per worker
-/// (keep-alive, reconnecting when the server closes it), driven by the
-/// worker's own task, so the sender spends little CPU of its own; HTTP/2 and
-/// other URLs go through reqwest.
+/// (keep-alive, reconnecting when the server closes it), so the sender spends
+/// little CPU of its own; HTTP/2 and other URLs go through reqwest.
 pub async fn run(
     config: SenderConfig,
     stats: Arc<Stats>,
@@ -268,45 +263,16 @@ impl Http1Target {
         })
     }
 
-    async fn connect(&self) -> Result<Http1Connection, BoxError> {
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, BoxError> {
         let stream = tokio::net::TcpStream::connect(&self.address).await?;
         stream.set_nodelay(true)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-        Ok(Http1Connection {
-            sender,
-            connection: Box::pin(connection),
-        })
+        tokio::spawn(async move {
+            // Ends when the sender is dropped or the server closes it.
+            let _ = connection.await;
+        });
+        Ok(sender)
     }
-}
-
-/// One keep-alive HTTP/1.1 connection. Its I/O runs when the worker awaits
-/// [`drive`], in the worker's own task: no task of its own, so no hand-over
-/// between tasks (or threads) per request.
-struct Http1Connection {
-    sender: http1::SendRequest<Full<Bytes>>,
-    connection: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
-}
-
-/// Runs `work` (a request, a response body, readiness) while doing the I/O
-/// of `connection`; fails if the connection ends first.
-async fn drive<F: Future>(
-    connection: &mut Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
-    work: F,
-) -> Result<F::Output, BoxError> {
-    let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|cx| {
-        // The connection first: it reads what `work` is waiting for.
-        let closed = match connection.as_mut().poll(cx) {
-            Poll::Ready(Ok(())) => Some(BoxError::from("the server closed the connection")),
-            Poll::Ready(Err(error)) => Some(BoxError::from(error)),
-            Poll::Pending => None,
-        };
-        match work.as_mut().poll(cx) {
-            Poll::Ready(output) => Poll::Ready(Ok(output)),
-            Poll::Pending => closed.map_or(Poll::Pending, |error| Poll::Ready(Err(error))),
-        }
-    })
-    .await
 }
 
 /// How a worker sends its requests.
@@ -315,7 +281,7 @@ enum Transport {
     /// reopened after an error.
     Http1 {
         target: Arc<Http1Target>,
-        connection: Option<Http1Connection>,
+        connection: Option<http1::SendRequest<Full<Bytes>>>,
     },
     /// A reqwest client (HTTP/2 streams, or a URL hyper is not used for).
     Reqwest(reqwest::Client),
@@ -361,20 +327,20 @@ impl Transport {
 /// it has none or the server closed it.
 async fn exchange(
     target: &Http1Target,
-    connection: &mut Option<Http1Connection>,
+    connection: &mut Option<http1::SendRequest<Full<Bytes>>>,
     headers: HeaderMap,
     body: Vec<u8>,
 ) -> Result<(u16, Bytes), BoxError> {
-    let reusable = match connection.as_mut() {
-        Some(open) => is_ready(open).await,
-        None => false,
-    };
-    if !reusable {
-        // None yet, or closed by the server after the last response (e.g.
-        // `Connection: close`): a new one, before anything is sent.
+    if connection.as_ref().is_none_or(|sender| sender.is_closed()) {
         *connection = Some(target.connect().await?);
     }
-    let open = connection.as_mut().ok_or("no connection")?;
+    let mut sender = connection.take().ok_or("no connection")?;
+    if sender.ready().await.is_err() {
+        // Closed by the server before this request was sent: a new one.
+        sender = target.connect().await?;
+        sender.ready().await?;
+    }
+    let sender = connection.insert(sender);
     let mut request = Request::new(Full::new(Bytes::from(body)));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = target.path.clone();
@@ -382,20 +348,10 @@ async fn exchange(
     let request_headers = request.headers_mut();
     request_headers.insert(HOST, target.host.clone());
     request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let pending = open.sender.send_request(request);
-    let response = drive(&mut open.connection, pending).await??;
+    let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
-    let body = drive(&mut open.connection, response.into_body().collect())
-        .await??
-        .to_bytes();
+    let body = response.into_body().collect().await?.to_bytes();
     Ok((status, body))
-}
-
-/// Whether `open` can take a request now (it has not been closed).
-async fn is_ready(open: &mut Http1Connection) -> bool {
-    let sender = &mut open.sender;
-    let ready = std::future::poll_fn(|cx| sender.poll_ready(cx));
-    matches!(drive(&mut open.connection, ready).await, Ok(Ok(())))
 }
 
 async fn send_one(transport: &mut Transport, config: &SenderConfig, stats: &Stats, n: u64) {
