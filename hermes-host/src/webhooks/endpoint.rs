@@ -56,11 +56,7 @@ pub async fn receive(
     };
     let body = read_body(body, &headers, source.max_body_bytes()).await?;
 
-    let url = if source.verifier().scheme().signs_url() {
-        request_url(&source, &headers, &uri)
-    } else {
-        String::new()
-    };
+    let url = request_url(&source, &headers, &uri);
     let verified = source
         .verify(&headers, &body, &url, SystemTime::now())
         .map_err(|error| ApiError::unauthorized(error.to_string()))?;
@@ -161,9 +157,12 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
     Ok(buffer)
 }
 
-/// The URL the provider called: the source's configured URL, else
-/// `http://` + `Host` + path and query (for schemes that sign it).
+/// The URL the provider called, for schemes that sign it (else empty): the
+/// source's configured URL, else `http://` + `Host` + path and query.
 fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
+    if !source.verifier().scheme().signs_url() {
+        return String::new();
+    }
     if let Some(url) = source.url() {
         return match uri.query() {
             Some(query) if !url.contains('?') => format!("{url}?{query}"),

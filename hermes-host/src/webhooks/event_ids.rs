@@ -32,8 +32,8 @@ pub struct EventIds {
 }
 
 impl EventIds {
-    /// `n` unused ids, in increasing order; draws a block from the sequence
-    /// on `conn` when too few are spare.
+    /// `n` unused ids; draws a block from the sequence on `conn` when too few
+    /// are spare.
     pub async fn take(&self, conn: &mut PgConnection, n: usize) -> Result<Vec<i64>, sqlx::Error> {
         let mut ids = self.take_spare(n);
         if ids.len() < n {
@@ -51,7 +51,6 @@ impl EventIds {
                     drawn.len()
                 )));
             }
-            drawn.sort_unstable();
             let rest = drawn.split_off(missing);
             ids.extend(drawn);
             self.lock().extend(rest);
