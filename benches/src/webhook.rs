@@ -13,6 +13,10 @@
 //! - `webhook_e2e_latency`: an open loop at a fraction of the measured
 //!   capacity: p50/p99 of the 202s below saturation, against the target
 //!   `batch_timeout_ms + 25`.
+//! - `webhook_e2e_http_only`: the same closed loop to a source the host does
+//!   not have (404 before the body is verified): requests/s and CPU per
+//!   request of HTTP and the load generator alone, the floor under every
+//!   stored event.
 //! - `webhook_overload`: an open loop offering twice the capacity to a host
 //!   with a small ingest buffer: the 503 share, the host's peak RSS (and its
 //!   RSS over time), and `lost`: events answered 202 that are not stored.
@@ -72,7 +76,8 @@ pub struct Options {
 
 /// `hermes-bench webhook-e2e`: prints `webhook_e2e` (raw events: the same
 /// rows as the Postgres limit), `webhook_e2e_normalized` (SMS events resolved
-/// into parties, conversations and messages) and `webhook_e2e_latency`.
+/// into parties, conversations and messages), `webhook_e2e_latency` and
+/// `webhook_e2e_http_only`.
 pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let bench = Bench::setup(options).await?;
@@ -149,6 +154,28 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "p99_target_ms": batch_timeout_ms + 25,
             "statuses": statuses(&open),
             "errors": open.errors,
+        }));
+
+        // The floor under every stored event: the same closed loop to a
+        // source the host does not have, answered 404 before the body is
+        // verified, so no hashing, no pipeline and no Postgres.
+        let (floor, secs, used) =
+            closed_loop(&host, &cpu, UNKNOWN_SOURCE, options, &format!("{run}-404")).await?;
+        let answered: u64 = floor.statuses.values().sum();
+        let mut cpu = used.per_event_us(answered);
+        if let Some(parts) = cpu.as_object_mut() {
+            // Postgres has no part in a 404.
+            parts.remove("postgres");
+        }
+        emit(&json!({
+            "bench": "webhook_e2e_http_only",
+            "secs": round3(secs),
+            "connections": options.connections,
+            "requests_per_sec": (answered as f64 / secs).round(),
+            "statuses": statuses(&floor),
+            "errors": floor.errors,
+            "cpu_us_per_request": cpu,
+            "busy_cores": round3(used.machine_busy / secs),
         }));
         host.stop().await;
         Ok(())
@@ -673,6 +700,9 @@ const SMS_SOURCE: &str = "sms";
 
 /// The source whose events are stored raw: the same rows as the Postgres limit.
 const RAW_SOURCE: &str = "raw";
+
+/// A source the host does not have (every request to it is answered 404).
+const UNKNOWN_SOURCE: &str = "unknown";
 
 /// Environment variable: the host's `RUST_LOG` (default `warn`); its log is
 /// written to `target/bench-pg/<bench>.log`.

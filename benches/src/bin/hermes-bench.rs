@@ -26,7 +26,8 @@ enum Bench {
     },
     /// The host end to end: signed 1 KB webhooks over many connections
     /// (closed loop) against the standalone Postgres limit for the same
-    /// rows, then the latency at half the measured capacity (open loop).
+    /// rows, then the latency at half the measured capacity (open loop) and
+    /// the HTTP layer alone (404s).
     WebhookE2e {
         /// Measured seconds of each load phase.
         #[arg(long, default_value_t = 10)]
