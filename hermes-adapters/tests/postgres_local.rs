@@ -21,8 +21,28 @@ async fn starts_reuses_and_stops_a_private_cluster() {
         5432,
         "must never use the machine's own server"
     );
-    assert!(first.url().starts_with("postgres://postgres@127.0.0.1:"));
-    assert!(first.url().ends_with("/hermes_local"));
+    // The data directory's path is short enough for a Unix socket: the URL
+    // goes through it.
+    assert_eq!(first.socket_dir(), Some(dir.as_path()));
+    let socket = dir.join(format!(".s.PGSQL.{}", first.port()));
+    assert!(socket.exists(), "no socket at {}", socket.display());
+    assert!(
+        first
+            .url()
+            .starts_with("postgres://postgres@localhost/hermes_local?host=/"),
+        "{}",
+        first.url()
+    );
+    let tcp = format!(
+        "postgres://postgres@127.0.0.1:{}/hermes_local",
+        first.port()
+    );
+    PgConnection::connect(&tcp)
+        .await
+        .expect("connect through TCP")
+        .close()
+        .await
+        .expect("close");
 
     let mut conn = PgConnection::connect(&first.url()).await.expect("connect");
     let (db, port): (String, i32) =
@@ -102,4 +122,27 @@ async fn rejects_unsafe_database_names() {
         .await
         .expect_err("invalid name");
     assert!(err.to_string().contains("invalid database name"));
+}
+
+#[tokio::test]
+async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
+    let dir = cluster_dir(&format!("hermes-pg-long-path-{}", "x".repeat(100)));
+    let config = LocalPostgresConfig::new(&dir, "hermes_long").durability(Durability::Relaxed);
+    let pg = LocalPostgres::start_with(config)
+        .await
+        .expect("start the cluster");
+    assert_eq!(pg.socket_dir(), None);
+    assert!(
+        pg.url().starts_with("postgres://postgres@127.0.0.1:"),
+        "{}",
+        pg.url()
+    );
+    let mut conn = PgConnection::connect(&pg.url()).await.expect("connect");
+    let db: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    assert_eq!(db, "hermes_long");
+    conn.close().await.expect("close");
+    pg.stop().await.expect("stop");
 }

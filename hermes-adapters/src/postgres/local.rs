@@ -16,11 +16,14 @@
 //!   half-written cluster;
 //! - if a server for that directory already runs (its `postmaster.pid` is
 //!   alive), reuses it and its port; otherwise starts one with `pg_ctl` on a
-//!   free loopback port, listening on 127.0.0.1 only, with the Unix socket
-//!   disabled. Two processes racing to start the same directory are settled by
-//!   the server's own `postmaster.pid` lock: the loser reuses the winner;
+//!   free loopback port, listening on 127.0.0.1 only, and on a Unix socket in
+//!   the data directory when that path fits in a socket address. Two
+//!   processes racing to start the same directory are settled by the server's
+//!   own `postmaster.pid` lock: the loser reuses the winner;
 //! - waits until the server accepts connections, creates the database if it is
-//!   missing, and hands back its `postgres://` URL.
+//!   missing, and hands back its `postgres://` URL: through the Unix socket
+//!   where the server has one (a round trip through it costs both sides less
+//!   CPU than through loopback TCP), else through TCP.
 //!
 //! PostgreSQL refuses to run as root. When the current user is root (CI
 //! containers), the binaries run as the unprivileged `postgres` system user
@@ -32,12 +35,14 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
@@ -65,6 +70,17 @@ const HERMES_CONF: &str = "hermes.conf";
 
 /// The server log, inside the data directory.
 const SERVER_LOG: &str = "server.log";
+
+/// The longest socket directory the server can use: a socket address holds
+/// 107 bytes of path, and the server adds `/.s.PGSQL.<port>` to it.
+const MAX_SOCKET_DIR_LEN: usize = 107 - "/.s.PGSQL.65535".len();
+
+/// What a socket directory keeps unencoded in a URL's query string.
+const SOCKET_DIR_IN_URL: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'-');
 
 /// How hard the cluster works to keep committed data across a machine crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -209,6 +225,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalP
 pub struct LocalPostgres {
     data_dir: PathBuf,
     port: u16,
+    socket_dir: Option<PathBuf>,
     database: String,
     reused: bool,
     runner: Runner,
@@ -219,6 +236,7 @@ impl fmt::Debug for LocalPostgres {
         f.debug_struct("LocalPostgres")
             .field("data_dir", &self.data_dir)
             .field("port", &self.port)
+            .field("socket_dir", &self.socket_dir)
             .field("database", &self.database)
             .field("reused", &self.reused)
             .field("bindir", &self.runner.bindir)
@@ -242,10 +260,12 @@ impl LocalPostgres {
     pub async fn start_with(config: LocalPostgresConfig) -> Result<Self, LocalPostgresError> {
         validate_database_name(&config.database)?;
         let database = config.database.clone();
-        let (data_dir, port, reused, runner) = blocking(move || start_blocking(&config)).await?;
+        let (data_dir, listening, reused, runner) =
+            blocking(move || start_blocking(&config)).await?;
         let pg = LocalPostgres {
             data_dir,
-            port,
+            port: listening.port,
+            socket_dir: listening.socket_dir,
             database,
             reused,
             runner,
@@ -255,28 +275,47 @@ impl LocalPostgres {
         Ok(pg)
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/<database>` of the database given at start.
+    /// The URL of the database given at start (see [`LocalPostgres::url_for`]).
     pub fn url(&self) -> String {
         self.url_for(&self.database)
     }
 
-    /// The URL of another database of the same cluster.
+    /// The URL of a database of this cluster: through its Unix socket,
+    /// `postgres://postgres@localhost/<database>?host=<socket dir>&port=<port>`,
+    /// or, when it has none, `postgres://postgres@127.0.0.1:<port>/<database>`.
     pub fn url_for(&self, database: &str) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+        match &self.socket_dir {
+            Some(dir) => format!(
+                "postgres://{SUPERUSER}@localhost/{database}?host={}&port={}",
+                percent_encode(dir.as_os_str().as_bytes(), SOCKET_DIR_IN_URL),
+                self.port
+            ),
+            None => format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port),
+        }
     }
 
-    /// Connection options for `database` of this cluster.
+    /// Connection options for `database` of this cluster, through the same
+    /// transport as [`LocalPostgres::url_for`].
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .host("127.0.0.1")
+        let options = PgConnectOptions::new()
             .port(self.port)
             .username(SUPERUSER)
-            .database(database)
+            .database(database);
+        match &self.socket_dir {
+            Some(dir) => options.socket(dir),
+            None => options.host("127.0.0.1"),
+        }
     }
 
-    /// The loopback TCP port the server listens on.
+    /// The loopback TCP port the server listens on (also the number in its
+    /// Unix socket's name).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The directory of the server's Unix socket, if it has one.
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.socket_dir.as_deref()
     }
 
     /// The cluster's data directory (absolute).
@@ -341,7 +380,7 @@ impl LocalPostgres {
         let runner = self.runner.clone();
         let data_dir = self.data_dir.clone();
         blocking(move || {
-            if runner.server_port(&data_dir)?.is_none() {
+            if runner.listening(&data_dir)?.is_none() {
                 return Ok(());
             }
             let mut cmd = runner.command("pg_ctl");
@@ -415,10 +454,10 @@ fn validate_database_name(name: &str) -> Result<(), LocalPostgresError> {
 }
 
 /// The blocking part of a start: binaries, user, init, start or reuse.
-/// Returns (absolute data dir, port, reused, runner).
+/// Returns (absolute data dir, where it listens, reused, runner).
 fn start_blocking(
     config: &LocalPostgresConfig,
-) -> Result<(PathBuf, u16, bool, Runner), LocalPostgresError> {
+) -> Result<(PathBuf, Listening, bool, Runner), LocalPostgresError> {
     let runner = Runner::detect()?;
     let data_dir = absolute(&config.data_dir)?;
     let parent = data_dir
@@ -445,9 +484,9 @@ fn start_blocking(
 
     let mut last_error = String::new();
     for attempt in 1..=START_ATTEMPTS {
-        if let Some(port) = runner.server_port(&data_dir)? {
-            tracing::info!(data_dir = %data_dir.display(), port, "reusing the running private PostgreSQL");
-            return Ok((data_dir, port, true, runner));
+        if let Some(listening) = runner.listening(&data_dir)? {
+            tracing::info!(data_dir = %data_dir.display(), port = listening.port, "reusing the running private PostgreSQL");
+            return Ok((data_dir, listening, true, runner));
         }
         let port = free_port().map_err(io_err("choosing a free port for", &data_dir))?;
         write_hermes_conf(&data_dir, port, config, &runner)?;
@@ -463,8 +502,8 @@ fn start_blocking(
             Ok(_) => {
                 // Read the port back from postmaster.pid: if another process
                 // rewrote hermes.conf meanwhile, the server listens on its port.
-                if let Some(port) = runner.server_port(&data_dir)? {
-                    return Ok((data_dir, port, false, runner));
+                if let Some(listening) = runner.listening(&data_dir)? {
+                    return Ok((data_dir, listening, false, runner));
                 }
                 last_error = "pg_ctl start succeeded but the server is not running".into();
             }
@@ -567,9 +606,10 @@ fn write_hermes_conf(
         "# Written by Hermes on every start; edit the Hermes configuration instead.\n\
          listen_addresses = '127.0.0.1'\n\
          port = {port}\n\
-         unix_socket_directories = ''\n\
+         unix_socket_directories = '{}'\n\
          max_connections = {}\n\
          {durability}",
+        socket_dir_setting(data_dir),
         config.max_connections
     );
     let tmp = data_dir.join(format!(".{HERMES_CONF}.{}", unique_suffix()));
@@ -580,6 +620,16 @@ fn write_hermes_conf(
     }
     let dest = data_dir.join(HERMES_CONF);
     std::fs::rename(&tmp, &dest).map_err(io_err("writing", &dest))
+}
+
+/// `unix_socket_directories` for a cluster in `data_dir`: the data directory
+/// itself, or none (empty) when its path is too long for a socket address or
+/// would need quoting in the configuration file.
+fn socket_dir_setting(data_dir: &Path) -> &str {
+    match data_dir.to_str() {
+        Some(dir) if dir.len() <= MAX_SOCKET_DIR_LEN && !dir.contains(['\'', '\\']) => dir,
+        _ => "",
+    }
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.
@@ -741,7 +791,7 @@ impl Runner {
     }
 
     /// The port of the server running on `data_dir`, if one runs.
-    fn server_port(&self, data_dir: &Path) -> Result<Option<u16>, LocalPostgresError> {
+    fn listening(&self, data_dir: &Path) -> Result<Option<Listening>, LocalPostgresError> {
         let pid_file = data_dir.join("postmaster.pid");
         if !pid_file.exists() {
             return Ok(None);
@@ -761,8 +811,26 @@ impl Runner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &pid_file)(e)),
         };
-        Ok(text.lines().nth(3).and_then(|l| l.trim().parse().ok()))
+        let mut lines = text.lines().skip(3);
+        let Some(port) = lines.next().and_then(|line| line.trim().parse().ok()) else {
+            return Ok(None);
+        };
+        // The first socket directory; empty when the server has no socket.
+        let socket_dir = lines
+            .next()
+            .map(str::trim)
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from);
+        Ok(Some(Listening { port, socket_dir }))
     }
+}
+
+/// Where a running server listens, from its `postmaster.pid`.
+struct Listening {
+    /// Its loopback TCP port.
+    port: u16,
+    /// The directory of its Unix socket, if it has one.
+    socket_dir: Option<PathBuf>,
 }
 
 fn postgres_user() -> Result<RunAs, LocalPostgresError> {
