@@ -473,8 +473,8 @@ impl Bench {
     /// of [`COPY_CHUNK`] rows, for [`LIMIT_SECS`], in its own database.
     ///
     /// Each row's key is a SHA-256 in hex, as the host's keys are: keys
-    /// spread over the unique index cost Postgres ~16% more than a counter's
-    /// (measured side by side), which only ever appends to its last page.
+    /// spread over the unique index lower the limit by ~16% (measured side
+    /// by side) against a counter's, which only ever append to its last page.
     /// The rows are made on another thread while the previous chunk is
     /// copied, so the limit is Postgres's, not the generator's.
     async fn pg_copy_limit(&self) -> anyhow::Result<f64> {
