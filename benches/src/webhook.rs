@@ -546,7 +546,6 @@ impl Bench {
     }
 }
 
-/// `text` escaped for a field of `COPY … FROM STDIN` text format.
 /// The next [`COPY_CHUNK`] rows of the Postgres limit, in `COPY` text
 /// format, numbered from `next` on: sms bodies like the load generator's,
 /// each under the hex SHA-256 of its number as key.
@@ -562,6 +561,7 @@ fn limit_chunk(next: &mut u64) -> String {
     chunk
 }
 
+/// `text` escaped for a field of `COPY … FROM STDIN` text format.
 fn copy_text_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len() + 16);
     for c in text.chars() {

@@ -790,7 +790,7 @@ impl Runner {
         cmd
     }
 
-    /// The port of the server running on `data_dir`, if one runs.
+    /// Where the server running on `data_dir` listens, if one runs.
     fn listening(&self, data_dir: &Path) -> Result<Option<Listening>, LocalPostgresError> {
         let pid_file = data_dir.join("postmaster.pid");
         if !pid_file.exists() {
