@@ -7,6 +7,17 @@ fn cluster_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
+/// The text `sql` selects, on a connection of its own to `url`.
+async fn text_of(url: &str, sql: &str) -> String {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let text = sqlx::query_scalar(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    conn.close().await.expect("close");
+    text
+}
+
 #[tokio::test]
 async fn starts_reuses_and_stops_a_private_cluster() {
     let dir = cluster_dir("hermes-pg-local-test");
@@ -86,13 +97,10 @@ async fn starts_reuses_and_stops_a_private_cluster() {
 async fn durable_clusters_keep_fsync_on() {
     let dir = cluster_dir("hermes-pg-durable-test");
     let pg = LocalPostgres::start(&dir, "hermes").await.expect("start");
-    let mut conn = PgConnection::connect(&pg.url()).await.expect("connect");
-    let fsync: String = sqlx::query_scalar("SELECT current_setting('fsync')")
-        .fetch_one(&mut conn)
-        .await
-        .expect("query");
-    assert_eq!(fsync, "on");
-    conn.close().await.expect("close");
+    assert_eq!(
+        text_of(&pg.url(), "SELECT current_setting('fsync')").await,
+        "on"
+    );
     pg.stop().await.expect("stop");
 }
 
@@ -137,12 +145,9 @@ async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
         "{}",
         pg.url()
     );
-    let mut conn = PgConnection::connect(&pg.url()).await.expect("connect");
-    let db: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(&mut conn)
-        .await
-        .expect("query");
-    assert_eq!(db, "hermes_long");
-    conn.close().await.expect("close");
+    assert_eq!(
+        text_of(&pg.url(), "SELECT current_database()::text").await,
+        "hermes_long"
+    );
     pg.stop().await.expect("stop");
 }
