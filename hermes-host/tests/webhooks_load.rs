@@ -74,7 +74,23 @@ async fn saturation_answers_503_at_once_then_recovers() {
     };
     let ingest = h.server().ingest().clone();
     let stuck_in_batch = spawn(1);
-    wait_until(|| ingest.pipeline().in_flight() == 1).await;
+    // In the batch handler once its insert waits for the lock (an in-flight
+    // count of 1 is reached earlier: the ingress's pending ask takes a slot).
+    let pool = h.pool.clone();
+    wait_until_async(|| {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
     let stuck_in_buffer = spawn(2);
     wait_until(|| ingest.ingress().free() == 0).await;
 
@@ -159,8 +175,12 @@ async fn graceful_shutdown_loses_nothing() {
 }
 
 async fn wait_until(condition: impl Fn() -> bool) {
+    wait_until_async(|| std::future::ready(condition())).await;
+}
+
+async fn wait_until_async<F: Future<Output = bool>>(condition: impl Fn() -> F) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
+    while !condition().await {
         assert!(Instant::now() < deadline, "condition not reached in 10 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
