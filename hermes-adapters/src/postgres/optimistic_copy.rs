@@ -59,11 +59,6 @@ impl OptimisticCopy {
         }
     }
 
-    /// The `COPY` statement.
-    pub fn sql(&self) -> &str {
-        &self.sql
-    }
-
     /// Whether it has not been switched off.
     pub fn is_enabled(&self) -> bool {
         !self.disabled.load(Ordering::Relaxed)
