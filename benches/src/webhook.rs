@@ -88,7 +88,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             .await?;
         let cpu = CpuMeter {
             host: host.pid(),
-            postmaster: bench.postmaster_pid()?,
+            postmaster: bench.pg.pid(),
         };
         let run = format!("e2e-{}", std::process::id());
         let mut raw_per_sec = 0.0;
@@ -517,17 +517,6 @@ impl Bench {
         conn.close().await?;
         self.pg.drop_database(database).await?;
         Ok(rows as f64 / secs)
-    }
-
-    /// The pid of the cluster's postmaster (the parent of its backends).
-    fn postmaster_pid(&self) -> anyhow::Result<u32> {
-        let file = self.pg.data_dir().join("postmaster.pid");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        text.lines()
-            .next()
-            .and_then(|line| line.trim().parse().ok())
-            .with_context(|| format!("no pid in {}", file.display()))
     }
 
     /// How many of `ids` are not in `webhook_events`.

@@ -68,6 +68,17 @@ async fn starts_reuses_and_stops_a_private_cluster() {
         .await
         .expect("query");
     assert_eq!(listen, "127.0.0.1");
+    // pid() is the postmaster: the parent of this session's backend.
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .expect("query");
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).expect("backend stat");
+    let parent = stat[stat.rfind(')').expect("comm") + 1..]
+        .split_whitespace()
+        .nth(1)
+        .expect("ppid");
+    assert_eq!(parent, first.pid().to_string());
     conn.close().await.expect("close");
 
     // A second start of the same directory reuses the running server.
@@ -76,6 +87,7 @@ async fn starts_reuses_and_stops_a_private_cluster() {
         .expect("reuse the cluster");
     assert!(second.reused());
     assert_eq!(second.port(), first.port());
+    assert_eq!(second.pid(), first.pid());
 
     // After a stop, the next start brings it back with the data intact.
     first.stop().await.expect("stop");
@@ -83,6 +95,7 @@ async fn starts_reuses_and_stops_a_private_cluster() {
     first.stop().await.expect("stopping twice is fine");
     let third = LocalPostgres::start_with(config).await.expect("restart");
     assert!(!third.reused());
+    assert_ne!(third.pid(), first.pid());
     let mut conn = PgConnection::connect(&third.url()).await.expect("connect");
     let one: i32 = sqlx::query_scalar("SELECT 1")
         .fetch_one(&mut conn)

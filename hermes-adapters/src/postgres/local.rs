@@ -224,6 +224,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalP
 #[derive(Clone)]
 pub struct LocalPostgres {
     data_dir: PathBuf,
+    pid: u32,
     port: u16,
     socket_dir: Option<PathBuf>,
     database: String,
@@ -235,6 +236,7 @@ impl fmt::Debug for LocalPostgres {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalPostgres")
             .field("data_dir", &self.data_dir)
+            .field("pid", &self.pid)
             .field("port", &self.port)
             .field("socket_dir", &self.socket_dir)
             .field("database", &self.database)
@@ -260,12 +262,12 @@ impl LocalPostgres {
     pub async fn start_with(config: LocalPostgresConfig) -> Result<Self, LocalPostgresError> {
         validate_database_name(&config.database)?;
         let database = config.database.clone();
-        let (data_dir, listening, reused, runner) =
-            blocking(move || start_blocking(&config)).await?;
+        let (data_dir, running, reused, runner) = blocking(move || start_blocking(&config)).await?;
         let pg = LocalPostgres {
             data_dir,
-            port: listening.port,
-            socket_dir: listening.socket_dir,
+            pid: running.pid,
+            port: running.port,
+            socket_dir: running.socket_dir,
             database,
             reused,
             runner,
@@ -305,6 +307,12 @@ impl LocalPostgres {
             Some(dir) => options.socket(dir),
             None => options.host("127.0.0.1"),
         }
+    }
+
+    /// The process id of the server (the postmaster; its backends are its
+    /// children).
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The loopback TCP port the server listens on (also the number in its
@@ -380,7 +388,7 @@ impl LocalPostgres {
         let runner = self.runner.clone();
         let data_dir = self.data_dir.clone();
         blocking(move || {
-            if runner.listening(&data_dir)?.is_none() {
+            if runner.running(&data_dir)?.is_none() {
                 return Ok(());
             }
             let mut cmd = runner.command("pg_ctl");
@@ -454,10 +462,10 @@ fn validate_database_name(name: &str) -> Result<(), LocalPostgresError> {
 }
 
 /// The blocking part of a start: binaries, user, init, start or reuse.
-/// Returns (absolute data dir, where it listens, reused, runner).
+/// Returns (absolute data dir, the server, reused, runner).
 fn start_blocking(
     config: &LocalPostgresConfig,
-) -> Result<(PathBuf, Listening, bool, Runner), LocalPostgresError> {
+) -> Result<(PathBuf, Running, bool, Runner), LocalPostgresError> {
     let runner = Runner::detect()?;
     let data_dir = absolute(&config.data_dir)?;
     let parent = data_dir
@@ -484,9 +492,9 @@ fn start_blocking(
 
     let mut last_error = String::new();
     for attempt in 1..=START_ATTEMPTS {
-        if let Some(listening) = runner.listening(&data_dir)? {
-            tracing::info!(data_dir = %data_dir.display(), port = listening.port, "reusing the running private PostgreSQL");
-            return Ok((data_dir, listening, true, runner));
+        if let Some(running) = runner.running(&data_dir)? {
+            tracing::info!(data_dir = %data_dir.display(), port = running.port, "reusing the running private PostgreSQL");
+            return Ok((data_dir, running, true, runner));
         }
         let port = free_port().map_err(io_err("choosing a free port for", &data_dir))?;
         write_hermes_conf(&data_dir, port, config, &runner)?;
@@ -502,8 +510,8 @@ fn start_blocking(
             Ok(_) => {
                 // Read the port back from postmaster.pid: if another process
                 // rewrote hermes.conf meanwhile, the server listens on its port.
-                if let Some(listening) = runner.listening(&data_dir)? {
-                    return Ok((data_dir, listening, false, runner));
+                if let Some(running) = runner.running(&data_dir)? {
+                    return Ok((data_dir, running, false, runner));
                 }
                 last_error = "pg_ctl start succeeded but the server is not running".into();
             }
@@ -790,8 +798,8 @@ impl Runner {
         cmd
     }
 
-    /// Where the server running on `data_dir` listens, if one runs.
-    fn listening(&self, data_dir: &Path) -> Result<Option<Listening>, LocalPostgresError> {
+    /// The server running on `data_dir`, if one runs.
+    fn running(&self, data_dir: &Path) -> Result<Option<Running>, LocalPostgresError> {
         let pid_file = data_dir.join("postmaster.pid");
         if !pid_file.exists() {
             return Ok(None);
@@ -811,22 +819,30 @@ impl Runner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &pid_file)(e)),
         };
-        let mut lines = text.lines().skip(3);
-        let Some(port) = lines.next().and_then(|line| line.trim().parse().ok()) else {
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let (Some(pid), Some(port)) = (
+            lines.first().and_then(|line| line.parse().ok()),
+            lines.get(3).and_then(|line| line.parse().ok()),
+        ) else {
             return Ok(None);
         };
         // The first socket directory; empty when the server has no socket.
         let socket_dir = lines
-            .next()
-            .map(str::trim)
+            .get(4)
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from);
-        Ok(Some(Listening { port, socket_dir }))
+        Ok(Some(Running {
+            pid,
+            port,
+            socket_dir,
+        }))
     }
 }
 
-/// Where a running server listens, from its `postmaster.pid`.
-struct Listening {
+/// A running server, from its `postmaster.pid`.
+struct Running {
+    /// The postmaster's process id.
+    pid: u32,
     /// Its loopback TCP port.
     port: u16,
     /// The directory of its Unix socket, if it has one.
