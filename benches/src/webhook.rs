@@ -35,9 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
 use hermes_adapters::sandbox::webhook_sender::{self, SenderConfig, Snapshot, Stats};
-use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier};
+use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier, body_sha256_hex};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 
 use crate::report::{
@@ -472,7 +471,7 @@ impl Bench {
     /// constraints and indexes, migrated by `hermes migrate`) in transactions
     /// of [`COPY_CHUNK`] rows, for [`LIMIT_SECS`], in its own database.
     ///
-    /// Each row's key is a SHA-256 in hex, as the host's keys are: keys
+    /// Each row's key is its body's hex SHA-256, as the host keys it: keys
     /// spread over the unique index lower the limit by ~16% (measured side
     /// by side) against a counter's, which only ever append to its last page.
     /// The rows are made on another thread while the previous chunk is
@@ -537,13 +536,13 @@ impl Bench {
 
 /// The next [`COPY_CHUNK`] rows of the Postgres limit, in `COPY` text
 /// format, numbered from `next` on: sms bodies like the load generator's,
-/// each under the hex SHA-256 of its number as key.
+/// each keyed as the host keys it (the hex SHA-256 of the body).
 fn limit_chunk(next: &mut u64) -> String {
     let mut chunk = String::with_capacity(COPY_CHUNK * 1_200);
     for _ in 0..COPY_CHUNK {
         let (_, body) = webhook_sender::sms_body(*next, "limit");
+        let key = body_sha256_hex(&body);
         let body = copy_text_escape(&String::from_utf8_lossy(&body));
-        let key = hex::encode(Sha256::digest(next.to_le_bytes()));
         chunk.push_str(&format!("sms\t{key}\t{body}\t2024-05-01 12:00:00+00\n"));
         *next += 1;
     }

@@ -138,7 +138,7 @@ pub(super) fn check_window(
 
 /// Lower-case hex SHA-256 of `body`: the idempotency key of schemes without
 /// a delivery id.
-pub(super) fn body_sha256_hex(body: &[u8]) -> String {
+pub fn body_sha256_hex(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
 }
 
