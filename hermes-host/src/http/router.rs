@@ -5,7 +5,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::error;
-use super::metrics::track;
+use super::metrics::{RequestSeries, track};
 use super::ops;
 use super::state::AppState;
 use crate::webhooks::endpoint;
@@ -19,6 +19,9 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{source}", post(endpoint::receive))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn_with_state(
+            RequestSeries::default(),
+            track,
+        ))
         .with_state(state)
 }
