@@ -123,6 +123,10 @@ impl<H: Handler> BatcherStage<H> {
 
 impl<H: Handler> Batching<H> {
     async fn run(&mut self) {
+        // One registration with `any_idle`, renewed when it fires, instead of
+        // a new one (and its removal) every time round the loop.
+        let any_idle = self.any_idle.clone();
+        let mut idle = std::pin::pin!(any_idle.notified());
         loop {
             tokio::select! {
                 biased;
@@ -135,7 +139,10 @@ impl<H: Handler> Batching<H> {
                     }
                     None => break,
                 },
-                () = self.any_idle.notified(), if self.holds_idle_flushable() => self.flush_idle(),
+                () = idle.as_mut(), if self.holds_idle_flushable() => {
+                    idle.set(any_idle.notified());
+                    self.flush_idle();
+                }
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     let key = expired.into_inner();
                     if let Some(batch) = self.take(&key) {

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use chrono::Utc;
 use futures::StreamExt;
@@ -44,9 +44,7 @@ pub struct Accepted {
 pub async fn receive(
     State(state): State<AppState>,
     Path(source_name): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let received_at = Utc::now();
     let Some(source) = state.sources().get(&source_name).cloned() else {
@@ -54,11 +52,13 @@ pub async fn receive(
             "unknown webhook source {source_name:?}"
         )));
     };
-    let body = read_body(body, &headers, source.max_body_bytes()).await?;
+    // The parts themselves: the `HeaderMap` and `Uri` extractors would clone them.
+    let (parts, body) = request.into_parts();
+    let body = read_body(body, &parts.headers, source.max_body_bytes()).await?;
 
-    let url = request_url(&source, &headers, &uri);
+    let url = request_url(&source, &parts.headers, &parts.uri);
     let verified = source
-        .verify(&headers, &body, &url, SystemTime::now())
+        .verify(&parts.headers, &body, &url, SystemTime::now())
         .map_err(|error| ApiError::unauthorized(error.to_string()))?;
 
     let text = String::from_utf8(body)
