@@ -278,16 +278,10 @@ async fn health_ready_and_metrics() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = h.get("/ready").await;
     assert_eq!(status, 200, "{body}");
-    for (n, body) in ["m", "n"].into_iter().enumerate() {
-        let reply = h
-            .deliver(
-                "sms",
-                &sms("+14155550100", "+14155550101", body),
-                &n.to_string(),
-            )
-            .await;
-        h.assert_committed(&reply).await;
-    }
+    let reply = h
+        .deliver("sms", &sms("+14155550100", "+14155550101", "m"), "1")
+        .await;
+    h.assert_committed(&reply).await;
     // An unknown path with a made-up method: one series for all such requests.
     for path in ["/nowhere", "/elsewhere"] {
         let method = reqwest::Method::from_bytes(b"PURGE").unwrap();
@@ -301,8 +295,10 @@ async fn health_ready_and_metrics() {
     }
     let (status, metrics) = h.get("/metrics").await;
     assert_eq!(status, 200);
+    // The recorder is the process's, shared with the other tests: only the
+    // made-up method's count is this test's alone.
     for series in [
-        "hermes_http_requests_total{method=\"POST\",route=\"/webhooks/{source}\",status=\"202\"} 2",
+        "hermes_http_requests_total{method=\"POST\",route=\"/webhooks/{source}\",status=\"202\"}",
         "hermes_http_requests_total{method=\"OTHER\",route=\"unmatched\",status=\"404\"} 2",
     ] {
         assert!(metrics.contains(series), "no {series} in {metrics}");

@@ -57,7 +57,7 @@ impl RequestSeries {
     /// Counts a request to `route` answered with `status` after `secs`.
     pub fn record(&self, route: &str, method: &Method, status: u16, secs: f64) {
         let method = method_label(method);
-        let find = |series: &Vec<Series>| {
+        let find = |series: &[Series]| {
             series
                 .iter()
                 .position(|s| s.status == status && s.method == method)
