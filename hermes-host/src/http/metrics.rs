@@ -26,11 +26,11 @@ const UNMATCHED: &str = "unmatched";
 pub async fn track(State(series): State<RequestSeries>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     series.record(
         route.as_ref().map_or(UNMATCHED, MatchedPath::as_str),
-        &method,
+        method,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
@@ -54,9 +54,9 @@ struct Series {
 }
 
 impl RequestSeries {
-    /// Counts a request to `route` answered with `status` after `secs`.
-    pub fn record(&self, route: &str, method: &Method, status: u16, secs: f64) {
-        let method = method_label(method);
+    /// Counts a request to `route` with the method labelled `method` (see
+    /// [`method_label`]), answered with `status` after `secs`.
+    pub fn record(&self, route: &str, method: &'static str, status: u16, secs: f64) {
         let find = |series: &[Series]| {
             series
                 .iter()
@@ -106,7 +106,7 @@ impl Series {
 }
 
 /// The method's label: its name when standard, else `OTHER`.
-fn method_label(method: &Method) -> &'static str {
+pub fn method_label(method: &Method) -> &'static str {
     const STANDARD: [(Method, &str); 9] = [
         (Method::GET, "GET"),
         (Method::POST, "POST"),
