@@ -26,6 +26,7 @@
 //! or `--hermes-bin` — so its RSS is its own. Load generator, host and
 //! Postgres share the machine's cores.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -87,7 +88,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             .await?;
         let cpu = CpuMeter {
             host: host.pid(),
-            postmaster: bench.pg.pid(),
+            postmaster: Some(bench.pg.pid()),
         };
         let run = format!("e2e-{}", std::process::id());
         let mut raw_per_sec = 0.0;
@@ -157,14 +158,20 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         // The floor under every stored event: the same closed loop to a
         // source the host does not have, answered 404 before the body is
         // verified, so no hashing, no pipeline and no Postgres.
-        let (floor, secs, used) =
-            closed_loop(&host, &cpu, UNKNOWN_SOURCE, options, &format!("{run}-404")).await?;
+        // Postgres has no part in a 404: not metered.
+        let http_cpu = CpuMeter {
+            postmaster: None,
+            ..cpu
+        };
+        let (floor, secs, used) = closed_loop(
+            &host,
+            &http_cpu,
+            UNKNOWN_SOURCE,
+            options,
+            &format!("{run}-404"),
+        )
+        .await?;
         let answered: u64 = floor.statuses.values().sum();
-        let mut cpu = used.per_event_us(answered);
-        if let Some(parts) = cpu.as_object_mut() {
-            // Postgres has no part in a 404.
-            parts.remove("postgres");
-        }
         emit(&json!({
             "bench": "webhook_e2e_http_only",
             "secs": round3(secs),
@@ -172,7 +179,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "requests_per_sec": (answered as f64 / secs).round(),
             "statuses": statuses(&floor),
             "errors": floor.errors,
-            "cpu_us_per_request": cpu,
+            "cpu_us_per_request": used.per_event_us(answered),
             "busy_cores": round3(used.machine_busy / secs),
         }));
         host.stop().await;
@@ -219,15 +226,17 @@ async fn closed_loop(
 
 /// Samples the CPU time of the parts of an end-to-end run, which share the
 /// machine's cores.
+#[derive(Clone, Copy)]
 struct CpuMeter {
     host: u32,
-    postmaster: u32,
+    /// Postgres's postmaster, when Postgres takes part.
+    postmaster: Option<u32>,
 }
 
 /// CPU seconds used by each part (or, for a sample, used so far).
 struct CpuUsed {
     host: f64,
-    postgres: f64,
+    postgres: Option<f64>,
     load_generator: f64,
     machine_busy: f64,
 }
@@ -236,7 +245,7 @@ impl CpuMeter {
     fn sample(&self) -> CpuUsed {
         CpuUsed {
             host: cpu_secs_of(self.host),
-            postgres: cpu_secs_of_tree(self.postmaster),
+            postgres: self.postmaster.map(cpu_secs_of_tree),
             load_generator: cpu_secs_of(std::process::id()),
             machine_busy: machine_busy_secs(),
         }
@@ -247,20 +256,25 @@ impl CpuUsed {
     fn since(&self, earlier: &CpuUsed) -> CpuUsed {
         CpuUsed {
             host: self.host - earlier.host,
-            postgres: self.postgres - earlier.postgres,
+            postgres: self
+                .postgres
+                .zip(earlier.postgres)
+                .map(|(now, then)| now - then),
             load_generator: self.load_generator - earlier.load_generator,
             machine_busy: self.machine_busy - earlier.machine_busy,
         }
     }
 
-    /// Microseconds of CPU per event of each part.
+    /// Microseconds of CPU per event of each part metered.
     fn per_event_us(&self, events: u64) -> Value {
-        let per_event = |secs: f64| round3(secs * 1e6 / events.max(1) as f64);
-        json!({
-            "host": per_event(self.host),
-            "postgres": per_event(self.postgres),
-            "load_generator": per_event(self.load_generator),
-        })
+        let per_event = |secs: f64| json!(round3(secs * 1e6 / events.max(1) as f64));
+        let mut parts = serde_json::Map::new();
+        parts.insert("host".into(), per_event(self.host));
+        if let Some(postgres) = self.postgres {
+            parts.insert("postgres".into(), per_event(postgres));
+        }
+        parts.insert("load_generator".into(), per_event(self.load_generator));
+        parts.into()
     }
 }
 
@@ -543,7 +557,8 @@ fn limit_chunk(next: &mut u64) -> String {
         let (_, body) = webhook_sender::sms_body(*next, "limit");
         let key = body_sha256_hex(&body);
         let body = copy_text_escape(&String::from_utf8_lossy(&body));
-        chunk.push_str(&format!("sms\t{key}\t{body}\t2024-05-01 12:00:00+00\n"));
+        // Writing to a String cannot fail.
+        let _ = writeln!(chunk, "sms\t{key}\t{body}\t2024-05-01 12:00:00+00");
         *next += 1;
     }
     chunk
