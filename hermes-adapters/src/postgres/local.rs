@@ -224,9 +224,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalP
 #[derive(Clone)]
 pub struct LocalPostgres {
     data_dir: PathBuf,
-    pid: u32,
-    port: u16,
-    socket_dir: Option<PathBuf>,
+    server: Running,
     database: String,
     reused: bool,
     runner: Runner,
@@ -236,9 +234,7 @@ impl fmt::Debug for LocalPostgres {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalPostgres")
             .field("data_dir", &self.data_dir)
-            .field("pid", &self.pid)
-            .field("port", &self.port)
-            .field("socket_dir", &self.socket_dir)
+            .field("server", &self.server)
             .field("database", &self.database)
             .field("reused", &self.reused)
             .field("bindir", &self.runner.bindir)
@@ -265,9 +261,7 @@ impl LocalPostgres {
         let (data_dir, running, reused, runner) = blocking(move || start_blocking(&config)).await?;
         let pg = LocalPostgres {
             data_dir,
-            pid: running.pid,
-            port: running.port,
-            socket_dir: running.socket_dir,
+            server: running,
             database,
             reused,
             runner,
@@ -286,13 +280,16 @@ impl LocalPostgres {
     /// `postgres://postgres@localhost/<database>?host=<socket dir>&port=<port>`,
     /// or, when it has none, `postgres://postgres@127.0.0.1:<port>/<database>`.
     pub fn url_for(&self, database: &str) -> String {
-        match &self.socket_dir {
+        match &self.server.socket_dir {
             Some(dir) => format!(
                 "postgres://{SUPERUSER}@localhost/{database}?host={}&port={}",
                 percent_encode(dir.as_os_str().as_bytes(), SOCKET_DIR_IN_URL),
-                self.port
+                self.server.port
             ),
-            None => format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port),
+            None => format!(
+                "postgres://{SUPERUSER}@127.0.0.1:{}/{database}",
+                self.server.port
+            ),
         }
     }
 
@@ -300,10 +297,10 @@ impl LocalPostgres {
     /// transport as [`LocalPostgres::url_for`].
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
         let options = PgConnectOptions::new()
-            .port(self.port)
+            .port(self.server.port)
             .username(SUPERUSER)
             .database(database);
-        match &self.socket_dir {
+        match &self.server.socket_dir {
             Some(dir) => options.socket(dir),
             None => options.host("127.0.0.1"),
         }
@@ -312,18 +309,18 @@ impl LocalPostgres {
     /// The process id of the server (the postmaster; its backends are its
     /// children).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.server.pid
     }
 
     /// The loopback TCP port the server listens on (also the number in its
     /// Unix socket's name).
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port
     }
 
     /// The directory of the server's Unix socket, if it has one.
     pub fn socket_dir(&self) -> Option<&Path> {
-        self.socket_dir.as_deref()
+        self.server.socket_dir.as_deref()
     }
 
     /// The cluster's data directory (absolute).
@@ -410,7 +407,7 @@ impl LocalPostgres {
 
     fn sql_err(&self, source: sqlx::Error) -> LocalPostgresError {
         LocalPostgresError::Sql {
-            port: self.port,
+            port: self.server.port,
             source,
         }
     }
@@ -424,7 +421,7 @@ impl LocalPostgres {
                     return Ok(());
                 }
                 Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(port = self.port, error = %e, "waiting for PostgreSQL");
+                    tracing::debug!(port = self.server.port, error = %e, "waiting for PostgreSQL");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
@@ -840,6 +837,7 @@ impl Runner {
 }
 
 /// A running server, from its `postmaster.pid`.
+#[derive(Debug, Clone)]
 struct Running {
     /// The postmaster's process id.
     pid: u32,
