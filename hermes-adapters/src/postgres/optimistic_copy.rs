@@ -115,6 +115,31 @@ impl OptimisticCopy {
         }
     }
 
+    /// Stores a batch by `copy` when it should try the `COPY`
+    /// ([`OptimisticCopy::should_try`]), and by the regular statement
+    /// `fallback` when it should not or when the `COPY` asked for a fallback
+    /// (reporting the outcome with [`OptimisticCopy::resolved_by_fallback`]).
+    /// An [`CopyFailure::Abort`] fails the write.
+    pub async fn write<T>(
+        &self,
+        conn: &mut PgConnection,
+        copy: impl AsyncFnOnce(&mut PgConnection) -> Result<T, CopyFailure>,
+        fallback: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        if !self.should_try() {
+            return fallback(conn).await;
+        }
+        match copy(conn).await {
+            Ok(stored) => Ok(stored),
+            Err(CopyFailure::Abort(error)) => Err(error),
+            Err(CopyFailure::Fallback(error)) => {
+                let stored = fallback(conn).await?;
+                self.resolved_by_fallback(&error);
+                Ok(stored)
+            }
+        }
+    }
+
     /// Reports that the regular statement stored the batch whose `COPY`
     /// failed with `error`. An integrity error (SQLSTATE class 23: an existing
     /// key, or a constraint the statement's conflict clause resolved) is about

@@ -403,19 +403,17 @@ where
             order.sort_by_cached_key(|&i| (self.key)(rows[i]));
             let sorted: Vec<&R> = order.iter().map(|&i| rows[i]).collect();
 
-            let mut copy_error = None;
-            if let Some(fast) = self.copy.as_ref().filter(|fast| fast.copy.should_try()) {
-                match self.copy_rows(conn, fast, &sorted).await {
-                    Ok(()) => return Ok(vec![Written::Inserted; rows.len()]),
-                    Err(CopyFailure::Abort(error)) => return Err(error),
-                    Err(CopyFailure::Fallback(error)) => copy_error = Some((fast, error)),
+            let insert = async |conn: &mut PgConnection| self.insert(conn, &sorted, &order).await;
+            match &self.copy {
+                Some(fast) => {
+                    let copy = async |conn: &mut PgConnection| {
+                        self.copy_rows(conn, fast, &sorted).await?;
+                        Ok(vec![Written::Inserted; rows.len()])
+                    };
+                    fast.copy.write(conn, copy, insert).await
                 }
+                None => insert(conn).await,
             }
-            let written = self.insert(conn, &sorted, &order).await?;
-            if let Some((fast, error)) = copy_error {
-                fast.copy.resolved_by_fallback(&error);
-            }
-            Ok(written)
         })
     }
 }

@@ -53,28 +53,24 @@ impl RawEventStore {
         conn: &mut PgConnection,
         rows: &[&Arc<WebhookEvent>],
     ) -> Result<Vec<Written>, sqlx::Error> {
-        if !self.copy.should_try() {
-            return ingest_function::write(conn, rows).await;
-        }
-        let mut sorted: Vec<&Arc<WebhookEvent>> = rows.to_vec();
-        sorted.sort_by(|a, b| {
-            (&*a.source, &a.idempotency_key).cmp(&(&*b.source, &b.idempotency_key))
-        });
-        let ids = self.ids.take(conn, sorted.len()).await?;
-        match self.copy_rows(conn, &sorted, &ids).await {
-            Ok(()) => {
-                for (row, id) in sorted.iter().zip(ids) {
-                    row.set_written_id(id);
-                }
-                Ok(vec![Written::Inserted; rows.len()])
+        let copy = async |conn: &mut PgConnection| {
+            let mut sorted: Vec<&Arc<WebhookEvent>> = rows.to_vec();
+            sorted.sort_by(|a, b| {
+                (&*a.source, &a.idempotency_key).cmp(&(&*b.source, &b.idempotency_key))
+            });
+            let ids = self
+                .ids
+                .take(conn, sorted.len())
+                .await
+                .map_err(CopyFailure::Abort)?;
+            self.copy_rows(conn, &sorted, &ids).await?;
+            for (row, id) in sorted.iter().zip(ids) {
+                row.set_written_id(id);
             }
-            Err(CopyFailure::Abort(error)) => Err(error),
-            Err(CopyFailure::Fallback(error)) => {
-                let written = ingest_function::write(conn, rows).await?;
-                self.copy.resolved_by_fallback(&error);
-                Ok(written)
-            }
-        }
+            Ok(vec![Written::Inserted; rows.len()])
+        };
+        let function = async |conn: &mut PgConnection| ingest_function::write(conn, rows).await;
+        self.copy.write(conn, copy, function).await
     }
 
     async fn copy_rows(
