@@ -119,7 +119,7 @@ impl OptimisticCopy {
     /// ([`OptimisticCopy::should_try`]), and by the regular statement
     /// `fallback` when it should not or when the `COPY` asked for a fallback
     /// (reporting the outcome with [`OptimisticCopy::resolved_by_fallback`]).
-    /// An [`CopyFailure::Abort`] fails the write.
+    /// A [`CopyFailure::Abort`] fails the write.
     pub async fn write<T>(
         &self,
         conn: &mut PgConnection,
