@@ -37,6 +37,7 @@ use anyhow::{Context, bail};
 use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
 use hermes_adapters::sandbox::webhook_sender::{self, SenderConfig, Snapshot, Stats};
 use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier, body_sha256_hex};
+use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
@@ -266,16 +267,24 @@ impl CpuUsed {
     }
 
     /// Microseconds of CPU per event of each part metered.
-    fn per_event_us(&self, events: u64) -> Value {
-        let per_event = |secs: f64| json!(round3(secs * 1e6 / events.max(1) as f64));
-        let mut parts = serde_json::Map::new();
-        parts.insert("host".into(), per_event(self.host));
-        if let Some(postgres) = self.postgres {
-            parts.insert("postgres".into(), per_event(postgres));
+    fn per_event_us(&self, events: u64) -> CpuPerEvent {
+        let per_event = |secs: f64| round3(secs * 1e6 / events.max(1) as f64);
+        CpuPerEvent {
+            host: per_event(self.host),
+            postgres: self.postgres.map(per_event),
+            load_generator: per_event(self.load_generator),
         }
-        parts.insert("load_generator".into(), per_event(self.load_generator));
-        parts.into()
     }
+}
+
+/// Microseconds of CPU per event of each part, as printed; `postgres` only
+/// when Postgres was metered.
+#[derive(Serialize)]
+struct CpuPerEvent {
+    host: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<f64>,
+    load_generator: f64,
 }
 
 /// `hermes-bench webhook-overload`: prints `webhook_overload`.
