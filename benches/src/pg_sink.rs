@@ -48,6 +48,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::copy_text::push_field;
 use crate::report::{emit, median_by, round3};
 
 /// Rows per batch given to the writer.
@@ -345,28 +346,15 @@ async fn copy_slice(pool: &PgPool, table: &str, rows: &[Row]) -> anyhow::Result<
     for chunk in rows.chunks(BATCH_SIZE) {
         buf.clear();
         for row in chunk {
-            copy_text_field(&mut buf, &row.key);
+            push_field(&mut buf, row.key.as_bytes());
             buf.push(b'\t');
-            copy_text_field(&mut buf, &row.payload.0);
+            push_field(&mut buf, row.payload.0.as_bytes());
             buf.push(b'\n');
         }
         copy.send(buf.as_slice()).await?;
     }
     copy.finish().await?;
     Ok(())
-}
-
-/// Appends `value` escaped for COPY's text format.
-fn copy_text_field(buf: &mut Vec<u8>, value: &str) {
-    for &byte in value.as_bytes() {
-        match byte {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            other => buf.push(other),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -381,12 +369,5 @@ mod tests {
             assert!(value["body"].is_string());
             assert!(payload.len() > PAYLOAD_BYTES - 64 && payload.len() <= PAYLOAD_BYTES);
         }
-    }
-
-    #[test]
-    fn copy_text_escapes_specials() {
-        let mut buf = Vec::new();
-        copy_text_field(&mut buf, "a\\b\tc\nd");
-        assert_eq!(buf, b"a\\\\b\\tc\\nd");
     }
 }

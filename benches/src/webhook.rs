@@ -8,8 +8,12 @@
 //!   same table, one connection, no load on the host), just before and just
 //!   after the loop, with `ratio` = accepted_per_sec ÷ their mean. Also the
 //!   CPU each part (host, Postgres, load generator) spent per event and the
-//!   machine's busy cores. `webhook_e2e_normalized`: the same to an SMS source, whose
-//!   events also resolve parties, conversations and messages.
+//!   machine's busy cores. `webhook_e2e_bare`: the same loop against the
+//!   bare server ([`bare_webhook`](crate::bare_webhook): signature, JSON
+//!   check, one group-committed `COPY`, nothing else), the floor a
+//!   store-then-202 design has on this machine. `webhook_e2e_normalized`: the
+//!   host again, to an SMS source, whose events also resolve parties,
+//!   conversations and messages.
 //! - `webhook_e2e_latency`: an open loop at a fraction of the measured
 //!   capacity: p50/p99 of the 202s below saturation, against the target
 //!   `batch_timeout_ms + 25`.
@@ -26,12 +30,11 @@
 //! or `--hermes-bin` — so its RSS is its own. Load generator, host and
 //! Postgres share the machine's cores.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
@@ -41,6 +44,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
+use crate::copy_text::push_field;
 use crate::report::{
     cpu_secs_of, cpu_secs_of_tree, emit, machine_busy_secs, peak_rss_mb_of, round3, rss_mb_of,
 };
@@ -91,19 +95,31 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             host: host.pid(),
             postmaster: Some(bench.pg.pid()),
         };
+        let bare = bench.start_bare().await?;
         let run = format!("e2e-{}", std::process::id());
         let mut raw_per_sec = 0.0;
-        for (bench_name, source) in [
-            ("webhook_e2e", RAW_SOURCE),
-            ("webhook_e2e_normalized", SMS_SOURCE),
+        for (bench_name, server, source) in [
+            ("webhook_e2e", &host, RAW_SOURCE),
+            ("webhook_e2e_bare", &bare, RAW_SOURCE),
+            ("webhook_e2e_normalized", &host, SMS_SOURCE),
         ] {
-            let (closed, secs, used) =
-                closed_loop(&host, &cpu, source, options, &format!("{run}-{source}")).await?;
+            let cpu = CpuMeter {
+                host: server.pid(),
+                ..cpu
+            };
+            let (closed, secs, used) = closed_loop(
+                server,
+                &cpu,
+                source,
+                options,
+                &format!("{run}-{bench_name}"),
+            )
+            .await?;
             let limit_after = bench.pg_copy_limit().await?;
             let limit = (limit_before + limit_after) / 2.0;
             let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
             let accepted_per_sec = accepted as f64 / secs;
-            if source == RAW_SOURCE {
+            if bench_name == "webhook_e2e" {
                 raw_per_sec = accepted_per_sec;
             }
             emit(&json!({
@@ -123,12 +139,13 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "pg_copy_rows_per_sec_after": limit_after.round(),
                 "ratio": round3(accepted_per_sec / limit),
                 "durable": !options.relaxed,
-                "host_peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
+                "host_peak_rss_mb": round3(peak_rss_mb_of(server.pid())),
                 "cpu_us_per_event": used.per_event_us(accepted),
                 "busy_cores": round3(used.machine_busy / secs),
             }));
             limit_before = limit_after;
         }
+        bare.stop().await;
 
         // Below saturation: half the measured raw capacity, open loop.
         let rate = ((raw_per_sec * 0.5) as u64).max(1);
@@ -142,7 +159,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             &format!("{run}-latency"),
         )
         .await?;
-        let batch_timeout_ms = host.batch_timeout_ms;
+        let batch_timeout_ms = batch_timeout_ms(&options.webhooks);
         let open_accepted = open.statuses.get(&202).copied().unwrap_or(0);
         emit(&json!({
             "bench": "webhook_e2e_latency",
@@ -419,7 +436,7 @@ async fn drive(
 }
 
 /// The verifier of the benchmark's source (it signs the requests).
-fn verifier() -> anyhow::Result<Verifier> {
+pub(crate) fn verifier() -> anyhow::Result<Verifier> {
     let scheme = Scheme::hmac_sha256(HEADER, Some("sha256="), Encoding::Hex)?;
     Ok(Verifier::new(scheme, vec![Secret::new(SECRET)])?)
 }
@@ -485,8 +502,24 @@ impl Bench {
         let config_path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, &config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let mut command = Command::new(&self.hermes_bin);
+        command.arg("serve").arg("--config").arg(&config_path);
         let log = self.dir.join(format!("{name}.log"));
-        HostProcess::start(&self.hermes_bin, &config_path, &self.database_url, &log).await
+        HostProcess::start(command, &self.database_url, &log).await
+    }
+
+    /// Starts the bare server (`hermes-bare-webhook`, next to this
+    /// executable) on the benchmark database, which the host has migrated.
+    async fn start_bare(&self) -> anyhow::Result<HostProcess> {
+        let bin = std::env::current_exe()?.with_file_name("hermes-bare-webhook");
+        if !bin.is_file() {
+            bail!(
+                "no bare server at {}: build it with `cargo build --release -p hermes-benches`",
+                bin.display()
+            );
+        }
+        let log = self.dir.join("bare.log");
+        HostProcess::start(Command::new(bin), &self.database_url, &log).await
     }
 
     /// Rows per second that Postgres alone stores of the same 1 KB event rows
@@ -525,12 +558,8 @@ impl Bench {
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < LIMIT_SECS {
             let chunk = chunks.recv().await.context("the row generator stopped")?;
-            let mut copy = conn
-                .copy_in_raw(
-                    "COPY webhook_events (source, idempotency_key, body, received_at) FROM STDIN",
-                )
-                .await?;
-            copy.send(chunk.as_bytes()).await?;
+            let mut copy = conn.copy_in_raw(COPY_EVENTS_TEXT).await?;
+            copy.send(chunk.as_slice()).await?;
             rows += copy.finish().await?;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -560,32 +589,33 @@ impl Bench {
 /// The next [`COPY_CHUNK`] rows of the Postgres limit, in `COPY` text
 /// format, numbered from `next` on: sms bodies like the load generator's,
 /// each keyed as the host keys it (the hex SHA-256 of the body).
-fn limit_chunk(next: &mut u64) -> String {
-    let mut chunk = String::with_capacity(COPY_CHUNK * 1_200);
+fn limit_chunk(next: &mut u64) -> Vec<u8> {
+    let mut chunk = Vec::with_capacity(COPY_CHUNK * 1_200);
+    let received_at = SystemTime::now();
     for _ in 0..COPY_CHUNK {
         let (_, body) = webhook_sender::sms_body(*next, "limit");
         let key = body_sha256_hex(&body);
-        let body = copy_text_escape(&String::from_utf8_lossy(&body));
-        // Writing to a String cannot fail.
-        let _ = writeln!(chunk, "sms\t{key}\t{body}\t2024-05-01 12:00:00+00");
+        copy_row(&mut chunk, SMS_SOURCE, &key, &body, received_at);
         *next += 1;
     }
     chunk
 }
 
-/// `text` escaped for a field of `COPY … FROM STDIN` text format.
-fn copy_text_escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '\t' => escaped.push_str("\\t"),
-            '\n' => escaped.push_str("\\n"),
-            '\r' => escaped.push_str("\\r"),
-            c => escaped.push(c),
-        }
+/// Appends one row of [`COPY_EVENTS_TEXT`] to `rows`; `body` is UTF-8 JSON.
+pub(crate) fn copy_row(
+    rows: &mut Vec<u8>,
+    source: &str,
+    key: &str,
+    body: &[u8],
+    received_at: SystemTime,
+) {
+    for field in [source.as_bytes(), key.as_bytes(), body] {
+        push_field(rows, field);
+        rows.push(b'\t');
     }
-    escaped
+    let received_at = humantime::format_rfc3339_micros(received_at).to_string();
+    push_field(rows, received_at.as_bytes());
+    rows.push(b'\n');
 }
 
 /// Cargo's target directory (marked by `CACHEDIR.TAG`) above this executable,
@@ -601,30 +631,24 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target"))
 }
 
-/// A `hermes serve` subprocess.
+/// A server subprocess: `hermes serve`, or the bare server.
 struct HostProcess {
     child: Child,
     url: String,
     log: PathBuf,
-    batch_timeout_ms: u64,
 }
 
 impl HostProcess {
-    async fn start(
-        bin: &Path,
-        config: &Path,
-        database_url: &str,
-        log: &Path,
-    ) -> anyhow::Result<Self> {
+    /// Runs `command` on `database_url`, listening on a free port, its
+    /// stderr into `log`, and waits until it is ready.
+    async fn start(mut command: Command, database_url: &str, log: &Path) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
+        let program = command.get_program().to_owned();
+        let child = command
             .env("DATABASE_URL", database_url)
             .env("HERMES_LISTEN", format!("127.0.0.1:{port}"))
             .env(
@@ -635,23 +659,11 @@ impl HostProcess {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let batch_timeout_ms = std::fs::read_to_string(config)
-            .ok()
-            .and_then(|text| {
-                text.lines().find_map(|line| {
-                    line.trim()
-                        .strip_prefix("batch_timeout_ms")
-                        .and_then(|rest| rest.trim().strip_prefix('='))
-                        .and_then(|value| value.trim().parse().ok())
-                })
-            })
-            .unwrap_or(DEFAULT_BATCH_TIMEOUT_MS);
+            .with_context(|| format!("cannot start {}", Path::new(&program).display()))?;
         let mut host = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log: log.to_owned(),
-            batch_timeout_ms,
         };
         host.wait_ready().await?;
         Ok(host)
@@ -722,7 +734,12 @@ impl Drop for HostProcess {
 const SMS_SOURCE: &str = "sms";
 
 /// The source whose events are stored raw: the same rows as the Postgres limit.
-const RAW_SOURCE: &str = "raw";
+pub(crate) const RAW_SOURCE: &str = "raw";
+
+/// The standalone limit's statement (also the bare server's): text-format
+/// rows made by [`copy_row`].
+pub(crate) const COPY_EVENTS_TEXT: &str =
+    "COPY webhook_events (source, idempotency_key, body, received_at) FROM STDIN";
 
 /// A source the host does not have (every request to it is answered 404).
 const UNKNOWN_SOURCE: &str = "unknown";
@@ -730,6 +747,20 @@ const UNKNOWN_SOURCE: &str = "unknown";
 /// Environment variable: the host's `RUST_LOG` (default `warn`); its log is
 /// written to `target/bench-pg/<bench>.log`.
 pub const HOST_LOG_ENV: &str = "HERMES_BENCH_HOST_LOG";
+
+/// The host's `batch_timeout_ms` as set by `--webhooks` lines, else its
+/// default.
+fn batch_timeout_ms(webhooks: &[String]) -> u64 {
+    webhooks
+        .iter()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("batch_timeout_ms")
+                .and_then(|rest| rest.trim().strip_prefix('='))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(DEFAULT_BATCH_TIMEOUT_MS)
+}
 
 /// The host's default `batch_timeout_ms` (the benchmark config leaves it unset).
 const DEFAULT_BATCH_TIMEOUT_MS: u64 = 10;
@@ -763,5 +794,33 @@ impl RssSampler {
             samples.push(0.0);
         }
         samples
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn copy_row_escapes_the_body_for_copy_text_format() {
+        let mut rows = Vec::new();
+        let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        copy_row(&mut rows, "raw", "k1", b"{\"a\":\"x\\y\tz\n\"}", at);
+        assert_eq!(
+            rows,
+            b"raw\tk1\t{\"a\":\"x\\\\y\\tz\\n\"}\t2023-11-14T22:13:20.123456Z\n"
+        );
+    }
+
+    #[test]
+    fn batch_timeout_comes_from_the_webhooks_lines_else_the_default() {
+        assert_eq!(batch_timeout_ms(&[]), DEFAULT_BATCH_TIMEOUT_MS);
+        let lines = [
+            "batch_size = 50".to_owned(),
+            " batch_timeout_ms = 3".to_owned(),
+        ];
+        assert_eq!(batch_timeout_ms(&lines), 3);
     }
 }
