@@ -3,11 +3,11 @@
 //! table, and let a regular statement decide when it fails.
 //!
 //! `COPY` has no `ON CONFLICT`: one existing key fails the whole batch, which
-//! then stores nothing. The caller runs its regular, idempotent statement
-//! instead and reports back ([`OptimisticCopy::resolved_by_fallback`]): after
-//! an integrity error the next 1, 2, 4… up to 64 batches skip the `COPY`, so
-//! streams of redeliveries do not pay twice; after any other error (a binary
-//! format the column does not take) the `COPY` is switched off for good.
+//! then stores nothing. [`OptimisticCopy::write`] then runs the caller's
+//! regular, idempotent statement instead: after an integrity error the next
+//! 1, 2, 4… up to 64 batches skip the `COPY`, so streams of redeliveries
+//! do not pay twice; after any other error (a binary format the column does
+//! not take) the `COPY` is switched off for good.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
@@ -38,8 +38,8 @@ pub struct OptimisticCopy {
 #[derive(Debug)]
 pub enum CopyFailure {
     /// Nothing was stored and the connection is usable (in a transaction,
-    /// rolled back to a savepoint): run the regular statement instead, then
-    /// call [`OptimisticCopy::resolved_by_fallback`] with this error.
+    /// rolled back to a savepoint): [`OptimisticCopy::write`] runs the
+    /// regular statement instead.
     Fallback(sqlx::Error),
     /// The connection or transaction is unusable (a transient error): fail
     /// the attempt.
@@ -66,7 +66,7 @@ impl OptimisticCopy {
 
     /// Whether this batch should try the `COPY` (it is enabled and not
     /// backing off); counts the batch against the back-off.
-    pub fn should_try(&self) -> bool {
+    fn should_try(&self) -> bool {
         self.is_enabled()
             && self
                 .skip
@@ -115,11 +115,11 @@ impl OptimisticCopy {
         }
     }
 
-    /// Stores a batch by `copy` when it should try the `COPY`
-    /// ([`OptimisticCopy::should_try`]), and by the regular statement
-    /// `fallback` when it should not or when the `COPY` asked for a fallback
-    /// (reporting the outcome with [`OptimisticCopy::resolved_by_fallback`]).
-    /// A [`CopyFailure::Abort`] fails the write.
+    /// Stores a batch by `copy` unless the `COPY` is switched off or backing
+    /// off, and by the regular statement `fallback` then, or when `copy`
+    /// fails with [`CopyFailure::Fallback`] (which starts a back-off, or
+    /// switches the `COPY` off; see the module docs). A
+    /// [`CopyFailure::Abort`] fails the write.
     pub async fn write<T>(
         &self,
         conn: &mut PgConnection,
@@ -145,7 +145,7 @@ impl OptimisticCopy {
     /// key, or a constraint the statement's conflict clause resolved) is about
     /// these rows: back off for a while. Anything else will fail every time:
     /// stop trying.
-    pub fn resolved_by_fallback(&self, error: &sqlx::Error) {
+    fn resolved_by_fallback(&self, error: &sqlx::Error) {
         match error {
             sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("23")) => {
                 let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_SKIP);
