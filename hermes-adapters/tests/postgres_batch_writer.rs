@@ -708,3 +708,60 @@ async fn the_optimistic_copy_in_autocommit_keeps_every_outcome() {
     assert_eq!(rejected, vec![7]);
     assert_eq!(count(&pool).await, 250 + 39);
 }
+
+/// Runs the plain UNNEST insert, then drops the last row's outcome: a
+/// statement that breaks the one-outcome-per-row contract.
+struct DropsAnOutcome(UnnestInsert<Event, String>);
+
+impl BatchStatement for DropsAnOutcome {
+    type Row = Event;
+    type Key = String;
+
+    fn key(&self, row: &Event) -> String {
+        self.0.key(row)
+    }
+
+    fn execute<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        rows: &'c [&'c Event],
+    ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
+        Box::pin(async move {
+            let mut written = self.0.execute(conn, rows).await?;
+            written.pop();
+            Ok(written)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() {
+    let pool = setup().await;
+    for single in [false, true] {
+        sqlx::query("TRUNCATE events")
+            .execute(&pool)
+            .await
+            .expect("truncate");
+        let statement = DropsAnOutcome(insert_events(Mode::Unnest));
+        let writer =
+            BatchWriter::new(pool.clone(), statement, fast_retries()).single_statement(single);
+
+        let error = writer
+            .write(&events(0..10))
+            .await
+            .expect_err("a short count");
+        assert!(
+            matches!(
+                error,
+                WriteError::OutcomeCount {
+                    expected: 10,
+                    got: 9
+                }
+            ),
+            "single_statement({single}): {error:?}"
+        );
+        // In a transaction nothing is committed; a single statement has
+        // committed already (written again, its rows come back as duplicates).
+        assert_eq!(count(&pool).await, if single { 10 } else { 0 });
+    }
+}

@@ -166,6 +166,18 @@ enum AttemptError {
     OutcomeCount { expected: usize, got: usize },
 }
 
+/// `written` if the statement returned one outcome per row of `rows`.
+fn one_outcome_per_row<R>(written: Vec<Written>, rows: &[R]) -> Result<Vec<Written>, AttemptError> {
+    if written.len() == rows.len() {
+        Ok(written)
+    } else {
+        Err(AttemptError::OutcomeCount {
+            expected: rows.len(),
+            got: written.len(),
+        })
+    }
+}
+
 impl From<sqlx::Error> for AttemptError {
     fn from(error: sqlx::Error) -> Self {
         AttemptError::Sql(error)
@@ -390,25 +402,12 @@ impl<S: BatchStatement> BatchWriter<S> {
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
         if self.single_statement {
             let mut conn = self.pool.acquire().await?;
-            let written = self.statement.execute(&mut conn, rows).await?;
             // Already committed: a wrong count fails the batch, and writing
             // it again reports its rows as duplicates.
-            if written.len() != rows.len() {
-                return Err(AttemptError::OutcomeCount {
-                    expected: rows.len(),
-                    got: written.len(),
-                });
-            }
-            return Ok(written);
+            return one_outcome_per_row(self.statement.execute(&mut conn, rows).await?, rows);
         }
         let mut tx = self.pool.begin().await?;
-        let written = self.statement.execute(&mut tx, rows).await?;
-        if written.len() != rows.len() {
-            return Err(AttemptError::OutcomeCount {
-                expected: rows.len(),
-                got: written.len(),
-            });
-        }
+        let written = one_outcome_per_row(self.statement.execute(&mut tx, rows).await?, rows)?;
         tx.commit().await?;
         Ok(written)
     }
