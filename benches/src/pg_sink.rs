@@ -8,6 +8,9 @@
 //! - `copy`: raw `COPY ... FROM STDIN` in text format, one statement per
 //!   slice of [`SLICE_ROWS`] rows. The ceiling: no per-row outcome, no
 //!   idempotency, one commit per slice.
+//! - `copy_per_batch`: the same, one statement per [`BATCH_SIZE`] rows, as
+//!   the writer commits: what Postgres itself charges for a statement and
+//!   commit per batch, apart from the writer's own cost.
 //! - writer `optimistic_copy`: [`BatchWriter`] with the ready-made
 //!   [`UnnestInsert`] and [`UnnestInsertBuilder::optimistic_copy`], in
 //!   batches of [`BATCH_SIZE`]: one durable transaction per batch, per-row
@@ -26,12 +29,14 @@
 //!
 //! ```text
 //! {"bench":"pg_sink","writer":"optimistic_copy","concurrency":1,"rows":200000,
-//!  "batch_size":1000,"writer_rows_per_sec":...,"copy_rows_per_sec":...,"ratio":...}
+//!  "batch_size":1000,"writer_rows_per_sec":...,"copy_rows_per_sec":...,"ratio":...,
+//!  "copy_per_batch_rows_per_sec":...,"ratio_per_batch":...}
 //! ```
 //!
-//! Rates are medians of [`RUNS`] runs; `ratio` is writer ÷ copy, the median
-//! of the per-run ratios (each run's methods ran interleaved, so its ratio is
-//! a like-for-like comparison).
+//! Rates are medians of [`RUNS`] runs; `ratio` is writer ÷ copy and
+//! `ratio_per_batch` writer ÷ copy_per_batch, each the median of the per-run
+//! ratios (each run's methods ran interleaved, so its ratio is a
+//! like-for-like comparison).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -105,20 +110,24 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
             all.push(rate);
         }
     }
-    let copy_rates = &rates[0];
-    let copy = median_by(copy_rates.clone(), |r| *r).unwrap_or(0.0);
-    for (method, writer_rates) in METHODS.iter().zip(&rates).skip(1) {
+    let median = |rates: &[f64]| median_by(rates.to_vec(), |r| *r).unwrap_or(0.0);
+    // Median of the per-run ratios of `rates` to `baseline`.
+    let ratio = |rates: &[f64], baseline: &[f64]| {
+        let ratios: Vec<f64> = rates
+            .iter()
+            .zip(baseline)
+            .map(|(w, c)| if *c > 0.0 { w / c } else { 0.0 })
+            .collect();
+        round3(median(&ratios))
+    };
+    let (copy_rates, per_batch_rates) = (&rates[0], &rates[1]);
+    for (method, writer_rates) in METHODS.iter().zip(&rates) {
         let Method::Writer {
             name, concurrency, ..
         } = method
         else {
             continue;
         };
-        let ratios: Vec<f64> = writer_rates
-            .iter()
-            .zip(copy_rates)
-            .map(|(w, c)| if *c > 0.0 { w / c } else { 0.0 })
-            .collect();
         emit(&json!({
             "bench": "pg_sink",
             "writer": name,
@@ -127,9 +136,11 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
             "batch_size": BATCH_SIZE,
             "payload_bytes": PAYLOAD_BYTES,
             "runs": RUNS,
-            "writer_rows_per_sec": median_by(writer_rates.clone(), |r| *r).unwrap_or(0.0).round(),
-            "copy_rows_per_sec": copy.round(),
-            "ratio": round3(median_by(ratios, |r| *r).unwrap_or(0.0)),
+            "writer_rows_per_sec": median(writer_rates).round(),
+            "copy_rows_per_sec": median(copy_rates).round(),
+            "ratio": ratio(writer_rates, copy_rates),
+            "copy_per_batch_rows_per_sec": median(per_batch_rates).round(),
+            "ratio_per_batch": ratio(writer_rates, per_batch_rates),
         }));
     }
     pool.close().await;
@@ -139,8 +150,8 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
 /// One way of storing the rows.
 #[derive(Debug, Clone, Copy)]
 enum Method {
-    /// Raw `COPY`, one statement per slice.
-    Copy,
+    /// Raw `COPY`, one statement per this many rows.
+    Copy { rows_per_statement: usize },
     /// The batch writer.
     Writer {
         name: &'static str,
@@ -152,7 +163,10 @@ enum Method {
 impl Method {
     fn label(&self) -> String {
         match self {
-            Method::Copy => "copy".to_owned(),
+            Method::Copy { rows_per_statement } if *rows_per_statement == BATCH_SIZE => {
+                "copy_per_batch".to_owned()
+            }
+            Method::Copy { .. } => "copy".to_owned(),
             Method::Writer {
                 name, concurrency, ..
             } => format!("{name}x{concurrency}"),
@@ -164,9 +178,14 @@ impl Method {
     }
 }
 
-/// The methods measured; `copy` first.
-const METHODS: [Method; 5] = [
-    Method::Copy,
+/// The methods measured; `copy` and `copy_per_batch` first.
+const METHODS: [Method; 6] = [
+    Method::Copy {
+        rows_per_statement: SLICE_ROWS,
+    },
+    Method::Copy {
+        rows_per_statement: BATCH_SIZE,
+    },
     Method::Writer {
         name: "optimistic_copy",
         optimistic_copy: true,
@@ -277,15 +296,13 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
         fresh_table(pool, table).await?;
     }
     sqlx::query("CHECKPOINT").execute(pool).await?;
-    let mut writers: Vec<Option<(Writer, usize)>> = Vec::with_capacity(METHODS.len());
+    let mut writers: Vec<Option<Writer>> = Vec::with_capacity(METHODS.len());
     for (method, table) in METHODS.iter().zip(&tables) {
         writers.push(match method {
-            Method::Copy => None,
+            Method::Copy { .. } => None,
             Method::Writer {
-                optimistic_copy,
-                concurrency,
-                ..
-            } => Some((writer(pool, table, *optimistic_copy)?, *concurrency)),
+                optimistic_copy, ..
+            } => Some(writer(pool, table, *optimistic_copy)?),
         });
     }
     let mut elapsed = vec![Duration::ZERO; METHODS.len()];
@@ -293,9 +310,14 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
         for step in 0..METHODS.len() {
             let method = (index + step) % METHODS.len();
             let started = Instant::now();
-            match &writers[method] {
-                None => copy_slice(pool, &tables[method], slice).await?,
-                Some((writer, concurrency)) => write_slice(writer, *concurrency, slice).await?,
+            match (METHODS[method], &writers[method]) {
+                (Method::Copy { rows_per_statement }, _) => {
+                    copy_slice(pool, &tables[method], slice, rows_per_statement).await?
+                }
+                (Method::Writer { concurrency, .. }, Some(writer)) => {
+                    write_slice(writer, concurrency, slice).await?
+                }
+                (Method::Writer { .. }, None) => bail!("no writer for {}", tables[method]),
             }
             elapsed[method] += started.elapsed();
         }
@@ -305,7 +327,7 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
             Method::Writer {
                 optimistic_copy, ..
             },
-            Some((writer, _)),
+            Some(writer),
         ) = (method, writer)
         {
             if writer.statement().copy_enabled() != *optimistic_copy {
@@ -336,24 +358,32 @@ async fn write_slice(writer: &Writer, concurrency: usize, rows: &[Row]) -> anyho
     Ok(())
 }
 
-/// One `COPY ... FROM STDIN` (text format) of `rows`, streamed in chunks.
-async fn copy_slice(pool: &PgPool, table: &str, rows: &[Row]) -> anyhow::Result<()> {
+/// `COPY ... FROM STDIN` (text format) of `rows`, one statement (and
+/// commit) per `rows_per_statement`, each streamed in chunks of
+/// [`BATCH_SIZE`] rows.
+async fn copy_slice(
+    pool: &PgPool,
+    table: &str,
+    rows: &[Row],
+    rows_per_statement: usize,
+) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
-    let mut copy = conn
-        .copy_in_raw(&format!("COPY {table} (key, payload) FROM STDIN"))
-        .await?;
+    let sql = format!("COPY {table} (key, payload) FROM STDIN");
     let mut buf = Vec::with_capacity(BATCH_SIZE * (PAYLOAD_BYTES + 32));
-    for chunk in rows.chunks(BATCH_SIZE) {
-        buf.clear();
-        for row in chunk {
-            push_field(&mut buf, row.key.as_bytes());
-            buf.push(b'\t');
-            push_field(&mut buf, row.payload.0.as_bytes());
-            buf.push(b'\n');
+    for statement in rows.chunks(rows_per_statement) {
+        let mut copy = conn.copy_in_raw(&sql).await?;
+        for chunk in statement.chunks(BATCH_SIZE) {
+            buf.clear();
+            for row in chunk {
+                push_field(&mut buf, row.key.as_bytes());
+                buf.push(b'\t');
+                push_field(&mut buf, row.payload.0.as_bytes());
+                buf.push(b'\n');
+            }
+            copy.send(buf.as_slice()).await?;
         }
-        copy.send(buf.as_slice()).await?;
+        copy.finish().await?;
     }
-    copy.finish().await?;
     Ok(())
 }
 
