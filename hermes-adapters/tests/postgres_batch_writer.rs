@@ -286,7 +286,7 @@ async fn several_bad_rows_of_different_kinds_are_isolated(mode: Mode) {
     assert_eq!(count(&pool).await, 61);
 }
 
-/// Wraps the events insert; before its first `fail_times` executions it does
+/// Wraps the events insert; in its first `fail_times` executions it does
 /// something that breaks the attempt.
 struct Sabotaged {
     inner: UnnestInsert<Event, String>,
@@ -302,6 +302,9 @@ enum Sabotage {
     TerminateBackend,
     /// Raise SQLSTATE 40001 serialization_failure.
     SerializationFailure,
+    /// Insert, then drop the last row's outcome (breaking the statement's
+    /// one-outcome-per-row contract).
+    DropAnOutcome,
 }
 
 impl BatchStatement for Sabotaged {
@@ -353,6 +356,11 @@ impl BatchStatement for Sabotaged {
                         )
                         .execute(&mut *conn)
                         .await?;
+                    }
+                    Sabotage::DropAnOutcome => {
+                        let mut written = self.inner.execute(conn, rows).await?;
+                        written.pop();
+                        return Ok(written);
                     }
                 }
             }
@@ -709,31 +717,6 @@ async fn the_optimistic_copy_in_autocommit_keeps_every_outcome() {
     assert_eq!(count(&pool).await, 250 + 39);
 }
 
-/// Runs the plain UNNEST insert, then drops the last row's outcome: a
-/// statement that breaks the one-outcome-per-row contract.
-struct DropsAnOutcome(UnnestInsert<Event, String>);
-
-impl BatchStatement for DropsAnOutcome {
-    type Row = Event;
-    type Key = String;
-
-    fn key(&self, row: &Event) -> String {
-        self.0.key(row)
-    }
-
-    fn execute<'c>(
-        &'c self,
-        conn: &'c mut PgConnection,
-        rows: &'c [&'c Event],
-    ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
-        Box::pin(async move {
-            let mut written = self.0.execute(conn, rows).await?;
-            written.pop();
-            Ok(written)
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() {
     let pool = setup().await;
@@ -742,9 +725,15 @@ async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() 
             .execute(&pool)
             .await
             .expect("truncate");
-        let statement = DropsAnOutcome(insert_events(Mode::Unnest));
-        let writer =
-            BatchWriter::new(pool.clone(), statement, fast_retries()).single_statement(single);
+        let writer = sabotaged_writer(
+            &pool,
+            Mode::Unnest,
+            Sabotage::DropAnOutcome,
+            u32::MAX,
+            fast_retries(),
+        )
+        .await
+        .single_statement(single);
 
         let error = writer
             .write(&events(0..10))
@@ -761,7 +750,7 @@ async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() 
             "single_statement({single}): {error:?}"
         );
         // In a transaction nothing is committed; a single statement has
-        // committed already (written again, its rows come back as duplicates).
+        // committed already.
         assert_eq!(count(&pool).await, if single { 10 } else { 0 });
     }
 }
