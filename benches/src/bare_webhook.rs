@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, oneshot};
 
-use crate::webhook::{COPY_EVENTS_TEXT, RAW_SOURCE, copy_row, verifier};
+use crate::webhook::{RAW_SOURCE, copy_events, copy_row, verifier};
 
 /// The most events one `COPY` takes (the host's default `batch_size`).
 const MAX_BATCH: usize = 200;
@@ -144,7 +144,7 @@ async fn write_batches(pool: PgPool, shared: Arc<Shared>) {
                 event.received_at,
             );
         }
-        let stored = copy(&pool, &rows).await;
+        let stored = async { copy_events(&mut *pool.acquire().await?, &rows).await }.await;
         if let Err(error) = &stored {
             eprintln!("batch of {} not stored: {error}", batch.len());
         }
@@ -152,11 +152,4 @@ async fn write_batches(pool: PgPool, shared: Arc<Shared>) {
             let _ = event.committed.send(stored.is_ok());
         }
     }
-}
-
-async fn copy(pool: &PgPool, rows: &[u8]) -> Result<u64, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let mut copy = conn.copy_in_raw(COPY_EVENTS_TEXT).await?;
-    copy.send(rows).await?;
-    copy.finish().await
 }

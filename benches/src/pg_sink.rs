@@ -150,8 +150,11 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
 /// One way of storing the rows.
 #[derive(Debug, Clone, Copy)]
 enum Method {
-    /// Raw `COPY`, one statement per this many rows.
-    Copy { rows_per_statement: usize },
+    /// Raw `COPY`, one statement per `rows_per_statement` rows.
+    Copy {
+        name: &'static str,
+        rows_per_statement: usize,
+    },
     /// The batch writer.
     Writer {
         name: &'static str,
@@ -163,10 +166,7 @@ enum Method {
 impl Method {
     fn label(&self) -> String {
         match self {
-            Method::Copy { rows_per_statement } if *rows_per_statement == BATCH_SIZE => {
-                "copy_per_batch".to_owned()
-            }
-            Method::Copy { .. } => "copy".to_owned(),
+            Method::Copy { name, .. } => (*name).to_owned(),
             Method::Writer {
                 name, concurrency, ..
             } => format!("{name}x{concurrency}"),
@@ -181,9 +181,11 @@ impl Method {
 /// The methods measured; `copy` and `copy_per_batch` first.
 const METHODS: [Method; 6] = [
     Method::Copy {
+        name: "copy",
         rows_per_statement: SLICE_ROWS,
     },
     Method::Copy {
+        name: "copy_per_batch",
         rows_per_statement: BATCH_SIZE,
     },
     Method::Writer {
@@ -288,6 +290,12 @@ fn writer(pool: &PgPool, table: &str, optimistic_copy: bool) -> anyhow::Result<W
     Ok(BatchWriter::new(pool.clone(), statement, RetryPolicy::default()).single_statement(true))
 }
 
+/// A method ready to store slices.
+enum Runner {
+    Copy { rows_per_statement: usize },
+    Writer { writer: Writer, concurrency: usize },
+}
+
 /// One run: rows per second of each of [`METHODS`], interleaved slice by
 /// slice in a rotating order.
 async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
@@ -296,13 +304,20 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
         fresh_table(pool, table).await?;
     }
     sqlx::query("CHECKPOINT").execute(pool).await?;
-    let mut writers: Vec<Option<Writer>> = Vec::with_capacity(METHODS.len());
+    let mut runners: Vec<Runner> = Vec::with_capacity(METHODS.len());
     for (method, table) in METHODS.iter().zip(&tables) {
-        writers.push(match method {
-            Method::Copy { .. } => None,
+        runners.push(match *method {
+            Method::Copy {
+                rows_per_statement, ..
+            } => Runner::Copy { rows_per_statement },
             Method::Writer {
-                optimistic_copy, ..
-            } => Some(writer(pool, table, *optimistic_copy)?),
+                optimistic_copy,
+                concurrency,
+                ..
+            } => Runner::Writer {
+                writer: writer(pool, table, optimistic_copy)?,
+                concurrency,
+            },
         });
     }
     let mut elapsed = vec![Duration::ZERO; METHODS.len()];
@@ -310,25 +325,25 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
         for step in 0..METHODS.len() {
             let method = (index + step) % METHODS.len();
             let started = Instant::now();
-            match (METHODS[method], &writers[method]) {
-                (Method::Copy { rows_per_statement }, _) => {
-                    copy_slice(pool, &tables[method], slice, rows_per_statement).await?
+            match &runners[method] {
+                Runner::Copy { rows_per_statement } => {
+                    copy_slice(pool, &tables[method], slice, *rows_per_statement).await?
                 }
-                (Method::Writer { concurrency, .. }, Some(writer)) => {
-                    write_slice(writer, concurrency, slice).await?
-                }
-                (Method::Writer { .. }, None) => bail!("no writer for {}", tables[method]),
+                Runner::Writer {
+                    writer,
+                    concurrency,
+                } => write_slice(writer, *concurrency, slice).await?,
             }
             elapsed[method] += started.elapsed();
         }
     }
-    for (method, writer) in METHODS.iter().zip(&writers) {
+    for (method, runner) in METHODS.iter().zip(&runners) {
         if let (
             Method::Writer {
                 optimistic_copy, ..
             },
-            Some(writer),
-        ) = (method, writer)
+            Runner::Writer { writer, .. },
+        ) = (method, runner)
         {
             if writer.statement().copy_enabled() != *optimistic_copy {
                 bail!("the optimistic COPY switched itself off; see the log");

@@ -559,9 +559,7 @@ impl Bench {
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < LIMIT_SECS {
             let chunk = chunks.recv().await.context("the row generator stopped")?;
-            let mut copy = conn.copy_in_raw(COPY_EVENTS_TEXT).await?;
-            copy.send(chunk.as_slice()).await?;
-            rows += copy.finish().await?;
+            rows += copy_events(&mut conn, &chunk).await?;
         }
         let secs = started.elapsed().as_secs_f64();
         drop(chunks);
@@ -600,6 +598,13 @@ fn limit_chunk(next: &mut u64) -> Vec<u8> {
         *next += 1;
     }
     chunk
+}
+
+/// Stores `rows` (made by [`copy_row`]) with one `COPY`; returns how many.
+pub(crate) async fn copy_events(conn: &mut PgConnection, rows: &[u8]) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(COPY_EVENTS_TEXT).await?;
+    copy.send(rows).await?;
+    copy.finish().await
 }
 
 /// Appends one row of [`COPY_EVENTS_TEXT`] to `rows`; `body` is UTF-8 JSON.
@@ -737,8 +742,8 @@ const SMS_SOURCE: &str = "sms";
 pub(crate) const RAW_SOURCE: &str = "raw";
 
 /// The standalone limit's statement (also the bare server's): text-format
-/// rows made by [`copy_row`].
-pub(crate) const COPY_EVENTS_TEXT: &str =
+/// rows made by [`copy_row`], run by [`copy_events`].
+const COPY_EVENTS_TEXT: &str =
     "COPY webhook_events (source, idempotency_key, body, received_at) FROM STDIN";
 
 /// A source the host does not have (every request to it is answered 404).
