@@ -100,6 +100,13 @@ async fn setup() -> PgPool {
     pool
 }
 
+async fn truncate(pool: &PgPool) {
+    sqlx::query("TRUNCATE events")
+        .execute(pool)
+        .await
+        .expect("truncate");
+}
+
 async fn count(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
@@ -619,10 +626,7 @@ impl BatchStatement for TransactionProbe {
 async fn a_single_statement_runs_in_autocommit_and_keeps_the_guarantees() {
     let pool = setup().await;
     for single in [false, true] {
-        sqlx::query("TRUNCATE events")
-            .execute(&pool)
-            .await
-            .expect("truncate");
+        truncate(&pool).await;
         let probe = TransactionProbe {
             inner: insert_events(Mode::Unnest),
             in_transaction: Default::default(),
@@ -721,10 +725,7 @@ async fn the_optimistic_copy_in_autocommit_keeps_every_outcome() {
 async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() {
     let pool = setup().await;
     for single in [false, true] {
-        sqlx::query("TRUNCATE events")
-            .execute(&pool)
-            .await
-            .expect("truncate");
+        truncate(&pool).await;
         let writer = sabotaged_writer(
             &pool,
             Mode::Unnest,
