@@ -306,6 +306,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 demand,
                 rate_limiter: rate_limiter.clone(),
                 shutdown: shutdown.clone(),
+                deadline: deadline.clone(),
                 terminator: terminator.clone(),
                 metrics: StageMetrics::new(&name, &producer_name),
             };

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
+use futures::FutureExt;
 use metrics::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{FailedIn, Handler};
 use crate::in_flight::InFlight;
 use crate::message::Message;
+use crate::processor_stage::DEADLINE_EXCEEDED;
 use crate::producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};
 use crate::rate_limiter::{Grant, RateLimiter};
 use crate::telemetry::StageMetrics;
@@ -116,6 +118,8 @@ pub(crate) struct ProducerParts<H: Handler> {
     pub(crate) demand: DemandSettings,
     pub(crate) rate_limiter: Arc<RateLimiter>,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the drain deadline passes.
+    pub(crate) deadline: CancellationToken,
     pub(crate) terminator: Terminator<H>,
     pub(crate) metrics: StageMetrics,
 }
@@ -141,14 +145,20 @@ where
                     Draining::UntilFinished => draining = true,
                 }
             }
-            let Some(demand) =
-                until_shutdown(&stage.shutdown, draining, stage.acquire_demand()).await
-            else {
+            // Before the drain, waits end when it starts; during it, at its deadline.
+            let stop = if draining {
+                &stage.deadline
+            } else {
+                &stage.shutdown
+            };
+            if draining && stop.is_cancelled() {
+                stage.fail_leftovers(&mut producer).await;
+                break;
+            }
+            let Some(demand) = unless(stop, stage.acquire_demand()).await else {
                 continue;
             };
-            let Some(produced) =
-                until_shutdown(&stage.shutdown, draining, producer.produce(demand.asked)).await
-            else {
+            let Some(produced) = unless(stop, producer.produce(demand.asked)).await else {
                 stage.give_back(&demand, 0);
                 continue;
             };
@@ -156,8 +166,8 @@ where
                 Produced::Messages(messages) if !messages.is_empty() => {
                     stage.dispatch(messages, &demand).await
                 }
-                Produced::Messages(_) => stage.idle(&demand, DEFAULT_IDLE_BACKOFF, draining).await,
-                Produced::Idle(backoff) => stage.idle(&demand, backoff, draining).await,
+                Produced::Messages(_) => stage.idle(&demand, DEFAULT_IDLE_BACKOFF, stop).await,
+                Produced::Idle(backoff) => stage.idle(&demand, backoff, stop).await,
                 Produced::Finished => {
                     stage.give_back(&demand, 0);
                     break;
@@ -194,9 +204,23 @@ impl<H: Handler> ProducerParts<H> {
         self.rate_limiter.refund(&demand.grant, used);
     }
 
-    async fn idle(&self, demand: &Demand, backoff: std::time::Duration, draining: bool) {
+    async fn idle(&self, demand: &Demand, backoff: std::time::Duration, stop: &CancellationToken) {
         self.give_back(demand, 0);
-        until_shutdown(&self.shutdown, draining, tokio::time::sleep(backoff)).await;
+        unless(stop, tokio::time::sleep(backoff)).await;
+    }
+
+    /// At the drain deadline: fails what the producer still holds ready (an
+    /// ingress's accepted messages), without waiting for it or for demand.
+    async fn fail_leftovers<P: Producer<H::Data>>(&self, producer: &mut P) {
+        while let Some(Produced::Messages(messages)) =
+            producer.produce(self.demand.max_demand).now_or_never()
+        {
+            if messages.is_empty() {
+                break;
+            }
+            self.metrics.received.increment(messages.len() as u64);
+            self.fail(messages, DEADLINE_EXCEEDED, false).await;
+        }
     }
 
     async fn dispatch(&self, mut messages: Vec<Message<H::Data>>, demand: &Demand) {
@@ -238,18 +262,11 @@ impl<H: Handler> ProducerParts<H> {
     }
 }
 
-/// Runs `work` unless the pipeline starts draining first (not once draining).
-async fn until_shutdown<F: Future>(
-    shutdown: &CancellationToken,
-    draining: bool,
-    work: F,
-) -> Option<F::Output> {
-    if draining {
-        return Some(work.await);
-    }
+/// Runs `work` unless `stop` is cancelled first.
+async fn unless<F: Future>(stop: &CancellationToken, work: F) -> Option<F::Output> {
     tokio::select! {
         biased;
-        () = shutdown.cancelled() => None,
+        () = stop.cancelled() => None,
         output = work => Some(output),
     }
 }

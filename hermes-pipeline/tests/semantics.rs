@@ -432,6 +432,60 @@ async fn at_the_drain_deadline_what_remains_is_acknowledged_as_failed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn at_the_drain_deadline_an_ingress_backlog_is_failed_not_waited_for() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("deadline-backlog", handler)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(1))
+        .rate_limit(RateLimit::new(1, Duration::from_secs(1)));
+    let ingress = builder.ingress(20);
+    let pipeline = builder.start().unwrap();
+    let completions: Vec<Completion> = (0..20u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // At one message a second, the backlog would take 18 more seconds.
+    let started = Instant::now();
+    let drained = pipeline.drain(Duration::from_secs(1)).await;
+    assert!(drained.forced);
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    let outcomes = futures::future::join_all(completions).await;
+    let succeeded = outcomes.iter().filter(|o| o.is_success()).count();
+    assert!((2..=3).contains(&succeeded), "{outcomes:?}");
+    for outcome in &outcomes[succeeded..] {
+        assert!(
+            matches!(outcome, Outcome::Failed(reason) if reason.contains("deadline")),
+            "{outcomes:?}"
+        );
+    }
+}
+
+/// Asks to be drained until it finishes, and never does.
+struct NeverFinishes;
+
+impl Producer<u64> for NeverFinishes {
+    async fn produce(&mut self, _demand: usize) -> Produced<u64> {
+        std::future::pending().await
+    }
+
+    fn prepare_for_draining(&mut self) -> Draining {
+        Draining::UntilFinished
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_ends_at_its_deadline_even_if_a_producer_never_finishes() {
+    let (handler, _) = Collect::new();
+    let pipeline = Pipeline::builder("never-finishes", handler)
+        .producer(NeverFinishes)
+        .start()
+        .unwrap();
+    let started = Instant::now();
+    let drained = pipeline.drain(Duration::from_secs(3)).await;
+    assert!(drained.forced);
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
 async fn draining_processes_what_the_ingress_accepted_and_then_refuses() {
     let (handler, _) = Collect::new();
     let mut builder = Pipeline::builder("ingress-drain", handler)
