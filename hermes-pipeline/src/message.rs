@@ -176,16 +176,28 @@ impl<T> Message<T> {
         self.completion = None;
     }
 
-    /// Resolves the completion (if any) with the message's current status.
-    pub(crate) fn complete(&mut self) {
-        if let Some(completion) = self.completion.take() {
-            let outcome = match &self.status {
-                Status::Ok => Outcome::Succeeded,
-                Status::Failed(reason) => Outcome::Failed(reason.clone()),
-            };
-            // The waiter may have gone away (e.g. an HTTP client hung up): nothing to tell.
-            let _ = completion.send(outcome);
-        }
+    /// Takes the completion (if any), with the outcome the message's current
+    /// status gives it, to be resolved later.
+    pub(crate) fn take_completion(&mut self) -> Option<PendingCompletion> {
+        let sender = self.completion.take()?;
+        let outcome = match &self.status {
+            Status::Ok => Outcome::Succeeded,
+            Status::Failed(reason) => Outcome::Failed(reason.clone()),
+        };
+        Some(PendingCompletion { sender, outcome })
+    }
+}
+
+/// A message's completion and the outcome it will resolve with.
+pub(crate) struct PendingCompletion {
+    sender: oneshot::Sender<Outcome>,
+    outcome: Outcome,
+}
+
+impl PendingCompletion {
+    pub(crate) fn resolve(self) {
+        // The waiter may have gone away (e.g. an HTTP client hung up): nothing to tell.
+        let _ = self.sender.send(self.outcome);
     }
 }
 

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use crate::acknowledger::Acknowledger;
 use crate::handler::{FailedIn, Handler};
 use crate::in_flight::InFlight;
-use crate::message::Message;
+use crate::message::{Message, PendingCompletion};
 use crate::panic_message::panic_message;
 use crate::telemetry::StageMetrics;
 
@@ -71,10 +71,13 @@ impl<H: Handler> Terminator<H> {
         }
         metrics.succeeded.increment(successful.len() as u64);
         metrics.failed.increment(failed.len() as u64);
-        successful
+        // Completions resolve once the acknowledgers have run, so whoever
+        // awaits one sees the acknowledgement's effects.
+        let completions: Vec<_> = successful
             .iter_mut()
             .chain(failed.iter_mut())
-            .for_each(Message::complete);
+            .filter_map(Message::take_completion)
+            .collect();
 
         for (acknowledger, successful, failed) in group(successful, failed) {
             if let Err(panic) = AssertUnwindSafe(acknowledger.ack(successful, failed))
@@ -84,12 +87,13 @@ impl<H: Handler> Terminator<H> {
                 tracing::error!(panic = %panic_message(&*panic), "acknowledger panicked");
             }
         }
+        completions.into_iter().for_each(PendingCompletion::resolve);
     }
 }
 
 /// Groups messages by acknowledger (same `Arc`), keeping order within each list.
 /// The common case, one acknowledger for all, moves the lists without copying.
-/// Messages without an acknowledger are done once their completion resolved.
+/// Messages without an acknowledger are done: their completions were taken.
 fn group<T>(successful: Vec<Message<T>>, failed: Vec<Message<T>>) -> Vec<Group<T>> {
     let mut all = successful.iter().chain(failed.iter());
     let first = all

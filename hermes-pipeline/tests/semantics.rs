@@ -286,6 +286,36 @@ async fn acknowledgements_are_grouped_per_acknowledger() {
     );
 }
 
+/// Records what it acknowledged only after a pause (as a broker round trip would).
+struct SlowAcknowledger(Recorder);
+
+impl Acknowledger<u64> for SlowAcknowledger {
+    fn ack(
+        &self,
+        successful: Vec<Message<u64>>,
+        failed: Vec<Message<u64>>,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.ack(successful, failed).await;
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completion_resolves_after_its_acknowledger_ran() {
+    let (handler, _) = Collect::new();
+    let acknowledger = Arc::new(SlowAcknowledger(Recorder::default()));
+    let mut builder = Pipeline::builder("ack-then-complete", handler);
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+    let outcomes = ingress
+        .test_batch((0..5u64).map(|id| Message::new(id).with_acknowledger(acknowledger.clone())))
+        .await;
+    assert!(outcomes.iter().all(Outcome::is_success));
+    assert_eq!(acknowledger.0.acked(), 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
     let (mut handler, _) = Collect::new();
