@@ -1,10 +1,10 @@
 //! Building and starting a pipeline.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -14,9 +14,8 @@ use crate::handler::Handler;
 use crate::in_flight::InFlight;
 use crate::ingress::Ingress;
 use crate::options::{BatcherOptions, ProcessorOptions};
-use crate::pipeline::{
-    BatcherHandle, ConfigError, Pipeline, ProcessorPool, ProcessorSpawner, Shared,
-};
+use crate::pipeline::{BatcherHandle, ConfigError, Pipeline, Shared};
+use crate::processor_pool::{ProcessorPool, ProcessorSpawner};
 use crate::processor_stage::BatcherInlet;
 use crate::producer::Producer;
 use crate::producer_stage::{DemandSettings, Dispatch, ProducerParts, ProducerStage};
@@ -256,7 +255,7 @@ impl<H: Handler> PipelineBuilder<H> {
         let processor_metrics = StageMetrics::new(&name, "processor");
         let options = &self.processors;
         let concurrency = options.concurrency;
-        let (target, _) = watch::channel(concurrency);
+        let (max_demand, min_demand) = (options.max_demand, options.resolved_min_demand());
         let spawner = ProcessorSpawner {
             pipeline: name.clone(),
             batchers: inlets,
@@ -265,38 +264,28 @@ impl<H: Handler> PipelineBuilder<H> {
             metrics: processor_metrics.clone(),
             tracker: tracker.clone(),
         };
-        let mut shared_inbox = None;
-        let dispatch = if let Some(partition_by) = options.partition_by.clone() {
-            let mut txs = Vec::new();
-            for index in 0..concurrency {
-                let (tx, inbox) = async_channel::unbounded();
-                txs.push(tx);
-                spawner.spawn(index, inbox, None);
-            }
-            Dispatch::Partitioned {
+        let depth = processor_metrics.queue_depth.clone();
+        let (dispatch, processors) = if let Some(partition_by) = options.partition_by.clone() {
+            let (txs, inboxes) = (0..concurrency).map(|_| async_channel::unbounded()).unzip();
+            let pool = ProcessorPool::partitioned(&spawner, inboxes, max_demand, min_demand);
+            let dispatch = Dispatch::Partitioned {
                 txs,
                 partition_by,
-                depth: processor_metrics.queue_depth.clone(),
-            }
+                depth,
+            };
+            (dispatch, pool)
         } else {
+            // Only a shared queue lets processors come and go while running.
             let (tx, inbox) = async_channel::unbounded();
-            for index in 0..concurrency {
-                spawner.spawn(index, inbox.clone(), Some(target.subscribe()));
-            }
-            shared_inbox = Some(inbox);
-            Dispatch::Shared {
-                tx,
-                depth: processor_metrics.queue_depth.clone(),
-            }
+            let pool = ProcessorPool::shared(spawner, inbox, concurrency, max_demand, min_demand);
+            (Dispatch::Shared { tx, depth }, pool)
         };
-        // Only a shared queue lets processors come and go while running.
-        let spawner = Arc::new(Mutex::new(shared_inbox.map(|inbox| (spawner, inbox))));
 
         // Producers last, so nothing is produced before every stage runs.
         let rate_limiter = Arc::new(RateLimiter::new(self.rate_limit));
         let demand = DemandSettings {
-            max_demand: options.max_demand,
-            refill: options.max_demand - options.resolved_min_demand(),
+            max_demand,
+            refill: max_demand - min_demand,
         };
         let producer_tracker = TaskTracker::new();
         let mut producer_names = Vec::new();
@@ -316,28 +305,18 @@ impl<H: Handler> PipelineBuilder<H> {
         }
         drop(dispatch);
         producer_tracker.close();
-        // Once every producer is done, no processor may be added: release the
-        // spawner's queue and batcher handles so the drain can run to its end.
-        let released = spawner.clone();
+        // Once every producer is done, no processor may be added.
+        let close_processors = processors.closer();
         tracker.spawn(async move {
             producer_tracker.wait().await;
-            released
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take();
+            close_processors();
         });
         tracker.close();
 
         Ok(Pipeline::from_shared(Shared {
             name,
             producers: producer_names,
-            processors: ProcessorPool {
-                target,
-                spawner,
-                partitioned: options.partition_by.is_some(),
-                max_demand: options.max_demand,
-                min_demand: options.resolved_min_demand(),
-            },
+            processors,
             batchers: batcher_handles,
             rate_limiter,
             in_flight,

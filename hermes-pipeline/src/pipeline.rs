@@ -1,23 +1,19 @@
 //! The handle of a running pipeline.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::batcher_stage::Resize;
 use crate::builder::PipelineBuilder;
-use crate::handler::{Handler, ProcessorContext};
+use crate::handler::Handler;
 use crate::in_flight::InFlight;
-use crate::message::Message;
-use crate::processor_stage::{BatcherInlet, ProcessorStage};
+use crate::processor_pool::ProcessorPool;
 use crate::rate_limiter::{RateLimit, RateLimiter};
-use crate::telemetry::StageMetrics;
-use crate::terminator::Terminator;
 use crate::topology::{BatcherTopology, ProcessorsTopology, Topology};
 
 /// A pipeline that could not start.
@@ -58,56 +54,6 @@ pub enum ResizeError {
 pub struct Drained {
     /// Whether the deadline passed and the remaining messages were acknowledged as failed.
     pub forced: bool,
-}
-
-/// Everything needed to start one more processor on the shared queue.
-pub(crate) struct ProcessorSpawner<H: Handler> {
-    pub(crate) pipeline: Arc<str>,
-    pub(crate) batchers: Vec<BatcherInlet<H::Data>>,
-    pub(crate) deadline: CancellationToken,
-    pub(crate) terminator: Terminator<H>,
-    pub(crate) metrics: StageMetrics,
-    pub(crate) tracker: TaskTracker,
-}
-
-type Inbox<T> = async_channel::Receiver<Vec<Message<T>>>;
-
-/// The spawner and the shared queue, while processors may still be added.
-pub(crate) type SpawnerSlot<H> =
-    Arc<Mutex<Option<(ProcessorSpawner<H>, Inbox<<H as Handler>::Data>)>>>;
-
-impl<H: Handler> ProcessorSpawner<H> {
-    pub(crate) fn spawn(
-        &self,
-        index: usize,
-        inbox: Inbox<H::Data>,
-        target: Option<watch::Receiver<usize>>,
-    ) {
-        let stage = ProcessorStage {
-            context: ProcessorContext {
-                pipeline: self.pipeline.clone(),
-                processor: index,
-            },
-            inbox,
-            batchers: self.batchers.clone(),
-            target,
-            deadline: self.deadline.clone(),
-            terminator: self.terminator.clone(),
-            metrics: self.metrics.clone(),
-        };
-        let span = tracing::info_span!("processor", pipeline = %self.pipeline, index);
-        self.tracker.spawn(stage.run().instrument(span));
-    }
-}
-
-pub(crate) struct ProcessorPool<H: Handler> {
-    /// The wanted processor count; processors at or above it retire.
-    pub(crate) target: watch::Sender<usize>,
-    /// Present while processors may still be added (shared queue, producers running).
-    pub(crate) spawner: SpawnerSlot<H>,
-    pub(crate) partitioned: bool,
-    pub(crate) max_demand: usize,
-    pub(crate) min_demand: usize,
 }
 
 pub(crate) struct BatcherHandle {
@@ -193,7 +139,7 @@ impl<H: Handler> Pipeline<H> {
             name: shared.name.to_string(),
             producers: shared.producers.clone(),
             processors: ProcessorsTopology {
-                concurrency: *pool.target.borrow(),
+                concurrency: pool.concurrency(),
                 max_demand: pool.max_demand,
                 min_demand: pool.min_demand,
                 partitioned: pool.partitioned,
@@ -229,25 +175,7 @@ impl<H: Handler> Pipeline<H> {
     /// Changes the number of processors. Growing starts new processors at once;
     /// shrinking retires processors as they finish their current chunk.
     pub fn set_processor_concurrency(&self, concurrency: usize) -> Result<(), ResizeError> {
-        let pool = &self.shared.processors;
-        if concurrency == 0 {
-            return Err(ResizeError::Zero);
-        }
-        if pool.partitioned {
-            return Err(ResizeError::Partitioned);
-        }
-        let spawner = pool
-            .spawner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some((spawner, inbox)) = spawner.as_ref() else {
-            return Err(ResizeError::NotRunning);
-        };
-        let current = pool.target.send_replace(concurrency);
-        for index in current..concurrency {
-            spawner.spawn(index, inbox.clone(), Some(pool.target.subscribe()));
-        }
-        Ok(())
+        self.shared.processors.resize(concurrency)
     }
 
     /// Changes the number of batch processors of batcher `name`. Batches of one

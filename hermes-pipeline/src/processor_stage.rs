@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use metrics::Gauge;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{FailedIn, Handler, ProcessorContext};
 use crate::message::Message;
 use crate::panic_message::panic_message;
+use crate::processor_pool::Seat;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -41,8 +42,8 @@ pub(crate) struct ProcessorStage<H: Handler> {
     pub(crate) context: ProcessorContext,
     pub(crate) inbox: async_channel::Receiver<Vec<Message<H::Data>>>,
     pub(crate) batchers: Vec<BatcherInlet<H::Data>>,
-    /// The wanted processor count, for pools that can shrink; `None` when partitioned.
-    pub(crate) target: Option<watch::Receiver<usize>>,
+    /// Its place in a pool that can shrink; `None` when partitioned.
+    pub(crate) seat: Option<Seat>,
     pub(crate) deadline: CancellationToken,
     pub(crate) terminator: Terminator<H>,
     pub(crate) metrics: StageMetrics,
@@ -65,15 +66,15 @@ impl<H: Handler> ProcessorStage<H> {
     /// processor is retired by a smaller concurrency.
     async fn next_chunk(&mut self) -> Option<Vec<Message<H::Data>>> {
         loop {
-            let Some(target) = &mut self.target else {
+            let Some(seat) = &mut self.seat else {
                 return self.inbox.recv().await.ok();
             };
             tokio::select! {
                 biased;
                 chunk = self.inbox.recv() => return chunk.ok(),
-                changed = target.changed() => {
+                changed = seat.target.changed() => {
                     if changed.is_err() {
-                        self.target = None;
+                        self.seat = None;
                     } else if self.retired() {
                         return None;
                     }
@@ -82,10 +83,11 @@ impl<H: Handler> ProcessorStage<H> {
         }
     }
 
+    /// Whether this processor retires now (and gives up its index).
     fn retired(&self) -> bool {
-        self.target
+        self.seat
             .as_ref()
-            .is_some_and(|target| self.context.processor >= *target.borrow())
+            .is_some_and(|seat| seat.retire(self.context.processor))
     }
 
     async fn handle(&self, mut chunk: Vec<Message<H::Data>>) {

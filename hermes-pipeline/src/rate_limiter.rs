@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::lock::lock;
+
 /// A producer rate limit: at most `allowed` messages per `interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
@@ -63,10 +65,7 @@ impl RateLimiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        // The critical sections cannot panic; recover the data if one ever did.
-        self.window
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.window)
     }
 
     /// Waits until the window has room, then grants between 1 and `want` messages.

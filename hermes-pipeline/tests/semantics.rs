@@ -566,6 +566,68 @@ async fn the_rate_limit_holds_and_can_change_while_running() {
     pipeline.drain(Duration::from_secs(1)).await;
 }
 
+/// Holds every message until let through, counting the processors busy at once
+/// and the indices they run under.
+struct Turnstile(Arc<Counts>);
+
+struct Counts {
+    gate: tokio::sync::Semaphore,
+    busy: AtomicUsize,
+    peak_busy: AtomicUsize,
+    indices: Mutex<std::collections::BTreeSet<usize>>,
+}
+
+impl Handler for Turnstile {
+    type Data = u64;
+
+    async fn handle_message(&self, _: &mut Message<u64>, context: &ProcessorContext) {
+        let counts = &self.0;
+        counts.indices.lock().unwrap().insert(context.processor);
+        let busy = counts.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.peak_busy.fetch_max(busy, Ordering::SeqCst);
+        counts.gate.acquire().await.unwrap().forget();
+        counts.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shrinking_then_regrowing_the_processors_never_runs_more_than_asked() {
+    let turnstile = Arc::new(Counts {
+        gate: tokio::sync::Semaphore::new(0),
+        busy: AtomicUsize::new(0),
+        peak_busy: AtomicUsize::new(0),
+        indices: Mutex::default(),
+    });
+    let mut builder = Pipeline::builder("regrow", Turnstile(turnstile.clone()))
+        .processors(ProcessorOptions::new().concurrency(4).max_demand(1));
+    let ingress = builder.ingress(64);
+    let pipeline = builder.start().unwrap();
+    let pending = |range: std::ops::Range<u64>| {
+        range
+            .map(|n| ingress.try_push_tracked(n).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut completions = pending(0..4);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(turnstile.busy.load(Ordering::SeqCst), 4);
+
+    // Processors 2 and 3 are mid-message: they retire only once it is done,
+    // and the regrow finds them still running.
+    pipeline.set_processor_concurrency(2).unwrap();
+    pipeline.set_processor_concurrency(4).unwrap();
+    completions.extend(pending(4..40));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(turnstile.peak_busy.load(Ordering::SeqCst), 4);
+
+    turnstile.gate.add_permits(1_000);
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    assert_eq!(turnstile.peak_busy.load(Ordering::SeqCst), 4);
+    assert_eq!(*turnstile.indices.lock().unwrap(), (0..4).collect());
+    assert_eq!(pipeline.topology().processors.concurrency, 4);
+}
+
 #[tokio::test]
 async fn concurrency_changes_while_running_and_topology_shows_it() {
     let (handler, _) = Collect::new();
