@@ -172,20 +172,57 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`: safe to print.
+/// The TOML parser's message and where it points, without what the parser's
+/// own display adds: the offending line, which may hold a literal secret. Values
+/// the message quotes ("…") are hidden too; keys and variants (`…`) stay.
+fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .trim_end()
+        .split('"')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 0 { part } else { "…" })
+        .collect::<Vec<_>>()
+        .join("\"");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
+/// `url` with its password, if any, replaced by `***`: safe to print. The
+/// password may stand in the user info (`user:pw@`) or, as sqlx also reads
+/// it, in the query (`?password=pw`).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// `[webhooks]`: the ingestion pipeline's sizes and the sources.
@@ -397,7 +434,7 @@ impl Config {
     fn parse(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.map(Path::to_owned),
-            message: error.to_string().trim_end().to_owned(),
+            message: parse_error_message(text, &error),
         })
     }
 
@@ -571,6 +608,18 @@ mod tests {
     }
 
     #[test]
+    fn a_mistyped_literal_secret_is_not_in_the_error() {
+        let error = Config::from_toml_str(
+            "[[webhooks.sources]]\nname = \"a\"\nscheme = \"github\"\nsecrets = \"hunter2\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("line 4, column 11"), "{error}");
+        assert!(error.contains("expected a sequence"), "{error}");
+    }
+
+    #[test]
     fn env_overrides() {
         let mut config = Config::default();
         config
@@ -610,6 +659,10 @@ mod tests {
         assert_eq!(
             redact_url("postgres://postgres@127.0.0.1:5433/hermes"),
             "postgres://postgres@127.0.0.1:5433/hermes"
+        );
+        assert_eq!(
+            redact_url("postgres://u@db/x?sslmode=disable&password=s3cret&application_name=h"),
+            "postgres://u@db/x?sslmode=disable&password=***&application_name=h"
         );
     }
 
