@@ -383,7 +383,7 @@ impl SourceConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long pipelines may take to drain on SIGTERM/SIGINT, in ms (default
-    /// 10000). What remains then is answered 503 and not stored.
+    /// 10000). What remains then is answered 503, as not known to be stored.
     pub drain_timeout_ms: u64,
 }
 

@@ -158,7 +158,8 @@ pub struct RunningServer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// Whether the drain deadline passed: events still in flight then were
-    /// answered 503 and not stored.
+    /// answered 503 (a write cut off mid-way may still have committed: a
+    /// redelivery then gets its 202 as a duplicate).
     pub forced: bool,
 }
 
@@ -196,7 +197,8 @@ impl RunningServer {
 
     /// Graceful shutdown: stop accepting connections, drain the pipelines
     /// (everything accepted is committed and answered, within the drain
-    /// deadline; what remains after it is answered 503 and not stored), let
+    /// deadline; what remains after it is answered 503, as not known to be
+    /// stored), let
     /// the HTTP server write the last answers, close the pool.
     pub async fn shutdown(mut self) -> ShutdownReport {
         if let Some(stop) = self.stop.take() {
@@ -204,7 +206,9 @@ impl RunningServer {
         }
         let drained = self.ingest.pipeline().drain(self.drain_timeout).await;
         if drained.forced {
-            tracing::warn!("drain deadline passed: some events were answered 503 and not stored");
+            tracing::warn!(
+                "drain deadline passed: some events were answered 503, not known to be stored"
+            );
         }
         match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, &mut self.serve).await {
             Ok(Ok(Ok(()))) => {}

@@ -4,9 +4,9 @@
 //! | status | when |
 //! |---|---|
 //! | 202 | committed: `{"id": <event id>, "duplicate": <bool>}` |
-//! | 400 | the body is not UTF-8 JSON |
+//! | 400 | the body is not UTF-8 JSON, holds a `\\u0000`, or the delivery id is over 256 bytes |
 //! | 401 | bad, missing or stale signature |
-//! | 404 | no source of that name |
+//! | 404 | no source of that name (or a name that is not UTF-8) |
 //! | 413 | the body is larger than the source's `max_body_bytes` |
 //! | 422 | normalization failed: the field and the reason; nothing stored |
 //! | 503 | the ingest pipeline is full or shutting down (with `Retry-After`), or the database failed transiently |
@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use chrono::Utc;
@@ -43,10 +44,16 @@ pub struct Accepted {
 /// Handles `POST /webhooks/{source}`.
 pub async fn receive(
     State(state): State<AppState>,
-    Path(source_name): Path<String>,
+    source_name: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let received_at = Utc::now();
+    // A segment that does not decode (`%FF`) names no source either.
+    let Ok(Path(source_name)) = source_name else {
+        return Err(ApiError::not_found(
+            "unknown webhook source: the name is not valid UTF-8",
+        ));
+    };
     let Some(source) = state.sources().get(&source_name).cloned() else {
         return Err(ApiError::not_found(format!(
             "unknown webhook source {source_name:?}"
@@ -61,8 +68,18 @@ pub async fn receive(
         .verify(&parts.headers, &body, &url, SystemTime::now())
         .map_err(|error| ApiError::unauthorized(error.to_string()))?;
 
+    if verified.idempotency_key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the delivery id (the event's idempotency key) is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
+    if has_nul_escape(&text) {
+        return Err(ApiError::bad_request(
+            "malformed body: \\u0000 (NUL) cannot be stored in Postgres",
+        ));
+    }
     let malformed =
         |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
     let message = if source.normalize() == Normalize::None {
@@ -119,10 +136,11 @@ pub async fn receive(
         }
         (Outcome::Failed(reason), _) => {
             // Failed without a recorded fate: the drain deadline passed, or a
-            // handler panicked. Nothing was committed for it.
-            tracing::warn!(source = %source.name(), %reason, "webhook event not stored");
+            // handler panicked. A write cut off by the deadline may still have
+            // committed: a redelivery then gets its 202 as a duplicate.
+            tracing::warn!(source = %source.name(), %reason, "webhook event may not be stored");
             Err(ApiError::unavailable(
-                format!("the event was not stored: {reason}"),
+                format!("the event may not have been stored: {reason}"),
                 retry_after,
             ))
         }
@@ -157,6 +175,19 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
     Ok(buffer)
 }
 
+/// The longest idempotency key stored: far above every provider's delivery
+/// ids, far below what Postgres's unique index takes (~2.7 kB).
+const MAX_KEY_BYTES: usize = 256;
+
+/// Whether JSON `text` has a `\u0000` escape, which Postgres's `jsonb` (and
+/// `text`) refuse: an escape is a backslash preceded by an even number of them.
+fn has_nul_escape(text: &str) -> bool {
+    text.match_indices("\\u0000").any(|(at, _)| {
+        let backslashes = text[..at].bytes().rev().take_while(|&b| b == b'\\').count();
+        backslashes % 2 == 0
+    })
+}
+
 /// The URL the provider called, for schemes that sign it (else empty): the
 /// source's configured URL, else `http://` + `Host` + path and query.
 fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
@@ -169,10 +200,25 @@ fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
             _ => url.to_owned(),
         };
     }
+    // HTTP/2 carries the host as the URI's authority, not a `Host` header.
     let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok())
+        .or_else(|| uri.authority().map(|authority| authority.as_str()))
         .unwrap_or("localhost");
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     format!("http://{host}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_nul_escape;
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
+        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\u0041"}"#));
+    }
 }

@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
 use crate::config::Normalize;
@@ -302,8 +302,22 @@ fn is_url(value: &str) -> bool {
 
 fn timestamp(object: &Map<String, Value>) -> Result<DateTime<Utc>, NormalizeError> {
     const FIELD: &str = "timestamp";
+    let time = timestamp_of(object.get(FIELD))?;
+    // Chrono reaches further back than Postgres's `timestamptz` (4713 BC).
+    if !(1..=9999).contains(&time.year()) {
+        return Err(NormalizeError::new(
+            FIELD,
+            format!("{time} is out of range (years 1 to 9999)"),
+        ));
+    }
+    Ok(time)
+}
+
+/// The timestamp as given, in any range chrono takes.
+fn timestamp_of(value: Option<&Value>) -> Result<DateTime<Utc>, NormalizeError> {
+    const FIELD: &str = "timestamp";
     const FORMS: &str = "an RFC 3339 date-time or seconds since the Unix epoch";
-    match object.get(FIELD) {
+    match value {
         None | Some(Value::Null) => Err(NormalizeError::new(FIELD, "is required")),
         Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
             .map(|t| t.with_timezone(&Utc))
@@ -379,6 +393,8 @@ mod tests {
             ("to", json!("+1234567890123456")),
             ("to", json!(14155550101u64)),
             ("timestamp", json!("yesterday")),
+            ("timestamp", json!(-200_000_000_000i64)),
+            ("timestamp", json!(1e15)),
             ("body", json!(3)),
             ("attachments", json!("https://x.y/z")),
             ("attachments", json!(["ftp://x.y/z"])),
