@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::database::{Database, MIGRATOR};
 use crate::demo::{self, DemoOptions};
 use crate::server::Server;
+use crate::shutdown::Signals;
 use crate::telemetry::{self, LogFormat};
 
 /// Hermes: webhook ingestion (and more workloads to come) on hermes-pipeline
@@ -77,17 +79,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = Config::load(args.config.as_deref())?;
     if config.webhooks.sources.is_empty() {
         tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
     }
-    let server = Server::start(config).await?;
+    let server = tokio::select! {
+        server = Server::start(config) => server?,
+        () = signals.received() => {
+            eprintln!("hermes: stopped during startup");
+            return Ok(());
+        }
+    };
     eprintln!(
         "hermes: listening on {} (Postgres: {})",
         server.url(),
         server.database().url()
     );
-    let report = server.run_until_signal().await;
+    let report = server.run_until_signal(&mut signals).await;
     if report.forced {
         eprintln!("hermes: stopped; the drain deadline passed before everything was committed");
     }

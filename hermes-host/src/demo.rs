@@ -13,7 +13,7 @@ use sqlx::PgPool;
 
 use crate::config::{Config, Normalize, SourceConfig};
 use crate::server::{RunningServer, Server, StartError};
-use crate::shutdown;
+use crate::shutdown::Signals;
 
 /// What `hermes demo` was asked to do.
 #[derive(Debug, Clone)]
@@ -35,6 +35,7 @@ struct Traffic {
 
 /// Runs the demo.
 pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
+    let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = with_demo_sources(config);
     let server = start(config).await?;
     println!(
@@ -52,7 +53,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let ended = async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
-            None => shutdown::signal().await,
+            None => signals.received().await,
         }
     };
     tokio::pin!(ended);

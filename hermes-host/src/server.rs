@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, ConfigError};
 use crate::database::{Database, DatabaseError};
 use crate::http::{AppState, router};
+use crate::shutdown::Signals;
 use crate::telemetry;
 use crate::webhooks::{IngestPipeline, SourceRegistry};
 
@@ -190,16 +191,15 @@ impl RunningServer {
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> ShutdownReport {
-        crate::shutdown::signal().await;
+    pub async fn run_until_signal(self, signals: &mut Signals) -> ShutdownReport {
+        signals.received().await;
         self.shutdown().await
     }
 
     /// Graceful shutdown: stop accepting connections, drain the pipelines
     /// (everything accepted is committed and answered, within the drain
     /// deadline; what remains after it is answered 503, as not known to be
-    /// stored), let
-    /// the HTTP server write the last answers, close the pool.
+    /// stored), let the HTTP server write the last answers, close the pool.
     pub async fn shutdown(mut self) -> ShutdownReport {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -1,7 +1,9 @@
-//! `kill -9` of the `hermes` binary during load: every event that was
-//! answered 202 (before or after the crash) is stored exactly once, and the
-//! restarted host answers redeliveries of committed events with 202,
-//! `duplicate: true` and the same id.
+//! The `hermes` binary under signals. `kill -9` during load: every event
+//! that was answered 202 (before or after the crash) is stored exactly once,
+//! and the restarted host answers redeliveries of committed events with 202,
+//! `duplicate: true` and the same id. SIGTERM during load: the host drains,
+//! commits and exits 0 with every 202 stored; SIGTERM during startup: it
+//! exits 0 too.
 //!
 //! The real binary runs as a subprocess against a fresh database of the
 //! private test cluster; several tasks drive signed webhooks at it, the
@@ -106,6 +108,13 @@ impl Host {
     /// Starts `hermes serve` on a free port against `database_url` and waits
     /// until `/ready` answers 200.
     async fn start(config: &PathBuf, database_url: &str, name: &str) -> Self {
+        let mut host = Self::spawn(config, database_url, name, "warn");
+        host.wait_ready().await;
+        host
+    }
+
+    /// Starts `hermes serve`, logging at `log_level`, without waiting.
+    fn spawn(config: &PathBuf, database_url: &str, name: &str, log_level: &str) -> Self {
         let port = free_port();
         let log = tmp_dir().join(format!("crash-{}-{name}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("create the host log");
@@ -115,20 +124,38 @@ impl Host {
             .arg(config)
             .env("DATABASE_URL", database_url)
             .env("HERMES_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .expect("start the hermes binary");
-        let mut host = Self {
+        Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log,
-        };
-        host.wait_ready().await;
-        host
+        }
+    }
+
+    /// SIGTERM.
+    fn terminate(&self) {
+        let pid = self.child.id().expect("hermes is running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+
+    /// How the process exited, within `limit`.
+    async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("hermes still running after {limit:?}:\n{}", self.log_text())
+            })
+            .expect("wait for hermes")
     }
 
     async fn wait_ready(&mut self) {
@@ -228,18 +255,26 @@ async fn retry_until_accepted(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_during_load_loses_and_duplicates_nothing() {
-    let database_url = hermes_adapters::postgres::local::test_database().await;
-    let config_path = tmp_dir().join(format!("crash-{}.toml", std::process::id()));
-    std::fs::write(&config_path, CONFIG).expect("write the config");
-    let config = Config::from_toml_str(CONFIG).expect("config parses");
+/// Writes `CONFIG` with `extra` TOML in front for test `name`: its path, the
+/// sms source's verifier (to sign with) and an HTTP client.
+fn setup(name: &str, extra: &str) -> (PathBuf, Arc<Verifier>, reqwest::Client) {
+    let text = format!("{extra}\n{CONFIG}");
+    let config_path = tmp_dir().join(format!("crash-{}-{name}.toml", std::process::id()));
+    std::fs::write(&config_path, &text).expect("write the config");
+    let config = Config::from_toml_str(&text).expect("config parses");
     let sources = SourceRegistry::from_config(&config.webhooks, None).expect("sources");
     let verifier = Arc::new(sources.get("sms").expect("sms source").verifier().clone());
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
+    (config_path, verifier, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_load_loses_and_duplicates_nothing() {
+    let database_url = hermes_adapters::postgres::local::test_database().await;
+    let (config_path, verifier, client) = setup("kill-9", "");
 
     // Load, then kill -9 mid-load.
     let mut host = Host::start(&config_path, &database_url, "first").await;
@@ -450,4 +485,111 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
     );
     let _ = std::fs::remove_file(&config_path);
     drop(host);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_drains_commits_and_exits_0() {
+    let database_url = hermes_adapters::postgres::local::test_database().await;
+    let (config_path, verifier, client) = setup("sigterm", "");
+    let mut host = Host::start(&config_path, &database_url, "sigterm").await;
+    let route = format!("{}/webhooks/sms", host.url);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let (client, route, verifier, accepted) = (
+                client.clone(),
+                route.clone(),
+                verifier.clone(),
+                accepted.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..EVENTS_PER_SENDER {
+                    let event = Event::new(sender * EVENTS_PER_SENDER + i);
+                    let answer = deliver(&client, &route, &verifier, &event.body).await;
+                    if matches!(answer, Answer::Accepted { .. }) {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let refused = !matches!(answer, Answer::Accepted { .. });
+                    answers.push(answer);
+                    if refused {
+                        break;
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.load(Ordering::Relaxed) < KILL_AFTER_ACCEPTED {
+        assert!(
+            Instant::now() < deadline,
+            "too few 202s:\n{}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    host.terminate();
+    let status = host.exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}:\n{}", host.log_text());
+
+    let mut ids = Vec::new();
+    for sender in senders {
+        for answer in sender.await.expect("sender task") {
+            match answer {
+                Answer::Accepted { id, duplicate } => {
+                    assert!(!duplicate);
+                    ids.push(id);
+                }
+                // Once the host stops accepting: refused, or no server.
+                Answer::Status(503) | Answer::Unanswered => {}
+                Answer::Status(other) => panic!("answered {other} while shutting down"),
+            }
+        }
+    }
+    assert!(ids.len() >= KILL_AFTER_ACCEPTED);
+    let pool = PgPool::connect(&database_url).await.expect("pool");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(stored as usize, ids.len(), "every 202 is committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_startup_exits_0() {
+    // A "database" that accepts connections and never answers: startup
+    // hangs in the connect, where the signal arrives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let (config_path, _, _) = setup("startup", "[database]\nacquire_timeout_ms = 60000");
+    let url = format!("postgres://hermes@{address}/hermes");
+    let mut host = Host::spawn(&config_path, &url, "startup", "info");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !host.log_text().contains("using Postgres") {
+        assert!(
+            Instant::now() < deadline,
+            "no startup:\n{}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.terminate();
+    let status = host.exit_status(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}:\n{}", host.log_text());
+    assert!(
+        host.log_text().contains("SIGTERM received"),
+        "{}",
+        host.log_text()
+    );
+    silent.abort();
 }
