@@ -44,13 +44,17 @@ async fn starts_reuses_and_stops_a_private_cluster() {
         "{}",
         first.url()
     );
+    // TCP reaches the server from any local user: it takes the password.
     let tcp = format!(
         "postgres://postgres@127.0.0.1:{}/hermes_local",
         first.port()
     );
-    PgConnection::connect(&tcp)
+    assert!(PgConnection::connect(&tcp).await.is_err());
+    let password = std::fs::read_to_string(dir.join(local::TCP_PASSWORD_FILE)).expect("password");
+    let with_password = tcp.replace("postgres@", &format!("postgres:{}@", password.trim()));
+    PgConnection::connect(&with_password)
         .await
-        .expect("connect through TCP")
+        .expect("connect through TCP with the password")
         .close()
         .await
         .expect("close");

@@ -10,14 +10,17 @@
 //! - finds the server binaries: `$HERMES_PG_BINDIR`, then `PATH`, then the
 //!   newest `/usr/lib/postgresql/*/bin` (Debian/Ubuntu) or `/usr/pgsql-*/bin`
 //!   (RHEL); none found is an error that names the package to install;
-//! - the first time, runs `initdb` (superuser `postgres`, trust authentication,
-//!   UTF8, C locale) into a fresh sibling directory and renames it into place,
+//! - the first time, runs `initdb` (superuser `postgres`, UTF8, C locale)
+//!   into a fresh sibling directory and renames it into place,
 //!   so two processes initialising the same directory cannot trip over a
 //!   half-written cluster;
 //! - if a server for that directory already runs (its `postmaster.pid` is
 //!   alive), reuses it and its port; otherwise starts one with `pg_ctl` on a
 //!   free loopback port, listening on 127.0.0.1 only, and on a Unix socket in
-//!   the data directory when that path fits in a socket address. Two
+//!   the data directory when that path fits in a socket address. The socket
+//!   needs no password (only the directory's owner reaches it); TCP needs the
+//!   superuser's password, kept in [`TCP_PASSWORD_FILE`] (without a socket,
+//!   TCP is trusted, with a warning: every local user can connect). Two
 //!   processes racing to start the same directory are settled by the server's
 //!   own `postmaster.pid` lock: the loser reuses the winner;
 //! - waits until the server accepts connections, creates the database if it is
@@ -43,6 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
+use rand::Rng;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
@@ -70,6 +74,10 @@ const HERMES_CONF: &str = "hermes.conf";
 
 /// The server log, inside the data directory.
 const SERVER_LOG: &str = "server.log";
+
+/// The file, inside the data directory, holding the superuser's password
+/// for TCP connections (the Unix socket needs none). Generated the first time.
+pub const TCP_PASSWORD_FILE: &str = "hermes-tcp-password";
 
 /// The longest socket directory the server can use: a socket address holds
 /// 107 bytes of path, and the server adds `/.s.PGSQL.<port>` to it.
@@ -267,6 +275,7 @@ impl LocalPostgres {
             runner,
         };
         pg.wait_ready().await?;
+        pg.set_tcp_password().await?;
         pg.create_database(&pg.database).await?;
         Ok(pg)
     }
@@ -397,6 +406,25 @@ impl LocalPostgres {
             Ok(())
         })
         .await
+    }
+
+    /// Gives the superuser the password of [`TCP_PASSWORD_FILE`], through the
+    /// socket (a cluster without one trusts TCP: nothing to set).
+    async fn set_tcp_password(&self) -> Result<(), LocalPostgresError> {
+        if self.server.socket_dir.is_none() {
+            return Ok(());
+        }
+        let (data_dir, runner) = (self.data_dir.clone(), self.runner.clone());
+        let password = blocking(move || tcp_password(&data_dir, &runner)).await?;
+        // Letters and digits only: safe as a literal (ALTER ROLE takes no parameters).
+        let statement = format!("ALTER ROLE {SUPERUSER} PASSWORD '{password}'");
+        let mut conn = self.admin_connection().await?;
+        sqlx::raw_sql(&statement)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.sql_err(e))?;
+        let _ = conn.close().await;
+        Ok(())
     }
 
     async fn admin_connection(&self) -> Result<PgConnection, LocalPostgresError> {
@@ -596,7 +624,7 @@ fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), L
     Ok(())
 }
 
-/// Writes `hermes.conf` atomically (temp file + rename).
+/// Writes `hermes.conf` and `pg_hba.conf`.
 fn write_hermes_conf(
     data_dir: &Path,
     port: u16,
@@ -607,24 +635,84 @@ fn write_hermes_conf(
         Durability::Durable => "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n",
         Durability::Relaxed => "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
     };
+    let socket_dir = socket_dir_setting(data_dir);
     let text = format!(
         "# Written by Hermes on every start; edit the Hermes configuration instead.\n\
          listen_addresses = '127.0.0.1'\n\
          port = {port}\n\
-         unix_socket_directories = '{}'\n\
+         unix_socket_directories = '{socket_dir}'\n\
          max_connections = {}\n\
          {durability}",
-        socket_dir_setting(data_dir),
         config.max_connections
     );
-    let tmp = data_dir.join(format!(".{HERMES_CONF}.{}", unique_suffix()));
+    write_owned(data_dir, HERMES_CONF, &text, runner)?;
+    write_owned(
+        data_dir,
+        "pg_hba.conf",
+        &hba_conf(data_dir, socket_dir),
+        runner,
+    )
+}
+
+/// Who may connect: through the socket, whoever can enter the data directory
+/// (mode 0700: its owner), without a password; over TCP, every local user can
+/// reach the server, so only with the password of [`TCP_PASSWORD_FILE`]. A
+/// cluster without a socket has only TCP, so it must trust it.
+fn hba_conf(data_dir: &Path, socket_dir: &str) -> String {
+    let tcp = if socket_dir.is_empty() {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            "the data directory's path is too long for a Unix socket: the private cluster \
+             trusts every connection on 127.0.0.1, from any local user"
+        );
+        "trust"
+    } else {
+        "scram-sha-256"
+    };
+    format!(
+        "# Written by Hermes on every start.\n\
+         local all all trust\n\
+         host all all 127.0.0.1/32 {tcp}\n"
+    )
+}
+
+/// Writes `name` in `data_dir` atomically (temp file + rename), owned by the
+/// user the server runs as.
+fn write_owned(
+    data_dir: &Path,
+    name: &str,
+    text: &str,
+    runner: &Runner,
+) -> Result<(), LocalPostgresError> {
+    let tmp = data_dir.join(format!(".{name}.{}", unique_suffix()));
     std::fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
     if let Some(run_as) = &runner.run_as {
         std::os::unix::fs::chown(&tmp, Some(run_as.uid), Some(run_as.gid))
             .map_err(io_err("changing the owner of", &tmp))?;
     }
-    let dest = data_dir.join(HERMES_CONF);
+    let dest = data_dir.join(name);
     std::fs::rename(&tmp, &dest).map_err(io_err("writing", &dest))
+}
+
+/// The superuser's TCP password: read from [`TCP_PASSWORD_FILE`], or made
+/// (32 random letters and digits) and written there, readable by its owner only.
+fn tcp_password(data_dir: &Path, runner: &Runner) -> Result<String, LocalPostgresError> {
+    let path = data_dir.join(TCP_PASSWORD_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(password) if !password.trim().is_empty() => return Ok(password.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("reading", &path)(e)),
+    }
+    let password: String = rand::thread_rng()
+        .sample_iter(rand::distributions::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    write_owned(data_dir, TCP_PASSWORD_FILE, &password, runner)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("setting permissions of", &path))?;
+    Ok(password)
 }
 
 /// `unix_socket_directories` for a cluster in `data_dir`: the data directory
