@@ -205,9 +205,9 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
 /// Emails between a few mailboxes: every 10th is a redelivery of the previous
 /// event, every 25th has an invalid address (422).
 fn email_bodies(run: String) -> BodyFn {
-    Arc::new(move |n| {
-        let n = if n % 10 == 9 { n - 1 } else { n };
-        let from = if n % 25 == 24 {
+    Arc::new(move |sent| {
+        let n = if sent % 10 == 9 { sent - 1 } else { sent };
+        let from = if sent % 25 == 24 {
             "not-an-address".to_owned()
         } else {
             format!("Customer{}@Example.COM", n % 7)

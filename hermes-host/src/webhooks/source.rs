@@ -56,6 +56,12 @@ impl Source {
             .map_err(|e| error(e.to_string()))?;
         let mut verifier = Verifier::new(scheme, secrets).map_err(|e| error(e.to_string()))?;
         if let Some(tolerance) = config.tolerance_secs {
+            if !verifier.scheme().has_timestamp() {
+                return Err(error(format!(
+                    "`tolerance_secs` applies to schemes that sign a timestamp; scheme {:?} signs none",
+                    verifier.scheme().name()
+                )));
+            }
             verifier = verifier.with_tolerance(Duration::from_secs(tolerance));
         }
         if config.max_body_bytes == 0 {
@@ -241,6 +247,17 @@ mod tests {
         };
         let error = SourceRegistry::from_config(&webhooks, None).unwrap_err();
         assert!(error.to_string().contains("two sources"), "{error}");
+    }
+
+    #[test]
+    fn a_replay_window_needs_a_signed_timestamp() {
+        let mut config = SourceConfig::new("gh", "github", &["s"]);
+        config.tolerance_secs = Some(60);
+        let error = Source::from_config(&config, None).unwrap_err();
+        assert!(error.to_string().contains("tolerance_secs"), "{error}");
+        let mut config = SourceConfig::new("st", "stripe", &["whsec_s"]);
+        config.tolerance_secs = Some(60);
+        assert!(Source::from_config(&config, None).is_ok());
     }
 
     #[test]
