@@ -2,6 +2,7 @@
 //! bytes and time, and hands each batch to a batch processor.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,8 +17,9 @@ use tracing::Instrument;
 
 use crate::batch_key::BatchKey;
 use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
-use crate::handler::{BatchTrigger, Handler};
+use crate::handler::{BatchTrigger, FailedIn, Handler};
 use crate::message::Message;
+use crate::panic_message::panic_message;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -132,7 +134,11 @@ impl<H: Handler> Batching<H> {
                 biased;
                 chunk = self.stage.inbox.recv() => match chunk {
                     Some(chunk) => {
-                        self.add(chunk);
+                        let failed = self.add(chunk);
+                        if !failed.is_empty() {
+                            let spawner = &self.stage.spawner;
+                            spawner.terminator.acknowledge(failed, FailedIn::Batch, &spawner.metrics).await;
+                        }
                         if self.stage.inbox.is_empty() {
                             self.flush_idle();
                         }
@@ -162,17 +168,27 @@ impl<H: Handler> Batching<H> {
         tracing::debug!("batcher stopped");
     }
 
-    fn add(&mut self, chunk: Vec<Message<H::Data>>) {
+    /// Adds a chunk to its open batches; gives back, failed, the messages
+    /// `size_of` panicked on.
+    fn add(&mut self, chunk: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
         self.stage.metrics.queue_depth.decrement(chunk.len() as f64);
         self.stage.metrics.received.increment(chunk.len() as u64);
-        for message in chunk {
+        let mut failed = Vec::new();
+        for mut message in chunk {
             let key = message.batch_key().clone();
-            let size = self
-                .stage
-                .limits
-                .max_bytes
-                .as_ref()
-                .map(|(max, size_of)| (*max, size_of(&message)));
+            let size = match &self.stage.limits.max_bytes {
+                Some((max, size_of)) => {
+                    match catch_unwind(AssertUnwindSafe(|| size_of(&message))) {
+                        Ok(size) => Some((*max, size)),
+                        Err(panic) => {
+                            message.fail(format!("size_of panicked: {}", panic_message(&*panic)));
+                            failed.push(message);
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
             if let Some((max, size)) = size
                 && self
                     .open_batch(&key)
@@ -187,6 +203,7 @@ impl<H: Handler> Batching<H> {
                 self.close(key, BatchTrigger::Size);
             }
         }
+        failed
     }
 
     fn holds_idle_flushable(&self) -> bool {

@@ -65,7 +65,9 @@ pub enum FailedIn {
 /// ownership, so a panic or a cancelled future can never lose a message. A panic in
 /// [`handle_message`](Handler::handle_message) fails that message only; one in
 /// [`prepare_messages`](Handler::prepare_messages) or
-/// [`handle_batch`](Handler::handle_batch) fails the messages it was given.
+/// [`handle_batch`](Handler::handle_batch) fails the messages it was given; so
+/// does one in a `partition_by` or `size_of` closure, for its message. A
+/// producer whose `produce` panics is not asked again.
 pub trait Handler: Send + Sync + 'static {
     /// The type of [`Message::data`] throughout the pipeline.
     type Data: Send + 'static;

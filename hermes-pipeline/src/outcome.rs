@@ -40,9 +40,11 @@ impl Completion {
     }
 }
 
-/// Reason reported when a message was dropped without being acknowledged, which only
-/// happens when the runtime running the pipeline is shut down under it.
-const DROPPED: &str = "message dropped before acknowledgement (runtime shut down)";
+/// Reason reported when a message was dropped without being acknowledged: the
+/// runtime running the pipeline was shut down under it, or the producer holding
+/// it panicked.
+const DROPPED: &str =
+    "message dropped before acknowledgement (runtime shut down, or its producer panicked)";
 
 impl Future for Completion {
     type Output = Outcome;

@@ -1,6 +1,7 @@
 //! The producer stage: asks one producer for what the pipeline has room for and
 //! hands the messages to the processors.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::{FailedIn, Handler};
 use crate::in_flight::InFlight;
 use crate::message::Message;
+use crate::panic_message::panic_message;
 use crate::processor_stage::DEADLINE_EXCEEDED;
 use crate::producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};
 use crate::rate_limiter::{Grant, RateLimiter};
@@ -56,7 +58,8 @@ impl<T> Clone for Dispatch<T> {
 
 impl<T> Dispatch<T> {
     /// Sends the chunk on; gives back whatever no processor could take (only when
-    /// every processor is gone, which a running pipeline never allows).
+    /// every processor is gone, which a running pipeline never allows), and
+    /// what `partition_by` panicked on, failed.
     fn send(&self, chunk: Vec<Message<T>>) -> Vec<Message<T>> {
         match self {
             Dispatch::Shared { tx, depth } => {
@@ -76,12 +79,18 @@ impl<T> Dispatch<T> {
             } => {
                 let partitions = txs.len() as u64;
                 let mut parts: Vec<Vec<Message<T>>> = txs.iter().map(|_| Vec::new()).collect();
-                for message in chunk {
-                    // The remainder is below `partitions`, itself a usize.
-                    let partition = (partition_by(&message) % partitions) as usize;
-                    parts[partition].push(message);
-                }
                 let mut undelivered = Vec::new();
+                for mut message in chunk {
+                    match catch_unwind(AssertUnwindSafe(|| partition_by(&message))) {
+                        // The remainder is below `partitions`, itself a usize.
+                        Ok(key) => parts[(key % partitions) as usize].push(message),
+                        Err(panic) => {
+                            message
+                                .fail(format!("partition_by panicked: {}", panic_message(&*panic)));
+                            undelivered.push(message);
+                        }
+                    }
+                }
                 for (tx, part) in txs.iter().zip(parts) {
                     if part.is_empty() {
                         continue;
@@ -158,9 +167,19 @@ where
             let Some(demand) = unless(stop, stage.acquire_demand()).await else {
                 continue;
             };
-            let Some(produced) = unless(stop, producer.produce(demand.asked)).await else {
+            let produce = AssertUnwindSafe(producer.produce(demand.asked)).catch_unwind();
+            let Some(produced) = unless(stop, produce).await else {
                 stage.give_back(&demand, 0);
                 continue;
+            };
+            let produced = match produced {
+                Ok(produced) => produced,
+                Err(panic) => {
+                    // What it held is lost with its state: it is not asked again.
+                    tracing::error!(panic = %panic_message(&*panic), "produce panicked: the producer stops");
+                    stage.give_back(&demand, 0);
+                    break;
+                }
             };
             match produced {
                 Produced::Messages(messages) if !messages.is_empty() => {

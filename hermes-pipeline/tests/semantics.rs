@@ -254,6 +254,91 @@ async fn without_batchers_messages_are_acknowledged_after_processing() {
 }
 
 #[tokio::test]
+async fn a_panic_in_partition_by_or_size_of_fails_that_message_only() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("closure-panics", handler)
+        .processors(ProcessorOptions::new().concurrency(2).partition_by(
+            |message: &Message<u64>| {
+                if message.data == 7 {
+                    panic!("no partition for 7");
+                }
+                message.data
+            },
+        ))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(4)
+                .batch_timeout(Duration::from_millis(5))
+                .max_batch_bytes(100, |message: &Message<u64>| {
+                    if message.data == 9 {
+                        panic!("no size for 9");
+                    }
+                    1
+                }),
+        );
+    let ingress = builder.ingress(20);
+    let pipeline = builder.start().unwrap();
+    let outcomes = ingress.test_batch(0..20u64).await;
+    for (n, outcome) in outcomes.iter().enumerate() {
+        match n {
+            7 => assert!(
+                matches!(outcome, Outcome::Failed(r) if r.contains("partition_by panicked: no partition for 7")),
+                "{outcome:?}"
+            ),
+            9 => assert!(
+                matches!(outcome, Outcome::Failed(r) if r.contains("size_of panicked: no size for 9")),
+                "{outcome:?}"
+            ),
+            13 => assert!(!outcome.is_success()),
+            _ => assert_eq!(outcome, &Outcome::Succeeded, "{n}"),
+        }
+    }
+    // The pipeline still works, and once drained every slot is back.
+    assert_eq!(ingress.test_message(20u64).await, Outcome::Succeeded);
+    assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
+/// Produces three messages, then panics.
+struct PanicsSecondTime {
+    recorder: Arc<Recorder>,
+    asked: usize,
+}
+
+impl Producer<u64> for PanicsSecondTime {
+    async fn produce(&mut self, _demand: usize) -> Produced<u64> {
+        self.asked += 1;
+        assert_eq!(self.asked, 1, "asked again");
+        let acknowledger: Arc<dyn Acknowledger<u64>> = self.recorder.clone();
+        Produced::Messages(
+            (0..3u64)
+                .map(|n| Message::new(n).with_acknowledger(acknowledger.clone()))
+                .collect(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_producer_stops_and_gives_its_slots_back() {
+    let (handler, _) = Collect::new();
+    let recorder = Recorder::new();
+    let pipeline = Pipeline::builder("producer-panics", handler)
+        .producer(PanicsSecondTime {
+            recorder: recorder.clone(),
+            asked: 0,
+        })
+        .processors(ProcessorOptions::new().max_demand(3).min_demand(1))
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the pipeline ends with its only producer");
+    recorder.assert_exactly_once(3);
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
+#[tokio::test]
 async fn acknowledgements_are_grouped_per_acknowledger() {
     let (handler, _) = Collect::new();
     let (first, second) = (Recorder::new(), Recorder::new());
