@@ -23,6 +23,9 @@ use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
+/// The largest in-flight bound (what a semaphore holds).
+const MAX_IN_FLIGHT: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, ()> + Send>;
 
 /// Configures a pipeline; [`start`](PipelineBuilder::start) runs it.
@@ -73,7 +76,8 @@ impl<H: Handler> PipelineBuilder<H> {
         self
     }
 
-    /// Adds a push ingress with a buffer of `capacity` messages and returns its handle.
+    /// Adds a push ingress with a buffer of `capacity` messages (at least 1)
+    /// and returns its handle.
     pub fn ingress(&mut self, capacity: usize) -> Ingress<H::Data> {
         let (ingress, producer) = Ingress::new(capacity);
         let name = format!("ingress_{}", self.producers.len());
@@ -117,14 +121,22 @@ impl<H: Handler> PipelineBuilder<H> {
         self
     }
 
-    fn default_max_in_flight(&self) -> usize {
-        let processors = 2 * self.processors.concurrency * self.processors.max_demand;
-        let batchers: usize = self
-            .batchers
+    /// The default bound, or `None` if it does not fit in a `usize`.
+    fn default_max_in_flight(&self) -> Option<usize> {
+        let processors = self
+            .processors
+            .concurrency
+            .checked_mul(self.processors.max_demand)?;
+        self.batchers
             .iter()
-            .map(|(_, b)| (2 * b.concurrency + 1) * b.batch_size)
-            .sum();
-        processors + batchers
+            .try_fold(processors.checked_mul(2)?, |sum, (_, b)| {
+                let batcher = b
+                    .concurrency
+                    .checked_mul(2)?
+                    .checked_add(1)?
+                    .checked_mul(b.batch_size)?;
+                sum.checked_add(batcher)
+            })
     }
 
     fn validate(&self, max_in_flight: usize) -> Result<(), ConfigError> {
@@ -145,18 +157,12 @@ impl<H: Handler> PipelineBuilder<H> {
                 "min_demand must be below max_demand".into(),
             ));
         }
-        if max_in_flight == 0 {
-            return Err(ConfigError::Invalid(
-                "max_in_flight must be at least 1".into(),
-            ));
+        if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT {
+            return Err(ConfigError::Invalid(format!(
+                "max_in_flight must be between 1 and {MAX_IN_FLIGHT} (set it, if the default from the stage sizes is over)"
+            )));
         }
-        if let Some(limit) = self.rate_limit
-            && !limit.is_valid()
-        {
-            return Err(ConfigError::Invalid(
-                "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
-            ));
-        }
+        RateLimit::validate(self.rate_limit)?;
         for (index, (name, batcher)) in self.batchers.iter().enumerate() {
             if self.batchers[..index]
                 .iter()
@@ -191,7 +197,8 @@ impl<H: Handler> PipelineBuilder<H> {
         }
         let max_in_flight = self
             .max_in_flight
-            .unwrap_or_else(|| self.default_max_in_flight());
+            .or_else(|| self.default_max_in_flight())
+            .unwrap_or(usize::MAX);
         self.validate(max_in_flight)?;
 
         let name = self.name.clone();

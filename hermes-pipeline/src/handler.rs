@@ -46,7 +46,8 @@ pub struct BatchInfo {
     pub trigger: BatchTrigger,
     /// Index of the batch processor handling it.
     pub batch_processor: usize,
-    /// How long the batch was open, from its first message to its dispatch.
+    /// How long from the batch's first message until its handling started
+    /// (open, then queued at its batch processor).
     pub age: Duration,
 }
 

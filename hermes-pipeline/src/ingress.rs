@@ -93,15 +93,10 @@ impl<T: Send + 'static> Ingress<T> {
         let completion = message.attach_completion();
         self.try_push(message)
             .map(|()| completion)
-            .map_err(|error| match error {
-                PushError::Full(mut message) => {
-                    message.detach_completion();
-                    PushError::Full(message)
-                }
-                PushError::Closed(mut message) => {
-                    message.detach_completion();
-                    PushError::Closed(message)
-                }
+            .map_err(|mut error| {
+                let (PushError::Full(message) | PushError::Closed(message)) = &mut error;
+                message.detach_completion();
+                error
             })
     }
 
@@ -120,12 +115,13 @@ impl<T: Send + 'static> Ingress<T> {
         let completion = message.attach_completion();
         match self.push(message).await {
             Ok(()) => completion.await,
-            Err(_) => Outcome::Failed("the pipeline is not accepting messages".into()),
+            Err(error) => Outcome::Failed(error.to_string().into()),
         }
     }
 
     /// Test helper (like Broadway's `test_batch`): pushes every message, then
-    /// returns their outcomes in the order given.
+    /// returns their outcomes in the order given; if the pipeline stops
+    /// accepting partway, only those of the messages pushed before.
     pub async fn test_batch<M: Into<Message<T>>>(
         &self,
         messages: impl IntoIterator<Item = M>,

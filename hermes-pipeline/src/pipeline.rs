@@ -44,7 +44,8 @@ pub enum ResizeError {
     /// No batcher has that name.
     #[error("no batcher named {0:?}")]
     UnknownBatcher(String),
-    /// The pipeline is draining or stopped.
+    /// Its producers are done (drained or finished): no processor may be
+    /// added; or the batcher stopped.
     #[error("the pipeline is not running")]
     NotRunning,
 }
@@ -163,11 +164,7 @@ impl<H: Handler> Pipeline<H> {
 
     /// Replaces the producers' rate limit (`None` lifts it). Takes effect at once.
     pub fn set_rate_limit(&self, limit: Option<RateLimit>) -> Result<(), ConfigError> {
-        if limit.is_some_and(|limit| !limit.is_valid()) {
-            return Err(ConfigError::Invalid(
-                "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
-            ));
-        }
+        RateLimit::validate(limit)?;
         self.shared.rate_limiter.set(limit);
         Ok(())
     }

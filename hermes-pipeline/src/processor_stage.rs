@@ -136,11 +136,11 @@ impl<H: Handler> ProcessorStage<H> {
 
     /// Which batcher a message goes to; fails a message routed to an unknown one.
     fn batcher_of(&self, message: &mut Message<H::Data>) -> Option<usize> {
-        if message.is_failed() || self.batchers.is_empty() {
+        if message.is_failed() {
             return None;
         }
         let Some(name) = message.batcher() else {
-            return Some(0);
+            return (!self.batchers.is_empty()).then_some(0);
         };
         let index = self
             .batchers

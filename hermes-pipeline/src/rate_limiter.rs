@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lock::lock;
+use crate::pipeline::ConfigError;
 
 /// A producer rate limit: at most `allowed` messages per `interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +29,16 @@ impl RateLimit {
         Self { allowed, interval }
     }
 
-    pub(crate) fn is_valid(&self) -> bool {
-        self.allowed > 0 && !self.interval.is_zero()
+    /// Refuses a limit that would let nothing through.
+    pub(crate) fn validate(limit: Option<Self>) -> Result<(), ConfigError> {
+        match limit {
+            Some(limit) if limit.allowed == 0 || limit.interval.is_zero() => {
+                Err(ConfigError::Invalid(
+                    "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -813,6 +813,19 @@ async fn partitioned_processors_cannot_be_resized() {
 }
 
 #[tokio::test]
+async fn a_message_routed_to_a_batcher_fails_when_the_pipeline_has_none() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("no-batchers", handler);
+    let ingress = builder.ingress(4);
+    let _pipeline = builder.start().unwrap();
+    assert_eq!(ingress.test_message(1u64).await, Outcome::Succeeded);
+    assert_eq!(
+        ingress.test_message(1000u64).await,
+        Outcome::Failed("no batcher named \"big\"".into())
+    );
+}
+
+#[tokio::test]
 async fn bad_configuration_is_refused_with_a_reason() {
     let no_producer = Pipeline::builder("bad", Stuck).start();
     assert!(matches!(no_producer, Err(ConfigError::NoProducer)));
@@ -851,6 +864,21 @@ async fn bad_configuration_is_refused_with_a_reason() {
             .to_string()
             .contains("above max_in_flight")
     );
+
+    // Too large for a semaphore, given or as the default from the stage sizes.
+    for builder in [
+        Pipeline::builder("bad", Stuck).max_in_flight(usize::MAX),
+        Pipeline::builder("bad", Stuck)
+            .batcher("huge", BatcherOptions::new().batch_size(usize::MAX / 2)),
+    ] {
+        let mut builder = builder;
+        builder.ingress(1);
+        let error = builder.start().err().unwrap().to_string();
+        assert!(
+            error.contains("max_in_flight must be between 1 and"),
+            "{error}"
+        );
+    }
 }
 
 #[test]
