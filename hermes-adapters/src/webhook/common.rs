@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha1::Sha1;
@@ -59,22 +60,28 @@ pub(super) fn optional_header<'a>(headers: &'a HeaderMap, name: &'static str) ->
 
 /// HMAC-SHA256 of the concatenation of `parts`.
 pub(super) fn hmac_sha256(key: &Secret, parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose())
-        .expect("HMAC accepts keys of any length");
-    for part in parts {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
+    keyed_mac::<Hmac<Sha256>>(key, parts)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// HMAC-SHA1 of the concatenation of `parts` (Twilio).
 pub(super) fn hmac_sha1(key: &Secret, parts: &[&[u8]]) -> [u8; 20] {
+    keyed_mac::<Hmac<Sha1>>(key, parts)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// MAC `M` keyed with `key`, fed `parts`.
+fn keyed_mac<M: Mac + KeyInit>(key: &Secret, parts: &[&[u8]]) -> M {
     let mut mac =
-        <Hmac<Sha1> as Mac>::new_from_slice(key.expose()).expect("HMAC accepts keys of any length");
+        <M as Mac>::new_from_slice(key.expose()).expect("HMAC accepts keys of any length");
     for part in parts {
         mac.update(part);
     }
-    mac.finalize().into_bytes().into()
+    mac
 }
 
 /// Whether any key's expected MAC equals any of the presented signatures.

@@ -127,7 +127,8 @@ pub async fn receive(
         )),
         (_, Some(Fate::Rejected(reason))) => Err(ApiError::unprocessable("", reason.clone())),
         (_, Some(Fate::Failed { transient, reason })) => {
-            tracing::warn!(source = %source.name(), %reason, "webhook event not stored");
+            // The batch's failure is logged once where it happened.
+            tracing::debug!(source = %source.name(), %reason, "webhook event not stored");
             if *transient {
                 Err(ApiError::unavailable(reason.clone(), retry_after))
             } else {
@@ -138,7 +139,7 @@ pub async fn receive(
             // Failed without a recorded fate: the drain deadline passed, or a
             // handler panicked. A write cut off by the deadline may still have
             // committed: a redelivery then gets its 202 as a duplicate.
-            tracing::warn!(source = %source.name(), %reason, "webhook event may not be stored");
+            tracing::debug!(source = %source.name(), %reason, "webhook event may not be stored");
             Err(ApiError::unavailable(
                 format!("the event may not have been stored: {reason}"),
                 retry_after,
