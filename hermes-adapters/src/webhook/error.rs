@@ -10,7 +10,8 @@ use std::borrow::Cow;
 pub enum ConfigError {
     /// The scheme name is not one this crate implements.
     #[error(
-        "unknown webhook signature scheme {0:?}; expected one of: hmac-sha256, standard-webhooks, github, stripe, shopify, meta, twilio"
+        "unknown webhook signature scheme {0:?}; expected one of: {known}",
+        known = super::Scheme::NAMES.join(", ")
     )]
     UnknownScheme(String),
     /// The encoding name of the generic `hmac-sha256` scheme is unknown.
