@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hermes_adapters::webhook::Verifier;
@@ -232,6 +232,68 @@ async fn deliver(client: &reqwest::Client, url: &str, verifier: &Verifier, body:
     }
 }
 
+/// Senders driving events at a host, each through its own list in turn, until
+/// an event gets no 202: the rest are sent later (after a restart) or never.
+struct Load {
+    senders: Vec<tokio::task::JoinHandle<Vec<Event>>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(client: &reqwest::Client, route: &str, verifier: &Arc<Verifier>) -> Self {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let senders = (0..SENDERS)
+            .map(|sender| {
+                let (client, route, verifier, accepted) = (
+                    client.clone(),
+                    route.to_owned(),
+                    verifier.clone(),
+                    accepted.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut events: Vec<Event> = (0..EVENTS_PER_SENDER)
+                        .map(|i| Event::new(sender * EVENTS_PER_SENDER + i))
+                        .collect();
+                    for event in &mut events {
+                        let answer = deliver(&client, &route, &verifier, &event.body).await;
+                        let took = matches!(answer, Answer::Accepted { .. });
+                        event.answers.push(answer);
+                        if !took {
+                            break;
+                        }
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    events
+                })
+            })
+            .collect();
+        Self { senders, accepted }
+    }
+
+    /// Waits until `KILL_AFTER_ACCEPTED` events got their 202.
+    async fn wait_for_202s(&self, host: &Host) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.accepted.load(Ordering::Relaxed) < KILL_AFTER_ACCEPTED {
+            assert!(
+                Instant::now() < deadline,
+                "only {} events accepted in 60 s:\n{}",
+                self.accepted.load(Ordering::Relaxed),
+                host.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Every event, with the answers it got, once every sender stopped.
+    async fn events(self) -> Vec<Event> {
+        let mut events = Vec::new();
+        for sender in self.senders {
+            events.extend(sender.await.expect("sender task"));
+        }
+        events
+    }
+}
+
 /// Sends `event` until it gets a 202, as a provider retries: after no answer
 /// or a 503. Any other answer fails the test.
 async fn retry_until_accepted(
@@ -278,54 +340,10 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
 
     // Load, then kill -9 mid-load.
     let mut host = Host::start(&config_path, &database_url, "first").await;
-    let route = format!("{}/webhooks/sms", host.url);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let killed = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|sender| {
-            let (client, route, verifier, accepted, killed) = (
-                client.clone(),
-                route.clone(),
-                verifier.clone(),
-                accepted.clone(),
-                killed.clone(),
-            );
-            tokio::spawn(async move {
-                let mut events: Vec<Event> = (0..EVENTS_PER_SENDER)
-                    .map(|i| Event::new(sender * EVENTS_PER_SENDER + i))
-                    .collect();
-                for event in &mut events {
-                    let answer = deliver(&client, &route, &verifier, &event.body).await;
-                    if matches!(answer, Answer::Accepted { .. }) {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    event.answers.push(answer);
-                    if killed.load(Ordering::Relaxed) {
-                        // The rest are not sent now: the provider sends them
-                        // after the restart.
-                        break;
-                    }
-                }
-                events
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted.load(Ordering::Relaxed) < KILL_AFTER_ACCEPTED {
-        assert!(
-            Instant::now() < deadline,
-            "only {} events accepted in 60 s:\n{}",
-            accepted.load(Ordering::Relaxed),
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url), &verifier);
+    load.wait_for_202s(&host).await;
     host.kill_9().await;
-    killed.store(true, Ordering::Relaxed);
-    let mut events = Vec::new();
-    for sender in senders {
-        events.extend(sender.await.expect("sender task"));
-    }
+    let events = load.events().await;
     let before_crash = events.iter().filter(|e| e.was_accepted()).count();
     let unanswered = events
         .iter()
@@ -492,59 +510,22 @@ async fn sigterm_during_load_drains_commits_and_exits_0() {
     let database_url = hermes_adapters::postgres::local::test_database().await;
     let (config_path, verifier, client) = setup("sigterm", "");
     let mut host = Host::start(&config_path, &database_url, "sigterm").await;
-    let route = format!("{}/webhooks/sms", host.url);
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|sender| {
-            let (client, route, verifier, accepted) = (
-                client.clone(),
-                route.clone(),
-                verifier.clone(),
-                accepted.clone(),
-            );
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
-                for i in 0..EVENTS_PER_SENDER {
-                    let event = Event::new(sender * EVENTS_PER_SENDER + i);
-                    let answer = deliver(&client, &route, &verifier, &event.body).await;
-                    if matches!(answer, Answer::Accepted { .. }) {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let refused = !matches!(answer, Answer::Accepted { .. });
-                    answers.push(answer);
-                    if refused {
-                        break;
-                    }
-                }
-                answers
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted.load(Ordering::Relaxed) < KILL_AFTER_ACCEPTED {
-        assert!(
-            Instant::now() < deadline,
-            "too few 202s:\n{}",
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url), &verifier);
+    load.wait_for_202s(&host).await;
     host.terminate();
     let status = host.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}:\n{}", host.log_text());
 
     let mut ids = Vec::new();
-    for sender in senders {
-        for answer in sender.await.expect("sender task") {
-            match answer {
-                Answer::Accepted { id, duplicate } => {
-                    assert!(!duplicate);
-                    ids.push(id);
-                }
-                // Once the host stops accepting: refused, or no server.
-                Answer::Status(503) | Answer::Unanswered => {}
-                Answer::Status(other) => panic!("answered {other} while shutting down"),
+    for answer in load.events().await.into_iter().flat_map(|e| e.answers) {
+        match answer {
+            Answer::Accepted { id, duplicate } => {
+                assert!(!duplicate);
+                ids.push(id);
             }
+            // Once the host stops accepting: refused, or no server.
+            Answer::Status(503) | Answer::Unanswered => {}
+            Answer::Status(other) => panic!("answered {other} while shutting down"),
         }
     }
     assert!(ids.len() >= KILL_AFTER_ACCEPTED);
