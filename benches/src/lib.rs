@@ -2,6 +2,7 @@
 //! can be compared by machine; see the README's benchmark section.
 
 pub mod bare_webhook;
+mod bench_cluster;
 mod copy_text;
 pub mod pg_sink;
 pub mod pipeline;

@@ -38,21 +38,19 @@
 //! ratios (each run's methods ran interleaved, so its ratio is a
 //! like-for-like comparison).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::{StreamExt, stream};
 #[cfg(doc)]
 use hermes_adapters::postgres::UnnestInsertBuilder;
-use hermes_adapters::postgres::{
-    BatchWriter, JsonText, LocalPostgres, LocalPostgresConfig, RetryPolicy, RowOutcome,
-    UnnestInsert,
-};
+use hermes_adapters::postgres::local::Durability;
+use hermes_adapters::postgres::{BatchWriter, JsonText, RetryPolicy, RowOutcome, UnnestInsert};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::bench_cluster;
 use crate::copy_text::push_field;
 use crate::report::{emit, median_by, round3};
 
@@ -79,13 +77,10 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
     if rows == 0 {
         bail!("pg-sink needs at least one row");
     }
-    let dir = bench_cluster_dir();
-    let pg = LocalPostgres::start_with(LocalPostgresConfig::new(&dir, "hermes_bench"))
-        .await
-        .with_context(|| format!("starting PostgreSQL in {}", dir.display()))?;
+    let pg = bench_cluster::start(Durability::Durable, "hermes_bench").await?;
     eprintln!(
         "pg-sink: PostgreSQL in {} on port {}; {rows} rows of ~{PAYLOAD_BYTES} B, batches of {BATCH_SIZE}, {RUNS} runs",
-        dir.display(),
+        pg.data_dir().display(),
         pg.port()
     );
     let pool = PgPoolOptions::new()
@@ -209,20 +204,6 @@ const METHODS: [Method; 6] = [
         concurrency: 2,
     },
 ];
-
-/// `<cargo target dir>/tmp/hermes-bench-pg` (the target dir is found from the
-/// running executable; `./target` if that fails).
-fn bench_cluster_dir() -> PathBuf {
-    let target = std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-                .map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| PathBuf::from("target"));
-    target.join("tmp").join("hermes-bench-pg")
-}
 
 /// `rows` rows with keys `key-000000001`... and ~1 KB JSON payloads that
 /// differ per row.

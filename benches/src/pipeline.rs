@@ -14,7 +14,7 @@ use hermes_pipeline::{
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 
-use crate::report::{emit, median_by, peak_rss_mb, round3};
+use crate::report::{emit, median_by, peak_rss_mb, reset_peak_rss_of, round3};
 
 const PROCESSORS: usize = 2;
 const BATCH_SIZE: usize = 100;
@@ -27,18 +27,24 @@ pub fn run(messages: u64, sink_messages: u64, runs: usize) -> anyhow::Result<()>
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Each benchmark's peak memory is its own: reset before it runs.
+        let me = std::process::id();
+        reset_peak_rss_of(me);
         let noop = median(runs, || pipeline_run(messages, None)).await?;
+        let noop_peak = peak_rss_mb();
+        reset_peak_rss_of(me);
         let chain = median(runs, || channel_chain(messages)).await?;
         let ratio = noop.per_sec() / chain.per_sec();
         emit(&json!({
             "bench": "pipeline_noop", "messages": messages, "secs": round3(noop.secs),
             "per_sec": noop.per_sec().round(), "max_in_flight": noop.max_in_flight,
-            "peak_rss_mb": round3(peak_rss_mb()), "vs_channel_chain": round3(ratio),
+            "peak_rss_mb": round3(noop_peak), "vs_channel_chain": round3(ratio),
         }));
         emit(&json!({
             "bench": "channel_chain", "messages": messages, "secs": round3(chain.secs),
             "per_sec": chain.per_sec().round(), "peak_rss_mb": round3(peak_rss_mb()),
         }));
+        reset_peak_rss_of(me);
         let sink = median(runs, || {
             pipeline_run(sink_messages, Some(Duration::from_millis(1)))
         })

@@ -19,9 +19,18 @@ pub fn peak_rss_mb() -> f64 {
     status_kib("VmHWM:").map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
-/// Peak resident set size of process `pid`, in MiB (Linux: VmHWM).
+/// Peak resident set size of process `pid`, in MiB (Linux: VmHWM), since it
+/// started or since [`reset_peak_rss_of`].
 pub fn peak_rss_mb_of(pid: u32) -> f64 {
     process_mb(pid, "VmHWM:")
+}
+
+/// Resets the peak resident set size of process `pid` (`std::process::id()`
+/// for this one) to its current size, so the next peak is one run's own
+/// (Linux: `5` to `/proc/PID/clear_refs`). Best effort: a failure leaves the
+/// peak since the process started.
+pub fn reset_peak_rss_of(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 /// Resident set size of process `pid` now, in MiB (Linux: VmRSS).
@@ -55,8 +64,9 @@ pub fn cpu_secs_of(pid: u32) -> f64 {
     proc_stat_fields(pid).map_or(0.0, |fields| fields.cpu_secs)
 }
 
-/// CPU time used so far by process `pid` and its live children (e.g. a
-/// postmaster and its backends), in seconds.
+/// CPU time used so far by process `pid` and its children (e.g. a
+/// postmaster and its backends), in seconds: its own, its live children's,
+/// and that of the children it has reaped (a backend that ended still counts).
 pub fn cpu_secs_of_tree(pid: u32) -> f64 {
     let children: f64 = std::fs::read_dir("/proc")
         .into_iter()
@@ -66,36 +76,49 @@ pub fn cpu_secs_of_tree(pid: u32) -> f64 {
         .filter(|fields| fields.parent == pid)
         .map(|fields| fields.cpu_secs)
         .sum();
-    cpu_secs_of(pid) + children
+    let own = proc_stat_fields(pid).map_or(0.0, |fields| fields.cpu_secs + fields.reaped_cpu_secs);
+    own + children
 }
 
-/// Seconds of CPU the whole machine has spent busy (not idle, not waiting
-/// for I/O) so far, summed over its cores (Linux: `/proc/stat`).
-pub fn machine_busy_secs() -> f64 {
+/// The whole machine's CPU time so far, summed over its cores, in seconds
+/// (Linux: `/proc/stat`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MachineCpu {
+    /// Running code: user, nice, system, irq and softirq (guest time is
+    /// already inside user and nice).
+    pub busy: f64,
+    /// Taken by the hypervisor while this machine wanted to run.
+    pub steal: f64,
+}
+
+/// The machine's CPU time so far; zeros when `/proc/stat` cannot be read.
+pub fn machine_cpu() -> MachineCpu {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
+        return MachineCpu::default();
     };
     let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
-        return 0.0;
+        return MachineCpu::default();
     };
-    // user nice system idle iowait irq softirq steal …
+    // user nice system idle iowait irq softirq steal guest guest_nice
     let ticks: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .filter_map(|field| field.parse().ok())
         .collect();
-    let busy: u64 = ticks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !matches!(i, 3 | 4))
-        .map(|(_, ticks)| ticks)
-        .sum();
-    busy as f64 / clock_ticks_per_sec()
+    let sum = |fields: &[usize]| {
+        fields.iter().filter_map(|&i| ticks.get(i)).sum::<u64>() as f64 / clock_ticks_per_sec()
+    };
+    MachineCpu {
+        busy: sum(&[0, 1, 2, 5, 6]),
+        steal: sum(&[7]),
+    }
 }
 
 struct ProcStat {
     parent: u32,
     cpu_secs: f64,
+    /// CPU of the children it has waited for.
+    reaped_cpu_secs: f64,
 }
 
 fn proc_stat_fields(pid: u32) -> Option<ProcStat> {
@@ -105,13 +128,14 @@ fn proc_stat_fields(pid: u32) -> Option<ProcStat> {
         .get(stat.rfind(')')? + 1..)?
         .split_whitespace()
         .collect();
-    // state ppid … utime (14th field of the line) stime (15th).
+    // state ppid … utime (14th field of the line) stime cutime cstime (17th).
     let parent = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = |index: usize| fields.get(index)?.parse::<u64>().ok();
+    let secs = |ticks: u64| ticks as f64 / clock_ticks_per_sec();
     Some(ProcStat {
         parent,
-        cpu_secs: (utime + stime) as f64 / clock_ticks_per_sec(),
+        cpu_secs: secs(ticks(11)? + ticks(12)?),
+        reaped_cpu_secs: secs(ticks(13)? + ticks(14)?),
     })
 }
 

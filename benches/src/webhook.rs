@@ -38,16 +38,18 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
+use hermes_adapters::postgres::local::{Durability, LocalPostgres};
 use hermes_adapters::sandbox::webhook_sender::{self, SenderConfig, Snapshot, Stats};
 use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier, body_sha256_hex};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
+use crate::bench_cluster;
 use crate::copy_text::push_field;
 use crate::report::{
-    cpu_secs_of, cpu_secs_of_tree, emit, machine_busy_secs, peak_rss_mb_of, round3, rss_mb_of,
+    MachineCpu, cpu_secs_of, cpu_secs_of_tree, emit, machine_cpu, peak_rss_mb_of,
+    reset_peak_rss_of, round3, rss_mb_of,
 };
 
 /// The signing secret of the benchmark's source (benchmark-only).
@@ -108,6 +110,8 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 host: server.pid(),
                 ..cpu
             };
+            // Every loop writes into empty tables, as the limit does.
+            bench.empty_tables().await?;
             let (closed, secs, used) = closed_loop(
                 server,
                 &cpu,
@@ -139,10 +143,11 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "pg_copy_rows_per_sec_before": limit_before.round(),
                 "pg_copy_rows_per_sec_after": limit_after.round(),
                 "ratio": round3(accepted_per_sec / limit),
-                "durable": !options.relaxed,
+                "durable": bench.durable,
                 "host_peak_rss_mb": round3(peak_rss_mb_of(server.pid())),
                 "cpu_us_per_event": used.per_event_us(accepted),
-                "busy_cores": round3(used.machine_busy / secs),
+                "busy_cores": round3(used.machine.busy / secs),
+                "steal_cores": round3(used.machine.steal / secs),
             }));
             limit_before = limit_after;
         }
@@ -150,6 +155,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
 
         // Below saturation: half the measured raw capacity, open loop.
         let rate = ((raw_per_sec * 0.5) as u64).max(1);
+        let started = Instant::now();
         let (open, _) = drive(
             &host,
             RAW_SOURCE,
@@ -161,12 +167,14 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
         )
         .await?;
         let batch_timeout_ms = batch_timeout_ms(&options.webhooks);
+        let secs = started.elapsed().as_secs_f64();
         let open_accepted = open.statuses.get(&202).copied().unwrap_or(0);
         emit(&json!({
             "bench": "webhook_e2e_latency",
-            "secs": options.secs,
+            "secs": round3(secs),
             "offered_per_sec": rate,
-            "accepted_per_sec": (open_accepted as f64 / options.secs as f64).round(),
+            "sent_per_sec": (open.sent as f64 / secs).round(),
+            "accepted_per_sec": (open_accepted as f64 / secs).round(),
             "p50_ms": round3(open.p50_ms),
             "p99_ms": round3(open.p99_ms),
             "p99_target_ms": batch_timeout_ms + 25,
@@ -199,7 +207,8 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "statuses": statuses(&floor),
             "errors": floor.errors,
             "cpu_us_per_request": used.per_event_us(answered),
-            "busy_cores": round3(used.machine_busy / secs),
+            "busy_cores": round3(used.machine.busy / secs),
+                "steal_cores": round3(used.machine.steal / secs),
         }));
         host.stop().await;
         Ok(())
@@ -226,6 +235,7 @@ async fn closed_loop(
         &warmup,
     )
     .await?;
+    reset_peak_rss_of(host.pid());
     let before = cpu.sample();
     let started = Instant::now();
     let duration = Duration::from_secs(options.secs);
@@ -257,7 +267,7 @@ struct CpuUsed {
     host: f64,
     postgres: Option<f64>,
     load_generator: f64,
-    machine_busy: f64,
+    machine: MachineCpu,
 }
 
 impl CpuMeter {
@@ -266,7 +276,7 @@ impl CpuMeter {
             host: cpu_secs_of(self.host),
             postgres: self.postmaster.map(cpu_secs_of_tree),
             load_generator: cpu_secs_of(std::process::id()),
-            machine_busy: machine_busy_secs(),
+            machine: machine_cpu(),
         }
     }
 }
@@ -280,7 +290,10 @@ impl CpuUsed {
                 .zip(earlier.postgres)
                 .map(|(now, then)| now - then),
             load_generator: self.load_generator - earlier.load_generator,
-            machine_busy: self.machine_busy - earlier.machine_busy,
+            machine: MachineCpu {
+                busy: self.machine.busy - earlier.machine.busy,
+                steal: self.machine.steal - earlier.machine.steal,
+            },
         }
     }
 
@@ -324,19 +337,19 @@ pub fn run_overload(
         // nothing is refused, so what it commits per second is its capacity.
         let capacity_connections = ingest_capacity + max_in_flight;
         drive(&host, SMS_SOURCE, capacity_connections, 1, WARMUP, None, &format!("{run}-w")).await?;
-        let capacity_secs = 3;
+        let started = Instant::now();
         let (closed, _) = drive(
             &host,
             SMS_SOURCE,
             capacity_connections,
             1,
-            Duration::from_secs(capacity_secs),
+            Duration::from_secs(3),
             None,
             &format!("{run}-capacity"),
         )
         .await?;
         let capacity =
-            closed.statuses.get(&202).copied().unwrap_or(0) as f64 / capacity_secs as f64;
+            closed.statuses.get(&202).copied().unwrap_or(0) as f64 / started.elapsed().as_secs_f64();
         let rss_before = rss_mb_of(host.pid());
 
         // Twice that, open loop: enough connections that the offered rate
@@ -379,13 +392,14 @@ pub fn run_overload(
             "p99_ms": round3(overload.p99_ms),
             "statuses": statuses(&overload),
             "errors": overload.errors,
+            "duplicates": overload.duplicates,
             "share_503": round3(if answered == 0 { 0.0 } else { unavailable as f64 / answered as f64 }),
             "lost": lost,
             "rss_before_mb": round3(rss_before),
             "rss_first_half_max_mb": round3(max(&samples[..half])),
             "rss_second_half_max_mb": round3(max(&samples[half..])),
             "peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
-            "durable": !options.relaxed,
+            "durable": bench.durable,
         }));
         host.stop().await;
         Ok(())
@@ -448,6 +462,8 @@ struct Bench {
     hermes_bin: PathBuf,
     dir: PathBuf,
     database_url: String,
+    /// Whether the cluster runs with `fsync` on (checked at start).
+    durable: bool,
 }
 
 impl Bench {
@@ -465,18 +481,13 @@ impl Bench {
                 hermes_bin.display()
             );
         }
-        let dir = target_dir().join("bench-pg");
+        let dir = bench_cluster::bench_dir();
         let durability = if options.relaxed {
             Durability::Relaxed
         } else {
             Durability::Durable
         };
-        let config = LocalPostgresConfig::new(dir.join("cluster"), "postgres")
-            .durability(durability)
-            .max_connections(200);
-        let pg = LocalPostgres::start_with(config)
-            .await
-            .context("cannot start the benchmark's Postgres")?;
+        let pg = bench_cluster::start(durability, "postgres").await?;
         pg.drop_database("hermes_bench").await?;
         pg.create_database("hermes_bench").await?;
         let database_url = pg.url_for("hermes_bench");
@@ -485,6 +496,7 @@ impl Bench {
             hermes_bin,
             dir,
             database_url,
+            durable: durability == Durability::Durable,
         })
     }
 
@@ -564,9 +576,27 @@ impl Bench {
         let secs = started.elapsed().as_secs_f64();
         drop(chunks);
         generator.await?;
+        sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await?;
         conn.close().await?;
         self.pg.drop_database(database).await?;
         Ok(rows as f64 / secs)
+    }
+
+    /// Empties the tables the host writes, and checkpoints, so that each loop
+    /// starts as the limit does: empty tables, no checkpoint owed.
+    async fn empty_tables(&self) -> anyhow::Result<()> {
+        let mut conn = PgConnection::connect(&self.database_url).await?;
+        // The rows messages name are append-only (triggers refuse removing
+        // them); replica mode skips those triggers for this reset.
+        sqlx::raw_sql(
+            "SET session_replication_role = replica; \
+             TRUNCATE webhook_events, message_attachments, messages, conversations, parties, \
+             channels, providers; CHECKPOINT",
+        )
+        .execute(&mut conn)
+        .await?;
+        conn.close().await?;
+        Ok(())
     }
 
     /// How many of `ids` are not in `webhook_events`.
@@ -621,19 +651,6 @@ pub(crate) fn copy_row(
     }
     // An RFC 3339 time has nothing to escape; writing to a Vec cannot fail.
     let _ = writeln!(rows, "{}", humantime::format_rfc3339_micros(received_at));
-}
-
-/// Cargo's target directory (marked by `CACHEDIR.TAG`) above this executable,
-/// else `./target`.
-fn target_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-                .map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| PathBuf::from("target"))
 }
 
 /// A server subprocess: `hermes serve`, or the bare server.

@@ -74,7 +74,8 @@ pub struct Snapshot {
     pub sent: u64,
     /// Responses by HTTP status.
     pub statuses: BTreeMap<u16, u64>,
-    /// Requests that got no HTTP response (connection errors, time-outs).
+    /// Requests that got no usable HTTP response (connection errors,
+    /// time-outs, a 202 without an event id).
     pub errors: u64,
     /// 202s that said the event was a duplicate.
     pub duplicates: u64,
@@ -188,7 +189,10 @@ pub async fn run(
     let deadline = Instant::now() + config.duration;
     let workers = connections * streams;
     // Open loop: each worker sends on its own schedule, so the offered rate
-    // does not drop when the host slows down.
+    // does not drop when the host slows down. A worker that falls behind (it
+    // waits for each answer) sends what it missed at once, and latency counts
+    // from when a request was due, not when it went out: no coordinated
+    // omission.
     let interval = config
         .rate_per_sec
         .map(|rate| Duration::from_secs_f64(workers as f64 / rate.max(1) as f64));
@@ -205,17 +209,15 @@ pub async fn run(
         tokio::spawn(async move {
             let mut ticker = interval.map(|interval| {
                 let offset = interval.mul_f64(worker as f64 / (connections * streams) as f64);
-                let mut ticker =
-                    tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                ticker
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, interval)
             });
             while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                if let Some(ticker) = &mut ticker {
-                    ticker.tick().await;
-                }
+                let due = match &mut ticker {
+                    Some(ticker) => ticker.tick().await.into_std(),
+                    None => Instant::now(),
+                };
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                send_one(&mut transport, &config, &stats, n).await;
+                send_one(&mut transport, &config, &stats, n, due).await;
             }
         })
     });
@@ -354,22 +356,30 @@ async fn exchange(
     Ok((status, body))
 }
 
-async fn send_one(transport: &mut Transport, config: &SenderConfig, stats: &Stats, n: u64) {
+/// Sends request `n`, due at `due`, and records its answer.
+async fn send_one(
+    transport: &mut Transport,
+    config: &SenderConfig,
+    stats: &Stats,
+    n: u64,
+    due: Instant,
+) {
     let (id, body) = (config.body)(n);
     let headers = config
         .verifier
         .sign(&body, &config.url, &id, SystemTime::now());
     stats.sent.fetch_add(1, Ordering::Relaxed);
-    let started = Instant::now();
-    match transport.send(&config.url, headers, body).await {
-        Some((status, body)) => {
-            let accepted = if status == 202 {
-                serde_json::from_slice::<Accepted>(&body).ok()
-            } else {
-                None
-            };
-            stats.record(status, started.elapsed(), accepted);
-        }
+    let answer = transport.send(&config.url, headers, body).await;
+    let latency = due.elapsed();
+    match answer {
+        Some((202, body)) => match serde_json::from_slice::<Accepted>(&body) {
+            Ok(accepted) => stats.record(202, latency, Some(accepted)),
+            // A 202 that names no event cannot be checked: not an answer.
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        Some((status, _)) => stats.record(status, latency, None),
         None => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
