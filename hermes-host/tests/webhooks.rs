@@ -114,6 +114,8 @@ async fn malformed_too_large_unknown_and_unstorable_are_400_413_404() {
             b"{} trailing".to_vec(),
             b"[1, 2,]".to_vec(),
             br#"{"n": "a\u0000b"}"#.to_vec(),
+            br#"{"n": "\ud800"}"#.to_vec(),
+            br#"{"n": 1e200000}"#.to_vec(),
         ] {
             let headers = h.sign(source, &body, "id");
             let reply = h.post(source, body, headers).await;

@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde::de::IgnoredAny;
 
 use super::event::{Fate, WebhookEvent};
+use super::jsonb;
 use super::normalize::normalize;
 use super::source::Source;
 use crate::config::Normalize;
@@ -75,21 +76,22 @@ pub async fn receive(
     }
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
-    if has_nul_escape(&text) {
-        return Err(ApiError::bad_request(
-            "malformed body: \\u0000 (NUL) cannot be stored in Postgres",
-        ));
-    }
     let malformed =
         |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
-    let message = if source.normalize() == Normalize::None {
+    let payload = if source.normalize() == Normalize::None {
         // Stored raw: only checked to be JSON, without building its tree.
         serde_json::from_str::<IgnoredAny>(&text).map_err(malformed)?;
         None
     } else {
-        let payload: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
-        normalize(source.normalize(), &payload)
-            .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?
+        Some(serde_json::from_str::<serde_json::Value>(&text).map_err(malformed)?)
+    };
+    if let Some(reason) = jsonb::refusal(&text) {
+        return Err(ApiError::bad_request(format!("malformed body: {reason}")));
+    }
+    let message = match payload {
+        Some(payload) => normalize(source.normalize(), &payload)
+            .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?,
+        None => None,
     };
 
     let event = Arc::new(WebhookEvent::new(
@@ -180,15 +182,6 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
 /// ids, far below what Postgres's unique index takes (~2.7 kB).
 const MAX_KEY_BYTES: usize = 256;
 
-/// Whether JSON `text` has a `\u0000` escape, which Postgres's `jsonb` (and
-/// `text`) refuse: an escape is a backslash preceded by an even number of them.
-fn has_nul_escape(text: &str) -> bool {
-    text.match_indices("\\u0000").any(|(at, _)| {
-        let backslashes = text[..at].bytes().rev().take_while(|&b| b == b'\\').count();
-        backslashes % 2 == 0
-    })
-}
-
 /// The URL the provider called, for schemes that sign it (else empty): the
 /// source's configured URL, else `http://` + `Host` + path and query.
 fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
@@ -209,17 +202,4 @@ fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
         .unwrap_or("localhost");
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     format!("http://{host}{path}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::has_nul_escape;
-
-    #[test]
-    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
-        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
-        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
-        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
-        assert!(!has_nul_escape(r#"{"a":"\u0041"}"#));
-    }
 }

@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod event;
 pub mod event_ids;
 pub mod ingest_function;
+pub mod jsonb;
 pub mod normalize;
 pub mod pipeline;
 pub mod raw_store;

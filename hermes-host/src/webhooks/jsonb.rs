@@ -1,0 +1,151 @@
+//! What Postgres's `jsonb` refuses of JSON that `serde_json` accepts: checked
+//! before an event is queued, so its sender gets a 400 rather than its batch
+//! a failed write (and a search for the row that failed it).
+
+/// Why valid JSON `text` cannot be stored as `jsonb`, if it cannot: a
+/// `\u0000` escape, a `\u` escape of half a surrogate pair (`serde_json`
+/// does not decode escapes it only skips), or a number outside `numeric`'s
+/// range (131072 digits before the point, 16383 after).
+pub fn refusal(text: &str) -> Option<&'static str> {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    let mut in_string = false;
+    while let Some(&byte) = bytes.get(at) {
+        match (in_string, byte) {
+            (true, b'"') => in_string = false,
+            (true, b'\\') => {
+                if bytes.get(at + 1) == Some(&b'u') {
+                    let (length, problem) = unicode_escape(bytes, at);
+                    if problem.is_some() {
+                        return problem;
+                    }
+                    at += length;
+                    continue;
+                }
+                // Any other escape is two bytes long.
+                at += 2;
+                continue;
+            }
+            (false, b'"') => in_string = true,
+            (false, b'-' | b'0'..=b'9') => {
+                let (length, fits) = number(bytes, at);
+                if !fits {
+                    return Some(
+                        "a number is beyond what Postgres stores (131072 digits before the point, 16383 after)",
+                    );
+                }
+                at += length;
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    None
+}
+
+/// The `\uXXXX` escape at `at` (with the low half that must follow a high
+/// surrogate): its length, and what Postgres would refuse in it.
+fn unicode_escape(bytes: &[u8], at: usize) -> (usize, Option<&'static str>) {
+    let Some(code) = hex4(bytes, at + 2) else {
+        // Not JSON; the JSON check has refused it already.
+        return (2, None);
+    };
+    match code {
+        0 => (6, Some("\\u0000 (NUL) cannot be stored in Postgres")),
+        0xD800..=0xDBFF => {
+            let low = (bytes.get(at + 6) == Some(&b'\\') && bytes.get(at + 7) == Some(&b'u'))
+                .then(|| hex4(bytes, at + 8))
+                .flatten();
+            match low {
+                Some(0xDC00..=0xDFFF) => (12, None),
+                _ => (6, Some(LONE_SURROGATE)),
+            }
+        }
+        0xDC00..=0xDFFF => (6, Some(LONE_SURROGATE)),
+        _ => (6, None),
+    }
+}
+
+const LONE_SURROGATE: &str = "a \\u escape names half of a UTF-16 surrogate pair";
+
+/// The four hex digits at `at`, as a number.
+fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
+    let digits = std::str::from_utf8(bytes.get(at..at + 4)?).ok()?;
+    u32::from_str_radix(digits, 16).ok()
+}
+
+/// The JSON number at `at`: its length, and whether `numeric` holds it.
+fn number(bytes: &[u8], at: usize) -> (usize, bool) {
+    let digits_from = |from: usize| {
+        bytes.get(from..).map_or(0, |rest| {
+            rest.iter().take_while(|b| b.is_ascii_digit()).count()
+        })
+    };
+    let mut end = at + usize::from(bytes.get(at) == Some(&b'-'));
+    let integer = digits_from(end);
+    end += integer;
+    let mut fraction = 0;
+    if bytes.get(end) == Some(&b'.') {
+        fraction = digits_from(end + 1);
+        end += 1 + fraction;
+    }
+    let mut exponent: i64 = 0;
+    if matches!(bytes.get(end), Some(b'e' | b'E')) {
+        end += 1;
+        let negative = bytes.get(end) == Some(&b'-');
+        if matches!(bytes.get(end), Some(b'+' | b'-')) {
+            end += 1;
+        }
+        let length = digits_from(end);
+        // More digits than any storable exponent has: as good as infinite.
+        exponent = std::str::from_utf8(&bytes[end..end + length])
+            .ok()
+            .and_then(|digits| digits.parse::<i64>().ok())
+            .filter(|_| length <= 12)
+            .unwrap_or(i64::MAX / 2);
+        if negative {
+            exponent = -exponent;
+        }
+        end += length;
+    }
+    let before_point = integer as i64 + exponent;
+    let after_point = fraction as i64 - exponent;
+    (end - at, before_point <= 131_072 && after_point <= 16_383)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal;
+
+    /// Each case as Postgres 15 answered `SELECT (case)::jsonb`.
+    #[test]
+    fn refuses_what_postgres_refuses() {
+        for storable in [
+            r#"{"a":"x","b":[1,-2.5,3e10,true,false,null]}"#,
+            r#""\ud83d\ude00""#,
+            r#""\\u0000""#,
+            r#""\u0041 and e5 and 1e999999 in a string""#,
+            "1e-16383",
+            "1e131071",
+            "1e100000",
+            "1.5e-16000",
+            "-0.0E+0",
+        ] {
+            assert_eq!(refusal(storable), None, "{storable}");
+        }
+        for refused in [
+            r#"{"a":"\u0000"}"#,
+            r#"["\\\u0000"]"#,
+            r#""\ud800""#,
+            r#""\ud800x""#,
+            r#""\udc00""#,
+            "1e-20000",
+            "1e-16384",
+            "1e131072",
+            "[1,2e99999999999999999999]",
+        ] {
+            assert!(refusal(refused).is_some(), "{refused}");
+        }
+    }
+}
