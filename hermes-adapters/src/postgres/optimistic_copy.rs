@@ -23,8 +23,8 @@ const MAX_SKIP: u32 = 64;
 #[derive(Debug)]
 pub struct OptimisticCopy {
     sql: String,
-    /// Set when the `COPY` failed where the regular statement succeeded, for
-    /// another reason than an integrity error: it will not work here.
+    /// Set when the `COPY` failed with a format error where the regular
+    /// statement succeeded: it will not work here.
     disabled: AtomicBool,
     /// Batches that skip the `COPY` before trying it again.
     skip: AtomicU32,
@@ -141,29 +141,36 @@ impl OptimisticCopy {
     }
 
     /// Reports that the regular statement stored the batch whose `COPY`
-    /// failed with `error`. An integrity error (SQLSTATE class 23: an existing
-    /// key, or a constraint the statement's conflict clause resolved) is about
-    /// these rows: back off for a while. Anything else will fail every time:
-    /// stop trying.
+    /// failed with `error`. A format error (the binary data is not what the
+    /// columns take) will fail every time: stop trying. Anything else (an
+    /// existing key, a constraint the statement's conflict clause resolved, a
+    /// timeout, a lock) was about these rows or this moment: back off for a
+    /// while.
     fn resolved_by_fallback(&self, error: &sqlx::Error) {
-        match error {
-            sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("23")) => {
-                let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_SKIP);
-                self.penalty.store(penalty, Ordering::Relaxed);
-                self.skip.store(penalty, Ordering::Relaxed);
+        if is_format_error(error) {
+            if !self.disabled.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    statement = %self.sql,
+                    %error,
+                    "the optimistic COPY failed where the regular statement succeeded (do the \
+                     Rust types have the binary format of the column types?); not trying it again"
+                );
             }
-            _ => {
-                if !self.disabled.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        statement = %self.sql,
-                        %error,
-                        "the optimistic COPY failed where the regular statement succeeded (do the \
-                         Rust types have the binary format of the column types?); not trying it again"
-                    );
-                }
-            }
+            return;
         }
+        let penalty = (self.penalty.load(Ordering::Relaxed) * 2).clamp(1, MAX_SKIP);
+        self.penalty.store(penalty, Ordering::Relaxed);
+        self.skip.store(penalty, Ordering::Relaxed);
     }
+}
+
+/// Whether `error` says a binary `COPY`'s data is not what its columns take:
+/// SQLSTATE 22P03 (invalid binary representation), 42804 (datatype
+/// mismatch), or XX000, which some types' binary input raises for a foreign
+/// format (jsonb's, for a text value: "unsupported jsonb version number").
+fn is_format_error(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| matches!(&*code, "22P03" | "42804" | "XX000")))
 }
 
 /// Runs `COPY ... FROM STDIN` with `data` as its whole input.

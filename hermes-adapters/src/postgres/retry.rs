@@ -90,9 +90,11 @@ pub enum ErrorClass {
 ///
 /// Transient: I/O errors, pool timeouts, a crashed connection worker, and the
 /// SQLSTATEs `40001` serialization_failure, `40P01` deadlock_detected, class
-/// `08` (connection exceptions), `57P01` admin_shutdown, `57P02`
-/// crash_shutdown, `57P03` cannot_connect_now and `53300`
-/// too_many_connections.
+/// `08` (connection exceptions) but `08P01` protocol_violation, `57P01`
+/// admin_shutdown, `57P02` crash_shutdown, `57P03` cannot_connect_now,
+/// `53300` too_many_connections, `53200` out_of_memory, `57014`
+/// query_canceled (a statement timeout), `55P03` lock_not_available and
+/// `25006` read_only_sql_transaction (a replica, until failover completes).
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => {
@@ -110,7 +112,13 @@ pub fn classify(error: &sqlx::Error) -> ErrorClass {
 /// Classifies a SQLSTATE code (see [`classify`]).
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
     match code {
-        "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" => ErrorClass::Transient,
+        // Serialization failure, deadlock, shutdowns, too many connections,
+        // out of memory, a statement timeout or cancel, a lock timeout, and a
+        // read-only server (a replica, until failover completes).
+        "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" | "53200" | "57014" | "55P03"
+        | "25006" => ErrorClass::Transient,
+        // Connection exceptions, but a protocol violation repeats itself.
+        "08P01" => ErrorClass::Fatal,
         c if c.starts_with("08") => ErrorClass::Transient,
         "21000" | "54000" => ErrorClass::Row,
         c if c.starts_with("22") || c.starts_with("23") => ErrorClass::Row,
@@ -125,14 +133,15 @@ mod tests {
     #[test]
     fn sqlstates_are_classified() {
         for code in [
-            "40001", "40P01", "08006", "08003", "57P01", "57P02", "57P03",
+            "40001", "40P01", "08006", "08003", "57P01", "57P02", "57P03", "57014", "55P03",
+            "25006",
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Transient, "{code}");
         }
         for code in ["22001", "22P02", "23505", "23514", "23502", "21000"] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Row, "{code}");
         }
-        for code in ["42P01", "42601", "42501", "XX000"] {
+        for code in ["42P01", "42601", "42501", "XX000", "08P01"] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Fatal, "{code}");
         }
     }
