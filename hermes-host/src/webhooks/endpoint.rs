@@ -38,7 +38,8 @@ use crate::http::{ApiError, AppState};
 pub struct Accepted {
     /// The stored event's id.
     pub id: i64,
-    /// Whether the event had already been stored by an earlier delivery.
+    /// Whether the event was already stored: by an earlier delivery, or by an
+    /// earlier attempt whose commit went unconfirmed.
     pub duplicate: bool,
 }
 

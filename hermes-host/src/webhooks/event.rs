@@ -40,12 +40,15 @@ pub enum Fate {
     Stored {
         /// The stored event's id.
         id: i64,
-        /// Whether an earlier delivery already stored it.
+        /// Whether it was already stored: by an earlier delivery, or by an
+        /// earlier attempt at this batch whose commit went unconfirmed.
         duplicate: bool,
     },
-    /// The database refused the event; nothing is stored.
+    /// The database refused the event; it is not stored.
     Rejected(String),
-    /// The batch could not be written; nothing is stored.
+    /// The batch could not be written. The event is not known to be stored
+    /// (part of a batch may have committed before a later step failed): a
+    /// redelivery finds out, stored once either way.
     Failed {
         /// Whether trying again later may succeed (lost connection, deadlock, …).
         transient: bool,
