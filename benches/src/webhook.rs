@@ -178,6 +178,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "p50_ms": round3(open.p50_ms),
             "p99_ms": round3(open.p99_ms),
             "p99_target_ms": batch_timeout_ms + 25,
+            "longest_answer_ms": round3(open.longest_answer_ms),
             "statuses": statuses(&open),
             "errors": open.errors,
         }));

@@ -63,6 +63,7 @@ pub struct Stats {
 struct Responses {
     statuses: BTreeMap<u16, u64>,
     latency_us: Option<Histogram<u64>>,
+    longest_answer: Duration,
     accepted: Vec<i64>,
     duplicates: u64,
 }
@@ -83,6 +84,11 @@ pub struct Snapshot {
     pub p50_ms: f64,
     /// 99th percentile latency of 202s, in milliseconds.
     pub p99_ms: f64,
+    /// The longest a 202 took from the moment its request was sent, in
+    /// milliseconds. Latency counts from when a request was due; beside a
+    /// high p99, this tells whether the server held an answer that long or
+    /// requests waited to be sent.
+    pub longest_answer_ms: f64,
 }
 
 impl Stats {
@@ -107,6 +113,7 @@ impl Stats {
             duplicates: responses.duplicates,
             p50_ms: quantile(0.5),
             p99_ms: quantile(0.99),
+            longest_answer_ms: responses.longest_answer.as_secs_f64() * 1000.0,
         }
     }
 
@@ -117,13 +124,24 @@ impl Stats {
 
     /// Clears the latency histogram (e.g. after a warm-up).
     pub fn reset_latency(&self) {
-        lock(&self.responses).latency_us = None;
+        let mut responses = lock(&self.responses);
+        responses.latency_us = None;
+        responses.longest_answer = Duration::ZERO;
     }
 
-    fn record(&self, status: u16, latency: Duration, accepted: Option<Accepted>) {
+    /// Records an answer: `latency` since the request was due, `answered_in`
+    /// since it was sent.
+    fn record(
+        &self,
+        status: u16,
+        latency: Duration,
+        answered_in: Duration,
+        accepted: Option<Accepted>,
+    ) {
         let mut responses = lock(&self.responses);
         *responses.statuses.entry(status).or_default() += 1;
         if let Some(accepted) = accepted {
+            responses.longest_answer = responses.longest_answer.max(answered_in);
             let micros = u64::try_from(latency.as_micros())
                 .unwrap_or(u64::MAX)
                 .max(1);
@@ -369,17 +387,18 @@ async fn send_one(
         .verifier
         .sign(&body, &config.url, &id, SystemTime::now());
     stats.sent.fetch_add(1, Ordering::Relaxed);
+    let sent = Instant::now();
     let answer = transport.send(&config.url, headers, body).await;
-    let latency = due.elapsed();
+    let (latency, answered_in) = (due.elapsed(), sent.elapsed());
     match answer {
         Some((202, body)) => match serde_json::from_slice::<Accepted>(&body) {
-            Ok(accepted) => stats.record(202, latency, Some(accepted)),
+            Ok(accepted) => stats.record(202, latency, answered_in, Some(accepted)),
             // A 202 that names no event cannot be checked: not an answer.
             Err(_) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
             }
         },
-        Some((status, _)) => stats.record(status, latency, None),
+        Some((status, _)) => stats.record(status, latency, answered_in, None),
         None => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
