@@ -231,8 +231,10 @@ impl<H: Handler> ProducerParts<H> {
     /// At the drain deadline: fails what the producer still holds ready (an
     /// ingress's accepted messages), without waiting for it or for demand.
     async fn fail_leftovers<P: Producer<H::Data>>(&self, producer: &mut P) {
-        while let Some(Produced::Messages(messages)) =
-            producer.produce(self.demand.max_demand).now_or_never()
+        while let Some(Ok(Produced::Messages(messages))) =
+            AssertUnwindSafe(producer.produce(self.demand.max_demand))
+                .catch_unwind()
+                .now_or_never()
         {
             if messages.is_empty() {
                 break;
