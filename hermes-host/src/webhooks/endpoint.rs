@@ -4,7 +4,7 @@
 //! | status | when |
 //! |---|---|
 //! | 202 | committed: `{"id": <event id>, "duplicate": <bool>}` |
-//! | 400 | the body is not UTF-8 JSON, holds a `\\u0000`, or the delivery id is over 256 bytes |
+//! | 400 | the body is not UTF-8 JSON, or JSON Postgres cannot store (see [`jsonb`]), or the delivery id is over 256 bytes |
 //! | 401 | bad, missing or stale signature |
 //! | 404 | no source of that name (or a name that is not UTF-8) |
 //! | 413 | the body is larger than the source's `max_body_bytes` |

@@ -6,7 +6,7 @@
 //! it succeeds every event is new and stored under the id it was given. A
 //! `COPY` has no `ON CONFLICT`, so a batch holding a redelivery fails as a
 //! whole and stores nothing; it then goes through `ingest_webhook_batch`
-//! ([`ingest_function`](super::ingest_function)), which is idempotent and
+//! ([`ingest_function`]), which is idempotent and
 //! finds the redeliveries' ids. After such a conflict the next batches skip
 //! the `COPY` for a while ([`OptimisticCopy`]).
 //!

@@ -6,7 +6,7 @@
 //! [`RawEventStore`]: an optimistic binary `COPY` (see
 //! [`raw_store`](super::raw_store)). Any other batch, and a raw one the
 //! `COPY` could not store, is one call of `ingest_webhook_batch` (see
-//! [`ingest_function`](super::ingest_function)).
+//! [`ingest_function`]).
 //!
 //! Either way the write reports, per event in input order, its id and
 //! whether it was inserted. Each write is atomic without an explicit
