@@ -441,6 +441,35 @@ async fn a_persistent_transient_error_exhausts_the_retries() {
 }
 
 #[tokio::test]
+async fn retries_stop_at_the_policy_time_limit_whatever_the_count() {
+    let pool = setup().await;
+    let retry = RetryPolicy::new(Duration::from_millis(50), Duration::from_millis(50), 1_000)
+        .give_up_after(Duration::from_millis(300));
+    let writer = sabotaged_writer(
+        &pool,
+        Mode::Unnest,
+        Sabotage::SerializationFailure,
+        u32::MAX,
+        retry,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let error = writer.write(&events(0..10)).await.expect_err("must fail");
+    assert!(
+        matches!(error, WriteError::RetriesExhausted { .. }),
+        "{error}"
+    );
+    // Waits of 25-50 ms within 300 ms: a handful of attempts, not 1,000.
+    let executions = writer.statement().executions.load(Ordering::SeqCst);
+    assert!((2..=13).contains(&executions), "{executions} attempts");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_broken_statement_fails_the_batch_without_retries() {
     let pool = setup().await;
     let missing = UnnestInsert::builder("no_such_table", |e: &Event| e.id.clone())

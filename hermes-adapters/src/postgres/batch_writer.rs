@@ -94,7 +94,8 @@ impl fmt::Display for Rejection {
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// A transient error (lost connection, deadlock, ...) persisted through
-    /// every attempt of the retry policy. Worth trying again later.
+    /// every attempt the retry policy allows (by count, or by time). Worth
+    /// trying again later.
     #[error("transient database error persisted after {attempts} attempts: {source}")]
     RetriesExhausted {
         /// Attempts made.
@@ -355,6 +356,7 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// Writes `rows` in one transaction, retrying transient errors.
     async fn write_range(&self, rows: &[&S::Row]) -> Result<Vec<Written>, RangeError> {
         let mut attempt = 1;
+        let started = tokio::time::Instant::now();
         loop {
             let error = match self.attempt(rows).await {
                 Ok(written) => return Ok(written),
@@ -374,14 +376,16 @@ impl<S: BatchStatement> BatchWriter<S> {
             match class {
                 ErrorClass::Row => return Err(RangeError::Row(error)),
                 ErrorClass::Fatal => return Err(RangeError::Fail(WriteError::Database(error))),
-                ErrorClass::Transient if attempt >= self.retry.attempts => {
-                    return Err(RangeError::Fail(WriteError::RetriesExhausted {
-                        attempts: attempt,
-                        source: error,
-                    }));
-                }
                 ErrorClass::Transient => {
                     let delay = self.retry.delay(attempt);
+                    if attempt >= self.retry.attempts
+                        || started.elapsed() + delay > self.retry.give_up_after
+                    {
+                        return Err(RangeError::Fail(WriteError::RetriesExhausted {
+                            attempts: attempt,
+                            source: error,
+                        }));
+                    }
                     tracing::warn!(
                         attempt,
                         rows = rows.len(),

@@ -17,36 +17,49 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// Total attempts, the first one included (`1` means no retry).
     pub attempts: u32,
+    /// No retry starts once this much time has passed since the first
+    /// attempt began, or would pass during the wait before it: bounds how
+    /// long a batch's callers wait when every attempt is slow to fail (say,
+    /// on a stalled database, each waiting for a connection).
+    pub give_up_after: Duration,
 }
 
 impl Default for RetryPolicy {
     /// 6 attempts, waits from 50 ms doubling up to 5 s (about 1.5 s in total
-    /// before jitter).
+    /// before jitter), no retry starting after 10 s.
     fn default() -> Self {
         Self {
             base: Duration::from_millis(50),
             max: Duration::from_secs(5),
             attempts: 6,
+            give_up_after: Duration::from_secs(10),
         }
     }
 }
 
 impl RetryPolicy {
-    /// A policy with the given base wait, maximum wait and total attempts.
+    /// A policy with the given base wait, maximum wait and total attempts,
+    /// and the default [`give_up_after`](Self::give_up_after).
     pub fn new(base: Duration, max: Duration, attempts: u32) -> Self {
         Self {
             base,
             max,
             attempts,
+            ..Self::default()
         }
     }
 
     /// A policy that tries once and never retries.
     pub fn never() -> Self {
+        Self::new(Duration::ZERO, Duration::ZERO, 1)
+    }
+
+    /// The same policy, with no retry starting after `limit` (see
+    /// [`give_up_after`](Self::give_up_after)).
+    pub fn give_up_after(self, limit: Duration) -> Self {
         Self {
-            base: Duration::ZERO,
-            max: Duration::ZERO,
-            attempts: 1,
+            give_up_after: limit,
+            ..self
         }
     }
 
