@@ -6,8 +6,9 @@
 //! then stores nothing. [`OptimisticCopy::write`] then runs the caller's
 //! regular, idempotent statement instead: after an integrity error the next
 //! 1, 2, 4… up to 64 batches skip the `COPY`, so streams of redeliveries
-//! do not pay twice; after any other error (a binary format the column does
-//! not take) the `COPY` is switched off for good.
+//! do not pay twice, and so after any other error but a format error (a
+//! binary format the column does not take), which switches the `COPY` off
+//! for good.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
@@ -44,6 +45,18 @@ pub enum CopyFailure {
     /// The connection or transaction is unusable (a transient error): fail
     /// the attempt.
     Abort(sqlx::Error),
+}
+
+impl CopyFailure {
+    /// What a statement of the `COPY` path failing with `error` means: a
+    /// transient error leaves the connection unusable (abort the attempt);
+    /// anything else the regular statement may not meet (fall back).
+    pub fn of(error: sqlx::Error) -> Self {
+        match classify(&error) {
+            ErrorClass::Transient => CopyFailure::Abort(error),
+            _ => CopyFailure::Fallback(error),
+        }
+    }
 }
 
 impl OptimisticCopy {
@@ -95,24 +108,18 @@ impl OptimisticCopy {
                 .await
                 .map_err(CopyFailure::Abort)?;
         }
-        match send(conn, &self.sql, data).await {
-            Ok(()) => {
-                self.penalty.store(0, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(error) if classify(&error) == ErrorClass::Transient => {
-                Err(CopyFailure::Abort(error))
-            }
-            Err(error) => {
-                if savepoint {
-                    sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(CopyFailure::Abort)?;
-                }
-                Err(CopyFailure::Fallback(error))
-            }
+        let Err(error) = send(conn, &self.sql, data).await else {
+            self.penalty.store(0, Ordering::Relaxed);
+            return Ok(());
+        };
+        let failure = CopyFailure::of(error);
+        if savepoint && matches!(failure, CopyFailure::Fallback(_)) {
+            sqlx::query("ROLLBACK TO SAVEPOINT hermes_copy")
+                .execute(&mut *conn)
+                .await
+                .map_err(CopyFailure::Abort)?;
         }
+        Err(failure)
     }
 
     /// Stores a batch by `copy` unless the `COPY` is switched off or backing

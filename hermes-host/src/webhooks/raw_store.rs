@@ -15,8 +15,7 @@
 
 use std::sync::Arc;
 
-use hermes_adapters::postgres::retry::classify;
-use hermes_adapters::postgres::{CopyFailure, ErrorClass, JsonText, OptimisticCopy, Written};
+use hermes_adapters::postgres::{CopyFailure, JsonText, OptimisticCopy, Written};
 use sqlx::PgConnection;
 
 use super::event::WebhookEvent;
@@ -59,15 +58,13 @@ impl RawEventStore {
             sorted.sort_by(|a, b| {
                 (&*a.source, &a.idempotency_key).cmp(&(&*b.source, &b.idempotency_key))
             });
-            // A transient error leaves the connection unusable; anything
-            // else (say, no USAGE on the sequence) the regular statement,
-            // which draws ids itself, may not meet.
-            let ids = self.ids.take(conn, sorted.len()).await.map_err(|error| {
-                match classify(&error) {
-                    ErrorClass::Transient => CopyFailure::Abort(error),
-                    _ => CopyFailure::Fallback(error),
-                }
-            })?;
+            // Say, no USAGE on the sequence: the regular statement, which
+            // draws ids itself, does not need it.
+            let ids = self
+                .ids
+                .take(conn, sorted.len())
+                .await
+                .map_err(CopyFailure::of)?;
             self.copy_rows(conn, &sorted, &ids).await?;
             for (row, id) in sorted.iter().zip(ids) {
                 row.set_written_id(id);
