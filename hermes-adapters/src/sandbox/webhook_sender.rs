@@ -231,8 +231,8 @@ pub async fn run(
             });
             while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                 let due = match &mut ticker {
-                    Some(ticker) => ticker.tick().await.into_std(),
-                    None => Instant::now(),
+                    Some(ticker) => Some(ticker.tick().await.into_std()),
+                    None => None,
                 };
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 send_one(&mut transport, &config, &stats, n, due).await;
@@ -374,13 +374,14 @@ async fn exchange(
     Ok((status, body))
 }
 
-/// Sends request `n`, due at `due`, and records its answer.
+/// Sends request `n` and records its answer, with its latency from when it
+/// was `due` (open loop), else from when it was sent.
 async fn send_one(
     transport: &mut Transport,
     config: &SenderConfig,
     stats: &Stats,
     n: u64,
-    due: Instant,
+    due: Option<Instant>,
 ) {
     let (id, body) = (config.body)(n);
     let headers = config
@@ -389,7 +390,7 @@ async fn send_one(
     stats.sent.fetch_add(1, Ordering::Relaxed);
     let sent = Instant::now();
     let answer = transport.send(&config.url, headers, body).await;
-    let (latency, answered_in) = (due.elapsed(), sent.elapsed());
+    let (latency, answered_in) = (due.unwrap_or(sent).elapsed(), sent.elapsed());
     match answer {
         Some((202, body)) => match serde_json::from_slice::<Accepted>(&body) {
             Ok(accepted) => stats.record(202, latency, answered_in, Some(accepted)),
