@@ -12,7 +12,7 @@ const MAX_CONNECTIONS: u32 = 200;
 
 /// Cargo's target directory (marked by `CACHEDIR.TAG`) above this executable,
 /// else `./target`.
-pub(crate) fn target_dir() -> PathBuf {
+fn target_dir() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| {
