@@ -20,7 +20,7 @@ use crate::processor_stage::BatcherInlet;
 use crate::producer::Producer;
 use crate::producer_stage::{DemandSettings, Dispatch, ProducerParts, ProducerStage};
 use crate::rate_limiter::{RateLimit, RateLimiter};
-use crate::telemetry::StageMetrics;
+use crate::telemetry::{StageKind, StageMetrics};
 use crate::terminator::Terminator;
 
 /// The largest in-flight bound (what a semaphore holds).
@@ -216,7 +216,11 @@ impl<H: Handler> PipelineBuilder<H> {
         let mut batcher_handles = Vec::new();
         for (batcher_name, options) in self.batchers {
             let batcher_name: Arc<str> = batcher_name.into();
-            let metrics = StageMetrics::new(&name, &format!("batcher:{batcher_name}"));
+            let metrics = StageMetrics::new(
+                &name,
+                &format!("batcher:{batcher_name}"),
+                StageKind::Batcher,
+            );
             let (tx, inbox) = mpsc::unbounded_channel();
             let (control_tx, control) = mpsc::unbounded_channel();
             let concurrency = Arc::new(AtomicUsize::new(options.concurrency));
@@ -259,7 +263,7 @@ impl<H: Handler> PipelineBuilder<H> {
         }
 
         // Processors: one shared queue, or one queue per partition.
-        let processor_metrics = StageMetrics::new(&name, "processor");
+        let processor_metrics = StageMetrics::new(&name, "processor", StageKind::Processor);
         let options = &self.processors;
         let concurrency = options.concurrency;
         let (max_demand, min_demand) = (options.max_demand, options.resolved_min_demand());
@@ -304,7 +308,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 shutdown: shutdown.clone(),
                 deadline: deadline.clone(),
                 terminator: terminator.clone(),
-                metrics: StageMetrics::new(&name, &producer_name),
+                metrics: StageMetrics::new(&name, &producer_name, StageKind::Producer),
             };
             let span = tracing::info_span!("producer", pipeline = %name, producer = %producer_name);
             tracker.spawn(producer_tracker.track_future(start(parts).instrument(span)));

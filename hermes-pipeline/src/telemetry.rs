@@ -18,7 +18,19 @@ pub const IN_FLIGHT: &str = "hermes_pipeline_in_flight";
 /// Messages waiting in a stage's input queue (gauge).
 pub const QUEUE_DEPTH: &str = "hermes_pipeline_queue_depth";
 
-/// The metric handles of one stage, labelled by pipeline and stage.
+/// What a stage does, which decides the series it records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StageKind {
+    /// Counts what it produced (and what failed before a processor).
+    Producer,
+    /// Counts and times its handler, and has an input queue.
+    Processor,
+    /// All of a processor's series, and the size of each batch.
+    Batcher,
+}
+
+/// The metric handles of one stage, labelled by pipeline and stage. A series
+/// the stage's kind never records is a no-op handle, so it is not exported.
 #[derive(Clone)]
 pub(crate) struct StageMetrics {
     pub(crate) received: Counter,
@@ -30,18 +42,31 @@ pub(crate) struct StageMetrics {
 }
 
 impl StageMetrics {
-    pub(crate) fn new(pipeline: &str, stage: &str) -> Self {
+    pub(crate) fn new(pipeline: &str, stage: &str, kind: StageKind) -> Self {
         let labels = [
             ("pipeline", pipeline.to_owned()),
             ("stage", stage.to_owned()),
         ];
+        let handles = kind != StageKind::Producer;
         Self {
             received: counter!(RECEIVED, &labels),
             succeeded: counter!(SUCCEEDED, &labels),
             failed: counter!(FAILED, &labels),
-            duration: histogram!(HANDLER_DURATION, &labels),
-            queue_depth: gauge!(QUEUE_DEPTH, &labels),
-            batch_size: histogram!(BATCH_SIZE, &labels),
+            duration: if handles {
+                histogram!(HANDLER_DURATION, &labels)
+            } else {
+                Histogram::noop()
+            },
+            queue_depth: if handles {
+                gauge!(QUEUE_DEPTH, &labels)
+            } else {
+                Gauge::noop()
+            },
+            batch_size: if kind == StageKind::Batcher {
+                histogram!(BATCH_SIZE, &labels)
+            } else {
+                Histogram::noop()
+            },
         }
     }
 

@@ -948,6 +948,30 @@ fn stage_metrics_are_recorded_per_pipeline_and_stage() {
     ] {
         assert!(names.contains(&name), "{name} missing");
     }
+    // A stage exports only the series it records.
+    let series_of = |stage: &str| -> Vec<&str> {
+        let mut names: Vec<&str> = snapshot
+            .iter()
+            .filter(|(key, ..)| {
+                key.key()
+                    .labels()
+                    .any(|l| l.key() == "stage" && l.value() == stage)
+            })
+            .map(|(key, ..)| key.key().name())
+            .collect();
+        names.sort_unstable();
+        names
+    };
+    let mut counters = [telemetry::RECEIVED, telemetry::SUCCEEDED, telemetry::FAILED];
+    counters.sort_unstable();
+    assert_eq!(series_of("ingress_0"), counters);
+    let processor = series_of("processor");
+    assert!(!processor.contains(&telemetry::BATCH_SIZE), "{processor:?}");
+    assert!(
+        processor.contains(&telemetry::HANDLER_DURATION),
+        "{processor:?}"
+    );
+    assert!(series_of("batcher:default").contains(&telemetry::BATCH_SIZE));
 }
 
 /// A pipeline whose batcher flushes when idle, with `concurrency` batch
