@@ -26,6 +26,15 @@ pub fn refusal(text: &str) -> Option<&'static str> {
                 at += 2;
                 continue;
             }
+            (true, _) => {
+                // Inside a string only its end and escapes matter: skip to
+                // the next of them (a body is mostly strings).
+                match memchr::memchr2(b'"', b'\\', &bytes[at..]) {
+                    Some(offset) => at += offset,
+                    None => return None,
+                }
+                continue;
+            }
             (false, b'"') => in_string = true,
             (false, b'-' | b'0'..=b'9') => {
                 let (length, fits) = number(bytes, at);
@@ -125,6 +134,7 @@ mod tests {
             r#"{"a":"x","b":[1,-2.5,3e10,true,false,null]}"#,
             r#""\ud83d\ude00""#,
             r#""\\u0000""#,
+            r#"{"long":"a text of some length, then an escaped \\u0000 and a quote \" in it"}"#,
             r#""\u0041 and e5 and 1e999999 in a string""#,
             "1e-16383",
             "1e131071",
@@ -137,6 +147,7 @@ mod tests {
         for refused in [
             r#"{"a":"\u0000"}"#,
             r#"["\\\u0000"]"#,
+            r#"{"long":"a text of some length, then \" and \\ and \u0000 in it"}"#,
             r#""\ud800""#,
             r#""\ud800x""#,
             r#""\udc00""#,
