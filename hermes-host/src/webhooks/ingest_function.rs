@@ -1,4 +1,5 @@
-//! One call of `ingest_webhook_batch` (migration `0002_ingest_function.sql`)
+//! One call of `ingest_webhook_batch` (migration `0002_ingest_function.sql`,
+//! redefined by `0004_ingest_order_bytewise.sql`)
 //! with the batch as parallel arrays: the write of any batch that has
 //! normalized events, and of raw batches the `COPY` could not store.
 //!
