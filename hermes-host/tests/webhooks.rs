@@ -448,3 +448,59 @@ async fn rows_that_messages_name_cannot_be_removed() {
     assert_eq!(h.count("conversations").await, 1);
     assert_eq!(h.count("messages").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twilio_form_posts_are_stored_as_json_objects() {
+    // Twilio calls the configured URL (here with a query of its own) and signs
+    // it with the sorted form parameters; a JSON body instead gets a
+    // `bodySHA256` query parameter added to that URL.
+    let configured = "https://hooks.example.com/webhooks/twilio?tenant=7";
+    let h = start(&format!(
+        "[[webhooks.sources]]\nname = \"twilio\"\nscheme = \"twilio\"\n\
+         secrets = [\"twilio-token\"]\nurl = \"{configured}\"\nnormalize = \"none\"\n"
+    ))
+    .await;
+    let source = h.server().sources().get("twilio").unwrap().clone();
+    let send = |query: String, body: &'static [u8], signed_url: String| {
+        let headers = source
+            .verifier()
+            .sign(body, &signed_url, "", SystemTime::now());
+        let request = h
+            .client
+            .post(format!("{}/webhooks/twilio?{query}", h.url))
+            .headers(headers)
+            .body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let json: serde_json::Value = response.json().await.unwrap();
+            (status, json)
+        }
+    };
+
+    let form: &[u8] = b"To=%2B15550100&From=%2B15550101&Body=hello+there&MediaUrl=a&MediaUrl=b";
+    let (status, reply) = send("tenant=7".into(), form, configured.into()).await;
+    assert_eq!(status, 202, "{reply}");
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+            .bind(reply["id"].as_i64().unwrap())
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        json!({"To": "+15550100", "From": "+15550101", "Body": "hello there", "MediaUrl": ["a", "b"]})
+    );
+
+    let body: &[u8] = br#"{"kind":"status"}"#;
+    let signed_url = hermes_adapters::webhook::twilio_url_with_body_sha256(configured, body);
+    let query = signed_url.split_once('?').unwrap().1.to_owned();
+    let (status, reply) = send(query, body, signed_url).await;
+    assert_eq!(status, 202, "{reply}");
+
+    // The same form signed for another tenant's URL is refused, and stores nothing.
+    let other = "https://hooks.example.com/webhooks/twilio?tenant=8";
+    let (status, reply) = send("tenant=7".into(), form, other.into()).await;
+    assert_eq!(status, 401, "{reply}");
+    assert_eq!(h.count("webhook_events").await, 2);
+}

@@ -13,6 +13,21 @@ use subtle::{Choice, ConstantTimeEq};
 
 use super::{Secret, SignatureError};
 
+/// The media type of an HTML form post, as Twilio sends its webhooks.
+pub const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
+
+/// Whether the request's `Content-Type` is [`FORM_URLENCODED`] (parameters
+/// aside); `None` when it has no `Content-Type`.
+pub fn is_form_urlencoded(headers: &HeaderMap) -> Option<bool> {
+    let value = headers.get(http::header::CONTENT_TYPE)?;
+    Some(value.to_str().ok().is_some_and(|value| {
+        value
+            .split(';')
+            .next()
+            .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case(FORM_URLENCODED))
+    }))
+}
+
 /// `X-Hub-Signature-256`, shared by GitHub and Meta.
 pub(super) const HUB_SIGNATURE_256: &str = "X-Hub-Signature-256";
 const HUB_PREFIX: &str = "sha256=";

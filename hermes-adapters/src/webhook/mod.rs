@@ -55,7 +55,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName};
 
-pub use common::body_sha256_hex;
+pub use common::{FORM_URLENCODED, body_sha256_hex, is_form_urlencoded};
 pub use error::{ConfigError, SignatureError};
 pub use secret::{ENV_PREFIX, Secret};
 pub use twilio::url_with_body_sha256 as twilio_url_with_body_sha256;

@@ -25,12 +25,14 @@ use http::HeaderMap;
 use http::header::CONTENT_TYPE;
 use subtle::ConstantTimeEq;
 
-use super::common::{any_matches, body_sha256_hex, header_value, hmac_sha1, required_header};
+use super::common::{
+    FORM_URLENCODED, any_matches, body_sha256_hex, header_value, hmac_sha1, is_form_urlencoded,
+    required_header,
+};
 use super::{Secret, SignatureError, SignedRequest, Verified};
 
 const SIGNATURE: &str = "X-Twilio-Signature";
 const BODY_SHA256: &str = "bodySHA256";
-const FORM: &str = "application/x-www-form-urlencoded";
 const JSON: &str = "application/json";
 
 /// `url` with the `bodySHA256` query parameter Twilio adds for a JSON
@@ -71,7 +73,8 @@ pub(super) fn verify(
     let body_hash = query_param(url, BODY_SHA256);
     let params = if body_hash.is_some() || body.is_empty() {
         Vec::new()
-    } else if is_form(request.headers) {
+    } else if is_form_urlencoded(request.headers).unwrap_or(true) {
+        // Twilio's webhooks are form posts unless they say otherwise.
         form_params(body)
     } else {
         return Err(SignatureError::Malformed(format!(
@@ -107,7 +110,7 @@ pub(super) fn sign(key: &Secret, body: &[u8], url: &str) -> HeaderMap {
     let (params, content_type) = if query_param(url, BODY_SHA256).is_some() {
         (Vec::new(), JSON)
     } else {
-        (form_params(body), FORM)
+        (form_params(body), FORM_URLENCODED)
     };
     headers.insert(
         SIGNATURE,
@@ -117,36 +120,20 @@ pub(super) fn sign(key: &Secret, body: &[u8], url: &str) -> HeaderMap {
     headers
 }
 
-fn mac(key: &Secret, url: &str, params: &[(Vec<u8>, Vec<u8>)]) -> [u8; 20] {
+fn mac(key: &Secret, url: &str, params: &[(String, String)]) -> [u8; 20] {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + 2 * params.len());
     parts.push(url.as_bytes());
     for (name, value) in params {
-        parts.push(name);
-        parts.push(value);
+        parts.push(name.as_bytes());
+        parts.push(value.as_bytes());
     }
     hmac_sha1(key, &parts)
 }
 
-fn is_form(headers: &HeaderMap) -> bool {
-    match headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        // Twilio's webhooks are form posts unless they say otherwise.
-        None => true,
-        Some(value) => value
-            .split(';')
-            .next()
-            .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case(FORM)),
-    }
-}
-
 /// Form-decoded `name=value` pairs of a body, sorted by name, then value.
-fn form_params(body: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut params: Vec<_> = body
-        .split(|&b| b == b'&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| match pair.iter().position(|&b| b == b'=') {
-            Some(at) => (form_decode(&pair[..at]), form_decode(&pair[at + 1..])),
-            None => (form_decode(pair), Vec::new()),
-        })
+fn form_params(body: &[u8]) -> Vec<(String, String)> {
+    let mut params: Vec<_> = form_urlencoded::parse(body)
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
         .collect();
     params.sort();
     params
@@ -156,42 +143,9 @@ fn form_params(body: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
 fn query_param(url: &str, name: &str) -> Option<String> {
     let (_, query) = url.split_once('?')?;
     let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (form_decode(key.as_bytes()) == name.as_bytes())
-            .then(|| String::from_utf8_lossy(&form_decode(value.as_bytes())).into_owned())
-    })
-}
-
-/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a
-/// byte; a `%` not followed by two hex digits stays as it is.
-fn form_decode(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        match input[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = input.get(i + 1).and_then(|&b| hex_digit(b));
-                let lo = input.get(i + 2).and_then(|&b| hex_digit(b));
-                if let (Some(hi), Some(lo)) = (hi, lo) {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                } else {
-                    out.push(b'%');
-                }
-            }
-            other => out.push(other),
-        }
-        i += 1;
-    }
-    out
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    char::from(b)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 /// `url` with its explicit port removed, or the scheme's default port added
@@ -232,7 +186,7 @@ mod tests {
     fn form_request(signature: &'static str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert("x-twilio-signature", HeaderValue::from_static(signature));
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(FORM));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(FORM_URLENCODED));
         headers
     }
 
@@ -426,23 +380,21 @@ mod tests {
 
     #[test]
     fn form_decoding() {
-        assert_eq!(form_decode(b"a+b%2Bc%20d"), b"a b+c d");
-        assert_eq!(form_decode(b"100%"), b"100%");
-        assert_eq!(form_decode(b"%zz%4"), b"%zz%4");
-        assert_eq!(form_decode("caf%C3%A9".as_bytes()), "caf\u{e9}".as_bytes());
         assert_eq!(
-            form_params(b"b=2&&a=1&a=0&flag"),
+            form_params(b"b=2&&a=1&a=0&flag&c=a+b%2Bc%20d&d=caf%C3%A9"),
             vec![
-                (b"a".to_vec(), b"0".to_vec()),
-                (b"a".to_vec(), b"1".to_vec()),
-                (b"b".to_vec(), b"2".to_vec()),
-                (b"flag".to_vec(), Vec::new()),
+                ("a".to_owned(), "0".to_owned()),
+                ("a".to_owned(), "1".to_owned()),
+                ("b".to_owned(), "2".to_owned()),
+                ("c".to_owned(), "a b+c d".to_owned()),
+                ("d".to_owned(), "caf\u{e9}".to_owned()),
+                ("flag".to_owned(), String::new()),
             ]
         );
         // Case-sensitive ("Unix-style") order: upper case sorts first.
         let sorted = form_params(b"body=x&Body=y&To=z");
-        let names: Vec<_> = sorted.iter().map(|(n, _)| n.as_slice()).collect();
-        assert_eq!(names, [&b"Body"[..], b"To", b"body"]);
+        let names: Vec<_> = sorted.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["Body", "To", "body"]);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `POST /webhooks/{source}`: verify, parse, normalize, enqueue, and answer
-//! 202 once the event is committed.
+//! 202 once the event is committed. A JSON body is stored as it came; a
+//! form-encoded one (`application/x-www-form-urlencoded`) as the JSON object
+//! of its fields (see [`form_body_json`]).
 //!
 //! | status | when |
 //! |---|---|
 //! | 202 | committed: `{"id": <event id>, "duplicate": <bool>}` |
-//! | 400 | the body is not UTF-8 JSON, or JSON Postgres cannot store (see [`jsonb`]), or the delivery id is over 256 bytes |
+//! | 400 | the body is not UTF-8 JSON (nor a form), or JSON Postgres cannot store (see [`jsonb`]), or the delivery id is over 256 bytes |
 //! | 401 | bad, missing or stale signature |
 //! | 404 | no source of that name (or a name that is not UTF-8) |
 //! | 413 | the body is larger than the source's `max_body_bytes` |
@@ -22,11 +24,13 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use chrono::Utc;
 use futures::StreamExt;
+use hermes_adapters::webhook::is_form_urlencoded;
 use hermes_pipeline::{Outcome, PushError};
 use serde::Serialize;
 use serde::de::IgnoredAny;
 
 use super::event::{Fate, WebhookEvent};
+use super::form_body::form_body_json;
 use super::jsonb;
 use super::normalize::normalize;
 use super::source::Source;
@@ -75,8 +79,12 @@ pub async fn receive(
             "the delivery id (the event's idempotency key) is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
-    let text = String::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
+    let text = if is_form_urlencoded(&parts.headers) == Some(true) {
+        form_body_json(&body)
+    } else {
+        String::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?
+    };
     let malformed =
         |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
     let payload = if source.normalize() == Normalize::None {
@@ -190,9 +198,14 @@ fn request_url(source: &Source, headers: &HeaderMap, uri: &Uri) -> String {
         return String::new();
     }
     if let Some(url) = source.url() {
+        // The request's query is the one signed: the configured URL's own,
+        // plus what the provider added (Twilio's `bodySHA256`).
         return match uri.query() {
-            Some(query) if !url.contains('?') => format!("{url}?{query}"),
-            _ => url.to_owned(),
+            Some(query) => {
+                let base = url.split_once('?').map_or(url, |(base, _)| base);
+                format!("{base}?{query}")
+            }
+            None => url.to_owned(),
         };
     }
     // HTTP/2 carries the host as the URI's authority, not a `Host` header.

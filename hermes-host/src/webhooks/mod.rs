@@ -10,6 +10,7 @@
 pub mod endpoint;
 pub mod event;
 pub mod event_ids;
+pub mod form_body;
 pub mod ingest_function;
 pub mod jsonb;
 pub mod normalize;
