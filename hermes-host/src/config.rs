@@ -148,6 +148,11 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long to wait for a pooled connection, in milliseconds (default 5000).
     pub acquire_timeout_ms: u64,
+    /// Postgres's `statement_timeout` for the host's statements, in
+    /// milliseconds (default 10000): a batch stuck behind a lock or a stalled
+    /// server fails (and its events get 503) rather than holding its requests
+    /// without end. Migrations run without it.
+    pub statement_timeout_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -157,6 +162,7 @@ impl Default for DatabaseConfig {
             local_dir: PathBuf::from(".hermes/pg"),
             max_connections: 10,
             acquire_timeout_ms: 5000,
+            statement_timeout_ms: 10_000,
         }
     }
 }
@@ -168,22 +174,42 @@ impl fmt::Debug for DatabaseConfig {
             .field("local_dir", &self.local_dir)
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
             .finish()
     }
+}
+
+/// `message` with the text of every quoted string ("…", which may escape
+/// quotes inside: `"hun\"ter2"`) replaced by an ellipsis.
+fn hide_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in message.chars() {
+        if !quoted {
+            out.push(c);
+            quoted = c == '"';
+            continue;
+        }
+        match (escaped, c) {
+            (false, '\\') => escaped = true,
+            (false, '"') => {
+                quoted = false;
+                out.push_str("…\"");
+            }
+            _ => escaped = false,
+        }
+    }
+    if quoted {
+        out.push('…');
+    }
+    out
 }
 
 /// The TOML parser's message and where it points, without what the parser's
 /// own display adds: the offending line, which may hold a literal secret. Values
 /// the message quotes ("…") are hidden too; keys and variants (`…`) stay.
 fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
-    let message = error
-        .message()
-        .trim_end()
-        .split('"')
-        .enumerate()
-        .map(|(i, part)| if i % 2 == 0 { part } else { "…" })
-        .collect::<Vec<_>>()
-        .join("\"");
+    let message = hide_quoted(error.message().trim_end());
     let Some(span) = error.span() else {
         return message;
     };
@@ -488,9 +514,18 @@ impl Config {
             ("webhooks.batch_size", w.batch_size),
             ("webhooks.batch_concurrency", w.batch_concurrency),
             ("webhooks.batch_timeout_ms", w.batch_timeout_ms as usize),
+            ("webhooks.retry_after_secs", w.retry_after_secs as usize),
             (
                 "database.max_connections",
                 self.database.max_connections as usize,
+            ),
+            (
+                "database.acquire_timeout_ms",
+                self.database.acquire_timeout_ms as usize,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms as usize,
             ),
         ];
         for (name, value) in positive {
@@ -617,6 +652,14 @@ mod tests {
         assert!(!error.contains("hunter2"), "{error}");
         assert!(error.contains("line 4, column 11"), "{error}");
         assert!(error.contains("expected a sequence"), "{error}");
+        // A quote escaped inside the secret does not end the hiding early.
+        let error = Config::from_toml_str(
+            "[[webhooks.sources]]\nname = \"a\"\nscheme = \"github\"\nsecrets = \"hun\\\"ter2\\\\\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("hun") && !error.contains("ter2"), "{error}");
+        assert!(error.contains("expected a sequence"), "{error}");
     }
 
     #[test]
@@ -677,5 +720,21 @@ mod tests {
                 .to_string()
                 .contains("batch_size")
         );
+        for (edit, key) in [
+            (
+                (|c: &mut Config| c.webhooks.retry_after_secs = 0) as fn(&mut Config),
+                "retry_after_secs",
+            ),
+            (|c| c.database.acquire_timeout_ms = 0, "acquire_timeout_ms"),
+            (
+                |c| c.database.statement_timeout_ms = 0,
+                "statement_timeout_ms",
+            ),
+        ] {
+            let mut config = Config::default();
+            edit(&mut config);
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hermes_adapters::postgres::{LocalPostgres, LocalPostgresError};
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 
 use crate::config::{DatabaseConfig, redact_url};
@@ -69,6 +69,14 @@ impl Database {
         };
         let shown = redact_url(&url);
         tracing::info!(url = %shown, "using Postgres");
+        let connect_error = |source| DatabaseError::Connect {
+            url: shown.clone(),
+            source,
+        };
+        let options = url
+            .parse::<PgConnectOptions>()
+            .map_err(connect_error)?
+            .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
@@ -85,12 +93,9 @@ impl Database {
                     Ok(true)
                 })
             })
-            .connect(&url)
+            .connect_with(options)
             .await
-            .map_err(|source| DatabaseError::Connect {
-                url: shown.clone(),
-                source,
-            })?;
+            .map_err(connect_error)?;
         Ok(Self {
             pool,
             url: shown,
@@ -100,8 +105,22 @@ impl Database {
 
     /// Applies the pending migrations.
     pub async fn migrate(&self) -> Result<(), DatabaseError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        // A migration may take longer than the pool's statement timeout
+        // allows: it runs on a connection of its own, without one, which is
+        // closed afterwards rather than returned to the pool.
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(MigrateError::Execute)?
+            .detach();
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut conn)
+            .await
+            .map_err(MigrateError::Execute)?;
+        let migrated = MIGRATOR.run(&mut conn).await;
+        let _ = conn.close().await;
+        Ok(migrated?)
     }
 
     /// The pool.

@@ -504,3 +504,29 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
     assert_eq!(status, 401, "{reply}");
     assert_eq!(h.count("webhook_events").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_gets_503_not_a_hang() {
+    let h = start("[database]\nstatement_timeout_ms = 300\n").await;
+    // An operator's lock holds every write of the events table.
+    let mut locker = h.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let reply = h.deliver("raw", &json!({"n": 1}), "stalled").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.retry_after.is_some(), "{reply:?}");
+    // Six attempts of 300 ms and their back-off, not the lock's lifetime.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    locker.rollback().await.unwrap();
+    let reply = h.deliver("raw", &json!({"n": 1}), "stalled").await;
+    h.assert_committed(&reply).await;
+    assert!(!reply.duplicate(), "{reply:?}");
+}

@@ -173,7 +173,12 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
     if declared.is_some_and(|length| length > max as u64) {
         return Err(too_large());
     }
-    let capacity = declared.map_or(0, |length| length as usize).min(max);
+    // The declared length is the client's word: trusted for a start, up to
+    // a bound, so idle connections that announce large bodies reserve little.
+    let capacity = declared
+        .map_or(0, |length| length as usize)
+        .min(max)
+        .min(INITIAL_BODY_CAPACITY);
     let mut buffer = Vec::with_capacity(capacity);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -186,6 +191,9 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8
     }
     Ok(buffer)
 }
+
+/// The most memory reserved for a body before its bytes arrive.
+const INITIAL_BODY_CAPACITY: usize = 64 * 1024;
 
 /// The longest idempotency key stored: far above every provider's delivery
 /// ids, far below what Postgres's unique index takes (~2.7 kB).

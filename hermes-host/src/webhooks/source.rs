@@ -22,6 +22,13 @@ pub struct Source {
     verifier: Verifier,
 }
 
+/// The longest source name: it is stored with every event, part of its
+/// unique key.
+const MAX_NAME_BYTES: usize = 64;
+
+/// The largest `max_body_bytes`: 64 MiB, far above any provider's webhooks.
+const MAX_BODY_BYTES: usize = 64 << 20;
+
 impl Source {
     /// Builds a source from its configuration, resolving `env:NAME` secrets.
     pub fn from_config(
@@ -34,13 +41,14 @@ impl Source {
         };
         let name = config.name.trim();
         if name.is_empty()
+            || name.len() > MAX_NAME_BYTES
             || !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(error(
-                "the name must be non-empty ASCII letters, digits, '-' or '_' (it is a URL path segment)".into(),
-            ));
+            return Err(error(format!(
+                "the name must be 1 to {MAX_NAME_BYTES} ASCII letters, digits, '-' or '_' (it is a URL path segment)"
+            )));
         }
         let scheme = parse_scheme(config).map_err(&error)?;
         if config.secrets.is_empty() {
@@ -62,10 +70,31 @@ impl Source {
                     verifier.scheme().name()
                 )));
             }
+            if tolerance == 0 {
+                return Err(error(
+                    "tolerance_secs must be at least 1 (0 would refuse nearly every delivery)"
+                        .into(),
+                ));
+            }
             verifier = verifier.with_tolerance(Duration::from_secs(tolerance));
         }
-        if config.max_body_bytes == 0 {
-            return Err(error("max_body_bytes must be at least 1".into()));
+        if !(1..=MAX_BODY_BYTES).contains(&config.max_body_bytes) {
+            return Err(error(format!(
+                "max_body_bytes must be between 1 and {MAX_BODY_BYTES}"
+            )));
+        }
+        if let Some(url) = &config.url {
+            if !verifier.scheme().signs_url() {
+                return Err(error(format!(
+                    "`url` applies to schemes that sign the request URL (twilio); scheme {:?} does not",
+                    verifier.scheme().name()
+                )));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(error(format!(
+                    "url {url:?} must start with http:// or https://"
+                )));
+            }
         }
         let url = config.url.clone().or_else(|| {
             public_url.map(|base| format!("{}/webhooks/{name}", base.trim_end_matches('/')))
@@ -257,6 +286,33 @@ mod tests {
         assert!(error.to_string().contains("tolerance_secs"), "{error}");
         let mut config = SourceConfig::new("st", "stripe", &["whsec_s"]);
         config.tolerance_secs = Some(60);
+        assert!(Source::from_config(&config, None).is_ok());
+    }
+
+    #[test]
+    fn nonsense_settings_are_rejected_naming_the_key() {
+        let refused = |edit: fn(&mut SourceConfig), scheme: &str, key: &str| {
+            let mut config = SourceConfig::new("src", scheme, &["s"]);
+            edit(&mut config);
+            let error = Source::from_config(&config, None).unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+        };
+        refused(|c| c.tolerance_secs = Some(0), "stripe", "tolerance_secs");
+        refused(|c| c.max_body_bytes = 0, "github", "max_body_bytes");
+        refused(
+            |c| c.max_body_bytes = usize::MAX,
+            "github",
+            "max_body_bytes",
+        );
+        refused(
+            |c| c.url = Some("https://h.example/x".into()),
+            "github",
+            "url",
+        );
+        refused(|c| c.url = Some("h.example/x".into()), "twilio", "http://");
+        refused(|c| c.name = "n".repeat(65), "github", "name");
+        let mut config = SourceConfig::new("tw", "twilio", &["s"]);
+        config.url = Some("https://h.example/x?tenant=1".into());
         assert!(Source::from_config(&config, None).is_ok());
     }
 
