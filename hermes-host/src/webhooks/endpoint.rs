@@ -32,9 +32,8 @@ use serde::de::IgnoredAny;
 use super::event::{Fate, WebhookEvent};
 use super::form_body::form_body_json;
 use super::jsonb;
-use super::normalize::normalize;
+use super::normalize::normalize_text;
 use super::source::Source;
-use crate::config::Normalize;
 use crate::http::{ApiError, AppState};
 
 /// The body of a 202.
@@ -87,21 +86,14 @@ pub async fn receive(
     };
     let malformed =
         |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
-    let payload = if source.normalize() == Normalize::None {
-        // Stored raw: only checked to be JSON, without building its tree.
-        serde_json::from_str::<IgnoredAny>(&text).map_err(malformed)?;
-        None
-    } else {
-        Some(serde_json::from_str::<serde_json::Value>(&text).map_err(malformed)?)
-    };
+    // Only checked to be JSON, without building its tree: normalization
+    // reads just the fields it needs.
+    serde_json::from_str::<IgnoredAny>(&text).map_err(malformed)?;
     if let Some(reason) = jsonb::refusal(&text) {
         return Err(ApiError::bad_request(format!("malformed body: {reason}")));
     }
-    let message = match payload {
-        Some(payload) => normalize(source.normalize(), &payload)
-            .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?,
-        None => None,
-    };
+    let message = normalize_text(source.normalize(), &text)
+        .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?;
 
     let event = Arc::new(WebhookEvent::new(
         source.name_arc().clone(),

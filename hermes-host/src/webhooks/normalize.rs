@@ -16,6 +16,7 @@
 use std::fmt;
 
 use chrono::{DateTime, Datelike, Utc};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::Normalize;
@@ -103,6 +104,61 @@ impl fmt::Display for NormalizeError {
 
 impl std::error::Error for NormalizeError {}
 
+/// The fields normalization reads. Parsed from the payload's text, the rest
+/// of the object is skipped without being decoded: a number beyond `f64`
+/// elsewhere in it (valid JSON, and storable) is no reason to refuse it.
+#[derive(Deserialize)]
+struct Fields {
+    from: Option<Value>,
+    to: Option<Value>,
+    body: Option<Value>,
+    attachments: Option<Value>,
+    timestamp: Option<Value>,
+    provider_message_id: Option<Value>,
+}
+
+/// Normalizes the JSON `text` of a payload per `rule`, reading only the
+/// fields it needs (see [`normalize`]). `text` must be valid JSON.
+pub fn normalize_text(
+    rule: Normalize,
+    text: &str,
+) -> Result<Option<NormalizedMessage>, NormalizeError> {
+    if rule == Normalize::None {
+        return Ok(None);
+    }
+    let fields = match serde_json::from_str::<Fields>(text) {
+        Ok(fields) => fields,
+        Err(error) if text.trim_start().starts_with('{') => {
+            return Err(NormalizeError::new(
+                "",
+                format!("a field of the payload cannot be read: {error}"),
+            ));
+        }
+        Err(_) => {
+            let kind = match text.trim_start().as_bytes().first() {
+                Some(b'[') => "an array",
+                Some(b'"') => "a string",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                _ => "a number",
+            };
+            return Err(not_an_object(kind));
+        }
+    };
+    let object: Map<String, Value> = [
+        ("from", fields.from),
+        ("to", fields.to),
+        ("body", fields.body),
+        ("attachments", fields.attachments),
+        ("timestamp", fields.timestamp),
+        ("provider_message_id", fields.provider_message_id),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name.to_owned(), value?)))
+    .collect();
+    normalize(rule, &Value::Object(object))
+}
+
 /// Normalizes `payload` per `rule`: `Ok(None)` for [`Normalize::None`].
 pub fn normalize(
     rule: Normalize,
@@ -114,13 +170,7 @@ pub fn normalize(
         Normalize::Email => Channel::Email,
     };
     let Some(object) = payload.as_object() else {
-        return Err(NormalizeError::new(
-            "",
-            format!(
-                "the payload must be a JSON object, not {}",
-                type_name(payload)
-            ),
-        ));
+        return Err(not_an_object(type_name(payload)));
     };
     let from = address(channel, object, "from")?;
     let to = address(channel, object, "to")?;
@@ -137,6 +187,10 @@ pub fn normalize(
         sent_at,
         provider_message_id,
     }))
+}
+
+fn not_an_object(kind: &str) -> NormalizeError {
+    NormalizeError::new("", format!("the payload must be a JSON object, not {kind}"))
 }
 
 fn type_name(value: &Value) -> &'static str {
@@ -364,6 +418,28 @@ mod tests {
 
     fn sms(payload: Value) -> Result<Option<NormalizedMessage>, NormalizeError> {
         normalize(Normalize::Sms, &payload)
+    }
+
+    #[test]
+    fn text_is_read_for_its_fields_only() {
+        let valid = r#"{"from":"+14155550100","to":"+14155550101","body":"hi",
+            "timestamp":"2026-01-01T00:00:00Z","extra":1e400,"nested":{"n":-1e999}}"#;
+        let message = normalize_text(Normalize::Sms, valid).unwrap().unwrap();
+        assert_eq!(message.from, "+14155550100");
+        assert_eq!(message.body.as_deref(), Some("hi"));
+
+        let error =
+            normalize_text(Normalize::Sms, r#"{"from":"+14155550100","body":1e400}"#).unwrap_err();
+        assert!(error.to_string().contains("cannot be read"), "{error}");
+        for (text, kind) in [
+            ("[1e400]", "an array"),
+            ("1e400", "a number"),
+            ("null", "null"),
+        ] {
+            let error = normalize_text(Normalize::Sms, text).unwrap_err();
+            assert!(error.to_string().contains(kind), "{text}: {error}");
+        }
+        assert_eq!(normalize_text(Normalize::None, "[1e400]").unwrap(), None);
     }
 
     #[test]
