@@ -7,9 +7,13 @@
 //!
 //! What [`LocalPostgres::start`] does:
 //!
-//! - finds the server binaries: `$HERMES_PG_BINDIR`, then `PATH`, then the
-//!   newest `/usr/lib/postgresql/*/bin` (Debian/Ubuntu) or `/usr/pgsql-*/bin`
-//!   (RHEL); none found is an error that names the package to install;
+//! - finds the server binaries: `$HERMES_PG_BINDIR`, then, for an existing
+//!   cluster, the install of its major version (its `PG_VERSION`) under
+//!   `/usr/lib/postgresql/<major>/bin` (Debian/Ubuntu) or
+//!   `/usr/pgsql-<major>/bin` (RHEL), then `PATH`, then the newest of those
+//!   installs; none found is an error that names the package to install, and
+//!   binaries of another major version than the cluster's are an error that
+//!   says what to do;
 //! - the first time, runs `initdb` (superuser `postgres`, UTF8, C locale)
 //!   into a fresh sibling directory and renames it into place,
 //!   so two processes initialising the same directory cannot trip over a
@@ -17,7 +21,8 @@
 //! - if a server for that directory already runs (its `postmaster.pid` is
 //!   alive), reuses it and its port; otherwise starts one with `pg_ctl` on a
 //!   free loopback port, listening on 127.0.0.1 only, and on a Unix socket in
-//!   the data directory when that path fits in a socket address. The socket
+//!   the data directory when that path fits in a socket address and can be
+//!   written in `unix_socket_directories` as is. The socket
 //!   needs no password (only the directory's owner reaches it); TCP needs the
 //!   superuser's password, kept in [`TCP_PASSWORD_FILE`] (without a socket,
 //!   TCP is trusted, with a warning: every local user can connect). Two
@@ -32,14 +37,19 @@
 //! containers), the binaries run as the unprivileged `postgres` system user
 //! through `runuser` (or `setpriv`), the data directory is owned by that user,
 //! and every parent directory is made traversable (search permission only) for
-//! it.
+//! it. That user controls the data directory, so what it holds is not trusted:
+//! files read from it must be regular files with a single link (a symlink or a
+//! hard link could name a file only root may read), the password file must
+//! hold exactly a generated password, and files are written to it as new
+//! files renamed into place.
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +57,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 use rand::Rng;
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
 
 /// Name of the superuser role created by `initdb` in every local cluster.
 pub const SUPERUSER: &str = "postgres";
@@ -78,6 +88,16 @@ const SERVER_LOG: &str = "server.log";
 /// The file, inside the data directory, holding the superuser's password
 /// for TCP connections (the Unix socket needs none). Generated the first time.
 pub const TCP_PASSWORD_FILE: &str = "hermes-tcp-password";
+
+/// How many letters and digits a generated TCP password has.
+const TCP_PASSWORD_LEN: usize = 32;
+
+/// How much of the end of the server log error messages quote at most.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The largest small file (`PG_VERSION`, `postmaster.pid`, `postgresql.conf`)
+/// read from the data directory.
+const SMALL_FILE_LIMIT: u64 = 1024 * 1024;
 
 /// The longest socket directory the server can use: a socket address holds
 /// 107 bytes of path, and the server adds `/.s.PGSQL.<port>` to it.
@@ -170,6 +190,27 @@ pub enum LocalPostgresError {
     /// The data directory exists, is not empty, and is not a PostgreSQL cluster.
     #[error("{0} exists and is not a PostgreSQL data directory (no PG_VERSION); move it away")]
     NotADataDirectory(PathBuf),
+    /// The cluster was made by another major version of PostgreSQL than the
+    /// server binaries found.
+    #[error(
+        "{} holds a PostgreSQL {cluster} cluster, but the server binaries found in {} are \
+         PostgreSQL {binaries}: install the PostgreSQL {cluster} server package \
+         (e.g. `apt-get install postgresql-{cluster}`) or set {BINDIR_ENV} to its bin directory, \
+         or remove {} to start a new cluster (its data is lost)",
+        data_dir.display(),
+        bindir.display(),
+        data_dir.display()
+    )]
+    VersionMismatch {
+        /// The cluster's directory.
+        data_dir: PathBuf,
+        /// The major version in its `PG_VERSION`.
+        cluster: String,
+        /// The directory of the binaries found.
+        bindir: PathBuf,
+        /// Their major version.
+        binaries: String,
+    },
     /// The database name contains characters other than ASCII letters, digits and `_`.
     #[error("invalid database name {0:?}: use ASCII letters, digits and '_' only")]
     InvalidDatabaseName(String),
@@ -416,10 +457,23 @@ impl LocalPostgres {
         }
         let (data_dir, runner) = (self.data_dir.clone(), self.runner.clone());
         let password = blocking(move || tcp_password(&data_dir, &runner)).await?;
-        // Letters and digits only: safe as a literal (ALTER ROLE takes no parameters).
+        // Letters and digits only (checked by `tcp_password`): safe as a
+        // literal (ALTER ROLE takes no parameters). Neither sqlx nor the server
+        // logs the statement, and it is one statement (extended protocol).
         let statement = format!("ALTER ROLE {SUPERUSER} PASSWORD '{password}'");
-        let mut conn = self.admin_connection().await?;
-        sqlx::raw_sql(&statement)
+        let options = self
+            .connect_options("postgres")
+            .options([
+                ("log_statement", "none"),
+                ("log_min_duration_statement", "-1"),
+                ("log_min_error_statement", "panic"),
+            ])
+            .disable_statement_logging();
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| self.sql_err(e))?;
+        sqlx::query(&statement)
+            .persistent(false)
             .execute(&mut conn)
             .await
             .map_err(|e| self.sql_err(e))?;
@@ -491,8 +545,8 @@ fn validate_database_name(name: &str) -> Result<(), LocalPostgresError> {
 fn start_blocking(
     config: &LocalPostgresConfig,
 ) -> Result<(PathBuf, Running, bool, Runner), LocalPostgresError> {
-    let runner = Runner::detect()?;
     let data_dir = absolute(&config.data_dir)?;
+    let runner = Runner::detect(&data_dir)?;
     let parent = data_dir
         .parent()
         .map(Path::to_path_buf)
@@ -602,12 +656,12 @@ fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), L
         ]);
         run(cmd)?;
         let conf = staging.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).map_err(io_err("reading", &conf))?;
+        let text = read_regular_file(&conf, SMALL_FILE_LIMIT).map_err(io_err("reading", &conf))?;
+        let mut text = String::from_utf8_lossy(&text).into_owned();
         text.push_str(&format!(
             "\n# Settings managed by Hermes (rewritten on every start).\ninclude_if_exists = '{HERMES_CONF}'\n"
         ));
-        std::fs::write(&conf, text).map_err(io_err("writing", &conf))?;
-        Ok(())
+        write_owned(&staging, "postgresql.conf", &text, runner)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
@@ -662,8 +716,9 @@ fn hba_conf(data_dir: &Path, socket_dir: &str) -> String {
     let tcp = if socket_dir.is_empty() {
         tracing::warn!(
             data_dir = %data_dir.display(),
-            "the data directory's path is too long for a Unix socket: the private cluster \
-             trusts every connection on 127.0.0.1, from any local user"
+            "the data directory's path is too long for a Unix socket, or holds a character \
+             unix_socket_directories cannot take (' \\ , or trailing whitespace): the private \
+             cluster trusts every connection on 127.0.0.1, from any local user"
         );
         "trust"
     } else {
@@ -676,8 +731,9 @@ fn hba_conf(data_dir: &Path, socket_dir: &str) -> String {
     )
 }
 
-/// Writes `name` in `data_dir` atomically (temp file + rename), owned by the
-/// user the server runs as.
+/// Writes `name` in `data_dir` atomically, readable by its owner only and
+/// owned by the user the server runs as: into a new file (never through an
+/// existing one), renamed over `name` (which replaces a symlink, not its target).
 fn write_owned(
     data_dir: &Path,
     name: &str,
@@ -685,42 +741,113 @@ fn write_owned(
     runner: &Runner,
 ) -> Result<(), LocalPostgresError> {
     let tmp = data_dir.join(format!(".{name}.{}", unique_suffix()));
-    std::fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
-    if let Some(run_as) = &runner.run_as {
-        std::os::unix::fs::chown(&tmp, Some(run_as.uid), Some(run_as.gid))
-            .map_err(io_err("changing the owner of", &tmp))?;
-    }
     let dest = data_dir.join(name);
-    std::fs::rename(&tmp, &dest).map_err(io_err("writing", &dest))
+    let written = write_new_file(&tmp, text, runner.run_as.as_ref())
+        .map_err(io_err("writing", &tmp))
+        .and_then(|()| std::fs::rename(&tmp, &dest).map_err(io_err("writing", &dest)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
-/// The superuser's TCP password: read from [`TCP_PASSWORD_FILE`], or made
-/// (32 random letters and digits) and written there, readable by its owner only.
+/// Creates `path` (which must not exist, not even as a symlink) with mode
+/// 0600, writes `text` into it and gives the open file to `run_as`.
+fn write_new_file(path: &Path, text: &str, run_as: Option<&RunAs>) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    if let Some(run_as) = run_as {
+        std::os::unix::fs::fchown(&file, Some(run_as.uid), Some(run_as.gid))?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file with a single link, not
+/// following a symlink: the user the server runs as controls the data
+/// directory, and could point a name in it at a file only we may read. Anything
+/// else is an [`io::ErrorKind::InvalidData`] error.
+fn open_regular_file(path: &Path) -> io::Result<File> {
+    let named = std::fs::symlink_metadata(path)?;
+    if !named.file_type().is_file() {
+        return Err(not_a_regular_file());
+    }
+    let file = File::open(path)?;
+    let opened = file.metadata()?;
+    // Replaced (by a symlink, say) between the two looks, or hard-linked.
+    let same = (opened.dev(), opened.ino()) == (named.dev(), named.ino());
+    if !same || !opened.file_type().is_file() || opened.nlink() != 1 {
+        return Err(not_a_regular_file());
+    }
+    Ok(file)
+}
+
+fn not_a_regular_file() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "not a regular file with a single link",
+    )
+}
+
+/// At most `limit` bytes from the start of `path` (see [`open_regular_file`]).
+fn read_regular_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_regular_file(path)?
+        .take(limit)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The superuser's TCP password: read from [`TCP_PASSWORD_FILE`] if that holds
+/// exactly a generated password, else made (random letters and digits) and
+/// written there, readable by its owner only.
 fn tcp_password(data_dir: &Path, runner: &Runner) -> Result<String, LocalPostgresError> {
     let path = data_dir.join(TCP_PASSWORD_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(password) if !password.trim().is_empty() => return Ok(password.trim().to_owned()),
-        Ok(_) => {}
+    match read_regular_file(&path, TCP_PASSWORD_LEN as u64 + 1) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(password) if is_generated_password(&password) => return Ok(password),
+            _ => tracing::warn!(path = %path.display(), "not a generated password; replacing it"),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("reading", &path)(e)),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "replacing the password file"),
     }
-    let password: String = rand::thread_rng()
-        .sample_iter(rand::distributions::Alphanumeric)
-        .take(32)
-        .map(char::from)
-        .collect();
+    let password = generate_password();
     write_owned(data_dir, TCP_PASSWORD_FILE, &password, runner)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err("setting permissions of", &path))?;
     Ok(password)
 }
 
+/// [`TCP_PASSWORD_LEN`] random ASCII letters and digits.
+fn generate_password() -> String {
+    rand::thread_rng()
+        .sample_iter(rand::distributions::Alphanumeric)
+        .take(TCP_PASSWORD_LEN)
+        .map(char::from)
+        .collect()
+}
+
+/// Whether `text` has the shape of [`generate_password`]'s passwords (which
+/// makes it safe inside a quoted SQL literal).
+fn is_generated_password(text: &str) -> bool {
+    text.len() == TCP_PASSWORD_LEN && text.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// `unix_socket_directories` for a cluster in `data_dir`: the data directory
-/// itself, or none (empty) when its path is too long for a socket address or
-/// would need quoting in the configuration file.
+/// itself, or none (empty) when its path is too long for a socket address,
+/// would need quoting in the configuration file, or would not be read back as
+/// one directory by the server (which splits the setting at commas and trims
+/// whitespace around each directory).
 fn socket_dir_setting(data_dir: &Path) -> &str {
     match data_dir.to_str() {
-        Some(dir) if dir.len() <= MAX_SOCKET_DIR_LEN && !dir.contains(['\'', '\\']) => dir,
+        Some(dir)
+            if dir.len() <= MAX_SOCKET_DIR_LEN
+                && !dir.contains(['\'', '\\', ','])
+                && !dir.ends_with(char::is_whitespace) =>
+        {
+            dir
+        }
         _ => "",
     }
 }
@@ -777,11 +904,33 @@ fn make_traversable(dir: &Path, run_as: &RunAs) -> Result<(), LocalPostgresError
     Ok(())
 }
 
-/// The last lines of the server log, for error messages.
+/// The last lines of the server log, for error messages (none when it is not
+/// a regular file: see [`open_regular_file`]).
 fn log_tail(data_dir: &Path) -> String {
-    let text = std::fs::read_to_string(data_dir.join(SERVER_LOG)).unwrap_or_default();
+    read_log_end(&data_dir.join(SERVER_LOG))
+        .map(|text| last_lines(&text, 20))
+        .unwrap_or_default()
+}
+
+/// The last [`LOG_TAIL_BYTES`] of the log at `path`, from a line start.
+fn read_log_end(path: &Path) -> io::Result<String> {
+    let mut file = open_regular_file(path)?;
+    let start = file.metadata()?.len().saturating_sub(LOG_TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let text = match text.split_once('\n') {
+        Some((_, rest)) if start > 0 => rest, // skip a partial first line
+        _ => &text,
+    };
+    Ok(text.to_owned())
+}
+
+/// The last `count` lines of `text`.
+fn last_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 /// Runs a command, turning a failure into [`LocalPostgresError::Command`].
@@ -835,8 +984,12 @@ struct Runner {
 }
 
 impl Runner {
-    fn detect() -> Result<Self, LocalPostgresError> {
-        let bindir = find_bindir().ok_or(LocalPostgresError::BinariesNotFound)?;
+    /// The binaries for the cluster in `data_dir` (see [`find_bindir`]), run
+    /// as the `postgres` user when we are root. Binaries of another major
+    /// version than an existing cluster's are an error.
+    fn detect(data_dir: &Path) -> Result<Self, LocalPostgresError> {
+        let cluster = cluster_version(data_dir);
+        let bindir = find_bindir(cluster.as_deref()).ok_or(LocalPostgresError::BinariesNotFound)?;
         let mut id = Command::new("id");
         id.arg("-u");
         let uid = run_stdout(id)?;
@@ -845,7 +998,31 @@ impl Runner {
         } else {
             None
         };
-        Ok(Runner { bindir, run_as })
+        let runner = Runner { bindir, run_as };
+        if let Some(cluster) = cluster {
+            runner.check_version(data_dir, &cluster)?;
+        }
+        Ok(runner)
+    }
+
+    /// Fails with [`LocalPostgresError::VersionMismatch`] when the binaries'
+    /// major version is not `cluster`'s (an unknown version passes: the
+    /// server itself will say what is wrong).
+    fn check_version(&self, data_dir: &Path, cluster: &[u32]) -> Result<(), LocalPostgresError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("--version");
+        let Some(binaries) = version_in_output(&run_stdout(cmd)?).map(major_version) else {
+            return Ok(());
+        };
+        if binaries == cluster {
+            return Ok(());
+        }
+        Err(LocalPostgresError::VersionMismatch {
+            data_dir: data_dir.to_path_buf(),
+            cluster: version_text(cluster),
+            bindir: self.bindir.clone(),
+            binaries: version_text(&binaries),
+        })
     }
 
     /// A command running `program` from the binaries directory.
@@ -899,8 +1076,8 @@ impl Runner {
             return Ok(None);
         }
         // postmaster.pid: pid, data dir, start time, port, socket dir, listen address, ...
-        let text = match std::fs::read_to_string(&pid_file) {
-            Ok(text) => text,
+        let text = match read_regular_file(&pid_file, SMALL_FILE_LIMIT) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &pid_file)(e)),
         };
@@ -978,8 +1155,10 @@ fn has_server_binaries(dir: &Path) -> bool {
         .all(|b| dir.join(b).is_file())
 }
 
-/// `$HERMES_PG_BINDIR`, then `PATH`, then the newest versioned install.
-fn find_bindir() -> Option<PathBuf> {
+/// `$HERMES_PG_BINDIR`, else the choice of [`choose_bindir`] among the
+/// versioned installs and `PATH`, for a cluster of major version `cluster`
+/// (`None`: a new cluster).
+fn find_bindir(cluster: Option<&[u32]>) -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os(BINDIR_ENV) {
         let dir = PathBuf::from(dir);
         if has_server_binaries(&dir) {
@@ -987,35 +1166,86 @@ fn find_bindir() -> Option<PathBuf> {
         }
         tracing::warn!(dir = %dir.display(), "{BINDIR_ENV} does not hold initdb, pg_ctl and postgres; ignoring it");
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d)) {
-            return Some(dir);
-        }
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).find(|d| has_server_binaries(d)));
+    choose_bindir(cluster, versioned_installs(), on_path)
+}
+
+/// The bin directory of the install of the cluster's major version `cluster`
+/// among `installs` (version, bin directory), else `on_path` (the first
+/// directory of `PATH` with the binaries), else the newest install.
+fn choose_bindir(
+    cluster: Option<&[u32]>,
+    mut installs: Vec<(Vec<u32>, PathBuf)>,
+    on_path: Option<PathBuf>,
+) -> Option<PathBuf> {
+    if let Some(i) = cluster.and_then(|major| installs.iter().position(|(v, _)| v == major)) {
+        return Some(installs.swap_remove(i).1);
     }
-    let mut candidates: Vec<(Vec<u32>, PathBuf)> = Vec::new();
-    let mut scan = |root: &str, prefix: &str, bin: &str| {
+    on_path.or_else(|| {
+        installs.sort();
+        installs.pop().map(|(_, dir)| dir)
+    })
+}
+
+/// The installs under `/usr/lib/postgresql/<version>/bin` and
+/// `/usr/pgsql-<version>/bin` that hold the server binaries, with the version
+/// in their name (empty when it is not one).
+fn versioned_installs() -> Vec<(Vec<u32>, PathBuf)> {
+    let mut installs = Vec::new();
+    for (root, prefix) in [("/usr/lib/postgresql", ""), ("/usr", "pgsql-")] {
         let Ok(entries) = std::fs::read_dir(root) else {
-            return;
+            continue;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(version) = name.strip_prefix(prefix) else {
                 continue;
             };
-            let version: Vec<u32> = version
-                .split('.')
-                .map(|part| part.parse().unwrap_or(0))
-                .collect();
-            let dir = entry.path().join(bin);
+            let dir = entry.path().join("bin");
             if has_server_binaries(&dir) {
-                candidates.push((version, dir));
+                installs.push((parse_version(version).unwrap_or_default(), dir));
             }
         }
-    };
-    scan("/usr/lib/postgresql", "", "bin");
-    scan("/usr", "pgsql-", "bin");
-    candidates.sort();
-    candidates.pop().map(|(_, dir)| dir)
+    }
+    installs
+}
+
+/// The major version in the cluster's `PG_VERSION`, if it has a readable one.
+fn cluster_version(data_dir: &Path) -> Option<Vec<u32>> {
+    let bytes = read_regular_file(&data_dir.join("PG_VERSION"), 64).ok()?;
+    parse_version(String::from_utf8_lossy(&bytes).trim())
+}
+
+/// The numbers of a version that starts `text` (`16`, `9.6`, `17beta1`, `15.2`).
+fn parse_version(text: &str) -> Option<Vec<u32>> {
+    let end = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let parts: Vec<u32> = text[..end]
+        .split('.')
+        .map_while(|part| part.parse().ok())
+        .collect();
+    (!parts.is_empty()).then_some(parts)
+}
+
+/// The version in `pg_ctl --version`'s output (`pg_ctl (PostgreSQL) 15.4 ...`).
+fn version_in_output(output: &str) -> Option<Vec<u32>> {
+    let (_, rest) = output.split_once("(PostgreSQL)")?;
+    parse_version(rest.trim_start())
+}
+
+/// The major version of a full one: `15` of `15.4`, `9.6` of `9.6.24`.
+fn major_version(mut version: Vec<u32>) -> Vec<u32> {
+    let parts = if version.first() >= Some(&10) { 1 } else { 2 };
+    version.truncate(parts);
+    version
+}
+
+/// `15`, `9.6`.
+fn version_text(version: &[u32]) -> String {
+    let parts: Vec<String> = version.iter().map(u32::to_string).collect();
+    parts.join(".")
 }
 
 /// Returns the URL of a fresh, empty, uniquely named database for one test.
@@ -1132,5 +1362,234 @@ async fn drop_abandoned_test_databases(pg: &LocalPostgres) {
         if let Err(e) = pg.drop_database(&name).await {
             tracing::debug!(database = %name, error = %e, "could not drop an abandoned test database");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh empty directory for one test.
+    fn scratch_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hermes-local-unit-{}", unique_suffix()));
+        std::fs::create_dir(&dir).expect("create scratch dir");
+        dir
+    }
+
+    fn unprivileged_runner() -> Runner {
+        Runner {
+            bindir: PathBuf::new(),
+            run_as: None,
+        }
+    }
+
+    #[test]
+    fn only_the_generated_password_shape_is_accepted() {
+        let generated = generate_password();
+        assert!(is_generated_password(&generated), "{generated}");
+        assert!(is_generated_password(&format!(
+            "{}Zz9",
+            "a".repeat(TCP_PASSWORD_LEN - 3)
+        )));
+        for bad in [
+            String::new(),
+            "a".repeat(TCP_PASSWORD_LEN - 1),
+            "a".repeat(TCP_PASSWORD_LEN + 1),
+            format!("{}\n", "a".repeat(TCP_PASSWORD_LEN - 1)),
+            format!("{}'", "a".repeat(TCP_PASSWORD_LEN - 1)),
+            format!("{};", "a".repeat(TCP_PASSWORD_LEN - 1)),
+            format!("{}é", "a".repeat(TCP_PASSWORD_LEN - 2)),
+        ] {
+            assert!(!is_generated_password(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn password_file_is_kept_only_when_it_holds_a_generated_password() {
+        let dir = scratch_dir();
+        let runner = unprivileged_runner();
+        let path = dir.join(TCP_PASSWORD_FILE);
+
+        let first = tcp_password(&dir, &runner).expect("make a password");
+        assert!(is_generated_password(&first));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), first);
+        let mode = std::fs::metadata(&path).expect("stat").mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(tcp_password(&dir, &runner).expect("reuse"), first);
+
+        let injected = format!("x'; DROP ROLE x; --{}", "a".repeat(20));
+        std::fs::write(&path, &injected).expect("write");
+        let replaced = tcp_password(&dir, &runner).expect("replace");
+        assert!(is_generated_password(&replaced));
+        assert_ne!(replaced, first);
+
+        // A symlink is replaced, and what it points at left alone.
+        let target = dir.join("target");
+        std::fs::write(&target, &first).expect("write target");
+        std::fs::remove_file(&path).expect("remove");
+        std::os::unix::fs::symlink(&target, &path).expect("symlink");
+        let fresh = tcp_password(&dir, &runner).expect("replace the symlink");
+        assert_ne!(fresh, first, "read through a symlink");
+        assert!(std::fs::symlink_metadata(&path).expect("stat").is_file());
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), first);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn only_regular_files_with_one_link_are_read() {
+        let dir = scratch_dir();
+        let file = dir.join("file");
+        std::fs::write(&file, "content").expect("write");
+        assert_eq!(read_regular_file(&file, 100).expect("read"), b"content");
+        assert_eq!(read_regular_file(&file, 3).expect("read"), b"con");
+
+        let missing = read_regular_file(&dir.join("missing"), 100).expect_err("missing");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        let hard = dir.join("hard");
+        std::fs::hard_link(&file, &hard).expect("hard link");
+        for refused in [link.as_path(), hard.as_path(), dir.as_path()] {
+            let err = read_regular_file(refused, 100).expect_err("refused");
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::InvalidData,
+                "{}",
+                refused.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn log_tail_is_the_end_of_a_regular_log_only() {
+        let dir = scratch_dir();
+        let lines: Vec<String> = (0..30_000).map(|i| format!("line {i}")).collect();
+        std::fs::write(dir.join("real.log"), lines.join("\n")).expect("write");
+        std::os::unix::fs::symlink(dir.join("real.log"), dir.join(SERVER_LOG)).expect("symlink");
+        assert_eq!(log_tail(&dir), "");
+
+        std::fs::rename(dir.join("real.log"), dir.join(SERVER_LOG)).expect("rename");
+        assert_eq!(log_tail(&dir), lines[lines.len() - 20..].join("\n"));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn write_owned_replaces_a_symlink_instead_of_writing_through_it() {
+        let dir = scratch_dir();
+        let target = dir.join("target");
+        std::fs::write(&target, "untouched").expect("write");
+        std::os::unix::fs::symlink(&target, dir.join(HERMES_CONF)).expect("symlink");
+        write_owned(&dir, HERMES_CONF, "port = 1\n", &unprivileged_runner()).expect("write");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "untouched");
+        let written = dir.join(HERMES_CONF);
+        assert!(std::fs::symlink_metadata(&written).expect("stat").is_file());
+        assert_eq!(
+            std::fs::read_to_string(&written).expect("read"),
+            "port = 1\n"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn binaries_of_the_clusters_major_version_are_preferred() {
+        let installs = || {
+            vec![
+                (vec![16], PathBuf::from("/usr/lib/postgresql/16/bin")),
+                (vec![15], PathBuf::from("/usr/lib/postgresql/15/bin")),
+                (vec![9, 6], PathBuf::from("/usr/pgsql-9.6/bin")),
+            ]
+        };
+        let on_path = || Some(PathBuf::from("/usr/local/bin"));
+        let chosen = |cluster: Option<&[u32]>, on_path| choose_bindir(cluster, installs(), on_path);
+
+        assert_eq!(
+            chosen(Some(&[15]), on_path()),
+            Some("/usr/lib/postgresql/15/bin".into())
+        );
+        assert_eq!(
+            chosen(Some(&[9, 6]), None),
+            Some("/usr/pgsql-9.6/bin".into())
+        );
+        // No install of the cluster's version, or a new cluster: as before.
+        assert_eq!(chosen(Some(&[14]), on_path()), on_path());
+        assert_eq!(chosen(None, on_path()), on_path());
+        assert_eq!(
+            chosen(Some(&[14]), None),
+            Some("/usr/lib/postgresql/16/bin".into())
+        );
+        assert_eq!(
+            chosen(None, None),
+            Some("/usr/lib/postgresql/16/bin".into())
+        );
+        assert_eq!(choose_bindir(Some(&[15]), Vec::new(), None), None);
+    }
+
+    #[test]
+    fn versions_are_read_from_pg_version_and_pg_ctl() {
+        assert_eq!(parse_version("15"), Some(vec![15]));
+        assert_eq!(parse_version("9.6"), Some(vec![9, 6]));
+        assert_eq!(parse_version("17beta1"), Some(vec![17]));
+        assert_eq!(parse_version("main"), None);
+        assert_eq!(parse_version(""), None);
+        let major = |output: &str| version_in_output(output).map(major_version);
+        assert_eq!(
+            major("pg_ctl (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)\n"),
+            Some(vec![15])
+        );
+        assert_eq!(major("pg_ctl (PostgreSQL) 9.6.24"), Some(vec![9, 6]));
+        assert_eq!(major("pg_ctl (PostgreSQL) 18devel"), Some(vec![18]));
+        assert_eq!(major("something else"), None);
+        assert_eq!(version_text(&[9, 6]), "9.6");
+
+        let dir = scratch_dir();
+        assert_eq!(cluster_version(&dir), None);
+        std::fs::write(dir.join("PG_VERSION"), "15\n").expect("write");
+        assert_eq!(cluster_version(&dir), Some(vec![15]));
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn version_mismatch_names_both_versions_and_the_way_out() {
+        let message = LocalPostgresError::VersionMismatch {
+            data_dir: "/data/pg".into(),
+            cluster: "15".into(),
+            bindir: "/usr/lib/postgresql/17/bin".into(),
+            binaries: "17".into(),
+        }
+        .to_string();
+        for part in [
+            "PostgreSQL 15 cluster",
+            "are PostgreSQL 17",
+            "postgresql-15",
+            "remove /data/pg",
+        ] {
+            assert!(message.contains(part), "{part:?} not in {message}");
+        }
+    }
+
+    #[test]
+    fn socket_dir_is_refused_for_paths_the_setting_cannot_hold() {
+        assert_eq!(
+            socket_dir_setting(Path::new("/srv/hermes/pg")),
+            "/srv/hermes/pg"
+        );
+        assert_eq!(socket_dir_setting(Path::new("/srv/a b/pg")), "/srv/a b/pg");
+        for refused in [
+            "/srv/a,b/pg",
+            "/srv/it's/pg",
+            "/srv/a\\b/pg",
+            "/srv/pg ",
+            "/srv/pg\t",
+        ] {
+            assert_eq!(socket_dir_setting(Path::new(refused)), "", "{refused:?}");
+        }
+        let long = format!("/{}", "d".repeat(MAX_SOCKET_DIR_LEN));
+        assert_eq!(socket_dir_setting(Path::new(&long)), "");
+        let tcp = hba_conf(
+            Path::new("/srv/a,b/pg"),
+            socket_dir_setting(Path::new("/srv/a,b/pg")),
+        );
+        assert!(tcp.contains("127.0.0.1/32 trust"), "{tcp}");
     }
 }
