@@ -775,7 +775,11 @@ fn open_regular_file(path: &Path) -> io::Result<File> {
     if !named.file_type().is_file() {
         return Err(not_a_regular_file());
     }
-    let file = File::open(path)?;
+    // Not through a symlink swapped in since, nor blocking on a FIFO.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
     let opened = file.metadata()?;
     // Replaced (by a symlink, say) between the two looks, or hard-linked.
     let same = (opened.dev(), opened.ino()) == (named.dev(), named.ino());
