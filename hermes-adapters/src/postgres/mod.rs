@@ -3,7 +3,8 @@
 //!
 //! - [`local`]: [`LocalPostgres`], a private cluster from the machine's server
 //!   binaries, and [`local::test_database`] for tests.
-//! - [`BatchWriter`]: one round trip per batch, per-row
+//! - [`BatchWriter`]: one statement per batch (one round trip for an
+//!   `INSERT` in autocommit; a `COPY` takes two: its start, then its data), per-row
 //!   [`RowOutcome`] (inserted, duplicate, rejected), retries of transient
 //!   errors ([`RetryPolicy`]) and isolation of poison rows, around any
 //!   [`BatchStatement`].

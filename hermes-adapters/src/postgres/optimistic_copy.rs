@@ -173,11 +173,13 @@ impl OptimisticCopy {
 
 /// Whether `error` says a binary `COPY`'s data is not what its columns take:
 /// SQLSTATE 22P03 (invalid binary representation), 42804 (datatype
-/// mismatch), or XX000, which some types' binary input raises for a foreign
-/// format (jsonb's, for a text value: "unsupported jsonb version number").
+/// mismatch), 08P01 (a value shorter than its type: "insufficient data left
+/// in message", as an `i32` sent for a `bigint`), or XX000, which some
+/// types' binary input raises for a foreign format (jsonb's, for a text
+/// value: "unsupported jsonb version number").
 fn is_format_error(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
-        if db.code().is_some_and(|code| matches!(&*code, "22P03" | "42804" | "XX000")))
+        if db.code().is_some_and(|code| matches!(&*code, "22P03" | "42804" | "08P01" | "XX000")))
 }
 
 /// Runs `COPY ... FROM STDIN` with `data` as its whole input.

@@ -90,6 +90,10 @@ pub enum UnnestInsertError {
     /// `ON CONFLICT DO UPDATE` names a column that is not declared, or a key column.
     #[error("cannot update column {0:?} on conflict: it is not a declared non-key column")]
     BadUpdateColumn(String),
+    /// `ON CONFLICT DO UPDATE` with no column to update (use
+    /// [`UnnestInsertBuilder::on_conflict_do_nothing`] to keep existing rows).
+    #[error("ON CONFLICT DO UPDATE needs at least one column to update")]
+    NoUpdateColumn,
     /// More columns than a PostgreSQL table can have.
     #[error("{0} columns declared; PostgreSQL tables have at most 1600")]
     TooManyColumns(usize),
@@ -223,10 +227,11 @@ where
     ///
     /// Each column's Rust type must have the binary format of the column's SQL
     /// type (e.g. [`JsonText`](super::JsonText) or `sqlx::types::Json<_>`, not
-    /// `String`, for `jsonb`; `i64` for `bigint`). If the `COPY` fails where
-    /// the statement succeeds for another reason than an integrity error
-    /// (SQLSTATE class 23), it is switched off for this statement with a
-    /// warning. `COPY` fires the table's triggers but ignores its rules.
+    /// `String`, for `jsonb`; `i64` for `bigint`). If the `COPY` fails because
+    /// its data is not in a column's binary format (SQLSTATE 22P03, 42804,
+    /// 08P01 or XX000), it is switched off for this statement with a warning;
+    /// any other failure is backed off like a conflict, and a transient one
+    /// retried. `COPY` fires the table's triggers but ignores its rules.
     pub fn optimistic_copy(mut self, enabled: bool) -> Self {
         self.optimistic_copy = enabled;
         self
@@ -278,6 +283,9 @@ where
             }
         }
         if let OnConflict::Update { columns, .. } = &self.on_conflict {
+            if columns.is_empty() {
+                return Err(UnnestInsertError::NoUpdateColumn);
+            }
             for column in columns {
                 if !names.contains(column.as_str()) || self.key_columns.contains(column) {
                     return Err(UnnestInsertError::BadUpdateColumn(column.clone()));
@@ -546,5 +554,14 @@ mod tests {
             update_key,
             Err(UnnestInsertError::BadUpdateColumn(_))
         ));
+        let update_nothing = UnnestInsert::builder("t", |e: &Event| e.id.clone())
+            .key_column("id", "text", |e: &Event| e.id.clone())
+            .column("body", "text", |e: &Event| e.id.clone())
+            .on_conflict_update(&[])
+            .build();
+        assert_eq!(
+            update_nothing.err(),
+            Some(UnnestInsertError::NoUpdateColumn)
+        );
     }
 }
