@@ -13,9 +13,10 @@
 //!   commit per batch, apart from the writer's own cost.
 //! - writer `optimistic_copy`: [`BatchWriter`] with the ready-made
 //!   [`UnnestInsert`] and [`UnnestInsertBuilder::optimistic_copy`], in
-//!   batches of [`BATCH_SIZE`]: one durable transaction per batch, per-row
-//!   outcomes, idempotent by key. New rows go in by binary `COPY` in a
-//!   savepoint.
+//!   batches of [`BATCH_SIZE`], in autocommit (each attempt is one atomic
+//!   statement, durably committed): per-row outcomes, idempotent by key. New
+//!   rows go in by one binary `COPY`; a batch holding an existing key falls
+//!   back to the `INSERT`.
 //! - writer `unnest`: the same without the optimistic COPY: one
 //!   `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO NOTHING RETURNING`
 //!   with binary array binds per batch.

@@ -16,7 +16,7 @@ pub fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
 
 /// Peak resident set size of this process so far, in MiB (Linux: VmHWM).
 pub fn peak_rss_mb() -> f64 {
-    status_kib("VmHWM:").map_or(0.0, |kib| kib as f64 / 1024.0)
+    peak_rss_mb_of(std::process::id())
 }
 
 /// Peak resident set size of process `pid`, in MiB (Linux: VmHWM), since it
@@ -43,11 +43,6 @@ fn process_mb(pid: u32, field: &str) -> f64 {
         .ok()
         .and_then(|status| parse_kib(&status, field))
         .map_or(0.0, |kib| kib as f64 / 1024.0)
-}
-
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_kib(&status, field)
 }
 
 fn parse_kib(status: &str, field: &str) -> Option<u64> {

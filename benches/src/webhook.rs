@@ -23,7 +23,8 @@
 //!   stored event.
 //! - `webhook_overload`: an open loop offering twice the capacity to a host
 //!   with a small ingest buffer: the 503 share, the host's peak RSS (and its
-//!   RSS over time), and `lost`: events answered 202 that are not stored.
+//!   RSS over time), and `lost`: events answered 202 that are not stored
+//!   under the id their 202 named.
 //!
 //! The host runs as a subprocess — the release binary next to `hermes-bench`
 //! (`target/release/hermes`, built by `cargo build --release -p hermes-host`),
@@ -39,7 +40,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use hermes_adapters::postgres::local::{Durability, LocalPostgres};
-use hermes_adapters::sandbox::webhook_sender::{self, SenderConfig, Snapshot, Stats};
+use hermes_adapters::sandbox::webhook_sender::{
+    self, AcceptedEvent, SenderConfig, Snapshot, Stats,
+};
 use hermes_adapters::webhook::{Encoding, Scheme, Secret, Verifier, body_sha256_hex};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -357,6 +360,8 @@ pub fn run_overload(
         // holds while accepted requests wait for their commit.
         let rate = ((capacity * 2.0) as u64).max(1);
         let connections = (options.connections * 16).max(512);
+        // The overload's own peak, not the capacity loop's.
+        reset_peak_rss_of(host.pid());
         let sampler = RssSampler::start(host.pid());
         let started = Instant::now();
         let (overload, stats) = drive(
@@ -372,8 +377,7 @@ pub fn run_overload(
         let secs = started.elapsed().as_secs_f64();
         let samples = sampler.stop().await;
 
-        let accepted_ids = stats.accepted_ids();
-        let lost = bench.count_missing(&accepted_ids).await?;
+        let lost = bench.count_not_stored(&stats.accepted()).await?;
         let answered: u64 = overload.statuses.values().sum();
         let unavailable = overload.statuses.get(&503).copied().unwrap_or(0);
         let accepted = overload.statuses.get(&202).copied().unwrap_or(0);
@@ -600,19 +604,27 @@ impl Bench {
         Ok(())
     }
 
-    /// How many of `ids` are not in `webhook_events`.
-    async fn count_missing(&self, ids: &[i64]) -> anyhow::Result<u64> {
-        let mut unique = ids.to_vec();
-        unique.sort_unstable();
-        unique.dedup();
+    /// How many of the `accepted` events are not stored under the id their
+    /// 202 named: that row must hold the body sent with that delivery id
+    /// (its `provider_message_id`). So a 202 that named another event's row
+    /// counts, not only one whose row is missing.
+    async fn count_not_stored(&self, accepted: &[AcceptedEvent]) -> anyhow::Result<u64> {
+        let (ids, deliveries): (Vec<i64>, Vec<&str>) = accepted
+            .iter()
+            .map(|event| (event.event_id, event.delivery_id.as_str()))
+            .unzip();
         let mut conn = PgConnection::connect(&self.database_url).await?;
-        let found: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE id = ANY($1)")
-                .bind(&unique)
-                .fetch_one(&mut conn)
-                .await?;
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
+             JOIN webhook_events e
+               ON e.id = a.id AND e.body->>'provider_message_id' = a.delivery",
+        )
+        .bind(&ids)
+        .bind(&deliveries)
+        .fetch_one(&mut conn)
+        .await?;
         conn.close().await?;
-        Ok((unique.len() as u64).saturating_sub(u64::try_from(found).unwrap_or(0)))
+        Ok((accepted.len() as u64).saturating_sub(u64::try_from(stored).unwrap_or(0)))
     }
 }
 

@@ -49,6 +49,16 @@ struct Accepted {
     duplicate: bool,
 }
 
+/// A 202: the event id the host named, for the request sent with this
+/// delivery id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedEvent {
+    /// The stored event's id, from the 202's body.
+    pub event_id: i64,
+    /// The delivery id the request was built with (see [`BodyFn`]).
+    pub delivery_id: String,
+}
+
 /// Live counters, readable while sending (for progress lines).
 #[derive(Default)]
 pub struct Stats {
@@ -64,7 +74,7 @@ struct Responses {
     statuses: BTreeMap<u16, u64>,
     latency_us: Option<Histogram<u64>>,
     longest_answer: Duration,
-    accepted: Vec<i64>,
+    accepted: Vec<AcceptedEvent>,
     duplicates: u64,
 }
 
@@ -117,8 +127,8 @@ impl Stats {
         }
     }
 
-    /// Event ids of every 202 so far.
-    pub fn accepted_ids(&self) -> Vec<i64> {
+    /// Every 202 so far: the event id it named and the delivery id sent.
+    pub fn accepted(&self) -> Vec<AcceptedEvent> {
         lock(&self.responses).accepted.clone()
     }
 
@@ -136,11 +146,11 @@ impl Stats {
         status: u16,
         latency: Duration,
         answered_in: Duration,
-        accepted: Option<Accepted>,
+        accepted: Option<(Accepted, &str)>,
     ) {
         let mut responses = lock(&self.responses);
         *responses.statuses.entry(status).or_default() += 1;
-        if let Some(accepted) = accepted {
+        if let Some((accepted, delivery_id)) = accepted {
             responses.longest_answer = responses.longest_answer.max(answered_in);
             let micros = u64::try_from(latency.as_micros())
                 .unwrap_or(u64::MAX)
@@ -150,7 +160,10 @@ impl Stats {
                 .latency_us
                 .get_or_insert_with(new_histogram)
                 .record(micros);
-            responses.accepted.push(accepted.id);
+            responses.accepted.push(AcceptedEvent {
+                event_id: accepted.id,
+                delivery_id: delivery_id.to_owned(),
+            });
             if accepted.duplicate {
                 responses.duplicates += 1;
             }
@@ -393,7 +406,7 @@ async fn send_one(
     let (latency, answered_in) = (due.unwrap_or(sent).elapsed(), sent.elapsed());
     match answer {
         Some((202, body)) => match serde_json::from_slice::<Accepted>(&body) {
-            Ok(accepted) => stats.record(202, latency, answered_in, Some(accepted)),
+            Ok(accepted) => stats.record(202, latency, answered_in, Some((accepted, &id))),
             // A 202 that names no event cannot be checked: not an answer.
             Err(_) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -509,7 +522,7 @@ mod tests {
         assert_eq!(snapshot.sent, served, "{snapshot:?}");
         let accepted = snapshot.statuses[&202];
         assert_eq!(accepted + snapshot.statuses[&503], served, "{snapshot:?}");
-        assert_eq!(stats.accepted_ids().len() as u64, accepted);
+        assert_eq!(stats.accepted().len() as u64, accepted);
         assert!(snapshot.p50_ms > 0.0);
     }
 }
