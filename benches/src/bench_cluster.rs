@@ -1,31 +1,22 @@
 //! The benchmarks' private Postgres cluster, under `<target>/bench-pg`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
-use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
+use hermes_adapters::postgres::local::{
+    Durability, LocalPostgres, LocalPostgresConfig, cargo_target_dir,
+};
 use sqlx::{Connection, PgConnection};
 
 /// Connections the cluster takes: the webhook benchmarks' host pool, load and
 /// limit connections, with room to spare.
 const MAX_CONNECTIONS: u32 = 200;
 
-/// Cargo's target directory (marked by `CACHEDIR.TAG`) above this executable,
-/// else `./target`.
-fn target_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-                .map(Path::to_path_buf)
-        })
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
 /// The directory of the benchmarks' files (cluster, host configs and logs).
 pub(crate) fn bench_dir() -> PathBuf {
-    target_dir().join("bench-pg")
+    cargo_target_dir()
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join("bench-pg")
 }
 
 /// Starts the cluster with `durability`, with database `database`. A cluster

@@ -1326,17 +1326,20 @@ fn test_cluster_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(TEST_DIR_ENV) {
         return PathBuf::from(dir);
     }
-    // Test executables live in <target>/<profile>/deps; cargo marks <target>
-    // with CACHEDIR.TAG.
-    let target = std::env::current_exe().ok().and_then(|exe| {
-        exe.ancestors()
-            .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-            .map(Path::to_path_buf)
-    });
-    let target = target
+    let target = cargo_target_dir()
         .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
         .unwrap_or_else(std::env::temp_dir);
     target.join("tmp").join("hermes-pg-test")
+}
+
+/// Cargo's target directory above the running executable (test and bench
+/// executables live in `<target>/<profile>[/deps]`; cargo marks `<target>`
+/// with `CACHEDIR.TAG`), if it runs from one.
+pub fn cargo_target_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_path_buf)
 }
 
 /// Drops `hermes_test_<pid>_<n>` databases whose process has exited.
