@@ -11,7 +11,7 @@ use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-use super::{Secret, SignatureError};
+use super::{Secret, SignatureError, SignedRequest};
 
 /// The media type of an HTML form post, as Twilio sends its webhooks.
 pub const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
@@ -162,6 +162,16 @@ pub(super) fn check_window(
 /// a delivery id.
 pub fn body_sha256_hex(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
+}
+
+/// The idempotency key of a scheme with a delivery-id header: its value,
+/// else the body's SHA-256.
+pub(super) fn delivery_id_or_body_hash(
+    request: &SignedRequest<'_>,
+    header: &'static str,
+) -> String {
+    optional_header(request.headers, header)
+        .map_or_else(|| body_sha256_hex(request.body), str::to_owned)
 }
 
 /// Text that can be sent as a header value and reads back unchanged with

@@ -8,8 +8,7 @@
 use http::HeaderMap;
 
 use super::common::{
-    HUB_SIGNATURE_256, body_sha256_hex, header_safe, header_value, hub_signature, optional_header,
-    verify_hub_signature,
+    HUB_SIGNATURE_256, delivery_id_or_body_hash, header_value, hub_signature, verify_hub_signature,
 };
 use super::{Secret, SignatureError, SignedRequest, Verified};
 
@@ -20,15 +19,15 @@ pub(super) fn verify(
     request: &SignedRequest<'_>,
 ) -> Result<Verified, SignatureError> {
     verify_hub_signature(keys, request.headers, request.body)?;
-    let idempotency_key = optional_header(request.headers, DELIVERY)
-        .map_or_else(|| body_sha256_hex(request.body), str::to_owned);
-    Ok(Verified { idempotency_key })
+    Ok(Verified {
+        idempotency_key: delivery_id_or_body_hash(request, DELIVERY),
+    })
 }
 
 pub(super) fn sign(key: &Secret, body: &[u8], id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(HUB_SIGNATURE_256, hub_signature(key, body));
-    headers.insert(DELIVERY, header_value(&header_safe(id)));
+    headers.insert(DELIVERY, header_value(id));
     headers
 }
 
@@ -37,6 +36,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::super::Scheme;
+    use super::super::common::body_sha256_hex;
     use super::super::test_support::*;
     use super::*;
 

@@ -14,8 +14,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::HeaderMap;
 
 use super::common::{
-    any_matches, body_sha256_hex, header_safe, header_value, hmac_sha256, optional_header,
-    required_header,
+    any_matches, delivery_id_or_body_hash, header_value, hmac_sha256, required_header,
 };
 use super::{Secret, SignatureError, SignedRequest, Verified};
 
@@ -33,9 +32,9 @@ pub(super) fn verify(
     if !any_matches(keys, &[presented], |key| hmac_sha256(key, &[request.body])) {
         return Err(SignatureError::Mismatch);
     }
-    let idempotency_key = optional_header(request.headers, WEBHOOK_ID)
-        .map_or_else(|| body_sha256_hex(request.body), str::to_owned);
-    Ok(Verified { idempotency_key })
+    Ok(Verified {
+        idempotency_key: delivery_id_or_body_hash(request, WEBHOOK_ID),
+    })
 }
 
 pub(super) fn sign(key: &Secret, body: &[u8], id: &str) -> HeaderMap {
@@ -44,7 +43,7 @@ pub(super) fn sign(key: &Secret, body: &[u8], id: &str) -> HeaderMap {
         HMAC,
         header_value(&STANDARD.encode(hmac_sha256(key, &[body]))),
     );
-    headers.insert(WEBHOOK_ID, header_value(&header_safe(id)));
+    headers.insert(WEBHOOK_ID, header_value(id));
     headers
 }
 
@@ -53,6 +52,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::super::Scheme;
+    use super::super::common::body_sha256_hex;
     use super::super::test_support::*;
     use super::*;
 
