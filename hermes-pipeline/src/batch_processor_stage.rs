@@ -1,10 +1,8 @@
 //! The batch processor stage: runs `handle_batch` on each batch, then acknowledges it.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use futures::FutureExt;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch_key::BatchKey;
 use crate::handler::{BatchInfo, BatchTrigger, FailedIn, Handler};
 use crate::message::Message;
-use crate::panic_message::panic_message;
+use crate::panic_message::catch_panic;
 use crate::processor_stage::DEADLINE_EXCEEDED;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
@@ -82,12 +80,11 @@ impl<H: Handler> BatchProcessorStage<H> {
         let outcome = if self.deadline.is_cancelled() {
             Err(DEADLINE_EXCEEDED.to_owned())
         } else {
-            let handle =
-                AssertUnwindSafe(self.terminator.handler.handle_batch(&mut messages, &info))
-                    .catch_unwind();
+            let handler = &self.terminator.handler;
+            let handle = catch_panic(|| handler.handle_batch(&mut messages, &info));
             tokio::select! {
                 biased;
-                result = handle => result.map_err(|panic| format!("handle_batch panicked: {}", panic_message(&*panic))),
+                result = handle => result.map_err(|panic| format!("handle_batch panicked: {panic}")),
                 () = self.deadline.cancelled() => Err(DEADLINE_EXCEEDED.to_owned()),
             }
         };

@@ -2,7 +2,6 @@
 //! bytes and time, and hands each batch to a batch processor.
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use crate::batch_key::BatchKey;
 use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
 use crate::handler::{BatchTrigger, FailedIn, Handler};
 use crate::message::Message;
-use crate::panic_message::panic_message;
+use crate::panic_message::catch_panic_now;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -177,16 +176,14 @@ impl<H: Handler> Batching<H> {
         for mut message in chunk {
             let key = message.batch_key().clone();
             let size = match &self.stage.limits.max_bytes {
-                Some((max, size_of)) => {
-                    match catch_unwind(AssertUnwindSafe(|| size_of(&message))) {
-                        Ok(size) => Some((*max, size)),
-                        Err(panic) => {
-                            message.fail(format!("size_of panicked: {}", panic_message(&*panic)));
-                            failed.push(message);
-                            continue;
-                        }
+                Some((max, size_of)) => match catch_panic_now(|| size_of(&message)) {
+                    Ok(size) => Some((*max, size)),
+                    Err(panic) => {
+                        message.fail(format!("size_of panicked: {panic}"));
+                        failed.push(message);
+                        continue;
                     }
-                }
+                },
                 None => None,
             };
             if let Some((max, size)) = size

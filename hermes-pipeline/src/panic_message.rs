@@ -1,9 +1,32 @@
-//! Turning a caught panic into a failure reason.
+//! Containing panics of user callbacks, and turning them into failure reasons.
 
 use std::any::Any;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+
+/// Calls `call` and awaits the future it returns, catching a panic in either:
+/// a callback may panic in its synchronous part, before it makes its future,
+/// as well as while polled. `Err` holds the panic's message.
+pub(crate) async fn catch_panic<F, Fut>(call: F) -> Result<Fut::Output, String>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    AssertUnwindSafe(async move { call().await })
+        .catch_unwind()
+        .await
+        .map_err(|payload| panic_message(&*payload))
+}
+
+/// Calls the synchronous callback `call`, catching a panic: `Err` holds its
+/// message.
+pub(crate) fn catch_panic_now<T>(call: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(call)).map_err(|payload| panic_message(&*payload))
+}
 
 /// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = payload.downcast_ref::<String>() {

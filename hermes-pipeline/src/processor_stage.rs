@@ -1,10 +1,8 @@
 //! The processor stage: runs `prepare_messages` and `handle_message` on each chunk,
 //! then routes messages to their batchers or acknowledges them.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures::FutureExt;
 use metrics::Gauge;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -12,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::{FailedIn, Handler, ProcessorContext};
 use crate::message::Message;
-use crate::panic_message::panic_message;
+use crate::panic_message::catch_panic;
 use crate::processor_pool::Seat;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
@@ -115,21 +113,18 @@ impl<H: Handler> ProcessorStage<H> {
 
     async fn run_handlers(&self, chunk: &mut [Message<H::Data>]) {
         let handler = &self.terminator.handler;
-        let prepare = AssertUnwindSafe(handler.prepare_messages(chunk, &self.context));
-        if let Err(panic) = prepare.catch_unwind().await {
-            let reason = format!("prepare_messages panicked: {}", panic_message(&*panic));
+        let prepare = catch_panic(|| handler.prepare_messages(chunk, &self.context));
+        if let Err(panic) = prepare.await {
+            let reason = format!("prepare_messages panicked: {panic}");
             chunk
                 .iter_mut()
                 .for_each(|message| message.fail(reason.clone()));
             return;
         }
         for message in chunk.iter_mut().filter(|message| !message.is_failed()) {
-            let handle = AssertUnwindSafe(handler.handle_message(message, &self.context));
-            if let Err(panic) = handle.catch_unwind().await {
-                message.fail(format!(
-                    "handle_message panicked: {}",
-                    panic_message(&*panic)
-                ));
+            let handle = catch_panic(|| handler.handle_message(message, &self.context));
+            if let Err(panic) = handle.await {
+                message.fail(format!("handle_message panicked: {panic}"));
             }
         }
     }

@@ -1,7 +1,6 @@
 //! The producer stage: asks one producer for what the pipeline has room for and
 //! hands the messages to the processors.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -11,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::{FailedIn, Handler};
 use crate::in_flight::InFlight;
 use crate::message::Message;
-use crate::panic_message::panic_message;
+use crate::panic_message::{catch_panic, catch_panic_now};
 use crate::processor_stage::DEADLINE_EXCEEDED;
 use crate::producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};
 use crate::rate_limiter::{Grant, RateLimiter};
@@ -81,12 +80,11 @@ impl<T> Dispatch<T> {
                 let mut parts: Vec<Vec<Message<T>>> = txs.iter().map(|_| Vec::new()).collect();
                 let mut undelivered = Vec::new();
                 for mut message in chunk {
-                    match catch_unwind(AssertUnwindSafe(|| partition_by(&message))) {
+                    match catch_panic_now(|| partition_by(&message)) {
                         // The remainder is below `partitions`, itself a usize.
                         Ok(key) => parts[(key % partitions) as usize].push(message),
                         Err(panic) => {
-                            message
-                                .fail(format!("partition_by panicked: {}", panic_message(&*panic)));
+                            message.fail(format!("partition_by panicked: {panic}"));
                             undelivered.push(message);
                         }
                     }
@@ -149,9 +147,13 @@ where
         let mut draining = false;
         loop {
             if !draining && stage.shutdown.is_cancelled() {
-                match producer.prepare_for_draining() {
-                    Draining::Stop => break,
-                    Draining::UntilFinished => draining = true,
+                match catch_panic_now(|| producer.prepare_for_draining()) {
+                    Ok(Draining::Stop) => break,
+                    Ok(Draining::UntilFinished) => draining = true,
+                    Err(panic) => {
+                        tracing::error!(%panic, "prepare_for_draining panicked: the producer stops");
+                        break;
+                    }
                 }
             }
             // Before the drain, waits end when it starts; during it, at its deadline.
@@ -167,7 +169,7 @@ where
             let Some(demand) = unless(stop, stage.acquire_demand()).await else {
                 continue;
             };
-            let produce = AssertUnwindSafe(producer.produce(demand.asked)).catch_unwind();
+            let produce = catch_panic(|| producer.produce(demand.asked));
             let Some(produced) = unless(stop, produce).await else {
                 stage.give_back(&demand, 0);
                 continue;
@@ -176,7 +178,7 @@ where
                 Ok(produced) => produced,
                 Err(panic) => {
                     // What it held is lost with its state: it is not asked again.
-                    tracing::error!(panic = %panic_message(&*panic), "produce panicked: the producer stops");
+                    tracing::error!(%panic, "produce panicked: the producer stops");
                     stage.give_back(&demand, 0);
                     break;
                 }
@@ -232,9 +234,7 @@ impl<H: Handler> ProducerParts<H> {
     /// ingress's accepted messages), without waiting for it or for demand.
     async fn fail_leftovers<P: Producer<H::Data>>(&self, producer: &mut P) {
         while let Some(Ok(Produced::Messages(messages))) =
-            AssertUnwindSafe(producer.produce(self.demand.max_demand))
-                .catch_unwind()
-                .now_or_never()
+            catch_panic(|| producer.produce(self.demand.max_demand)).now_or_never()
         {
             if messages.is_empty() {
                 break;

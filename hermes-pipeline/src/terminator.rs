@@ -1,15 +1,12 @@
 //! Acknowledgement: the last step of every message, wherever its fate was decided.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-
-use futures::FutureExt;
 
 use crate::acknowledger::Acknowledger;
 use crate::handler::{FailedIn, Handler};
 use crate::in_flight::InFlight;
 use crate::message::{Message, PendingCompletion};
-use crate::panic_message::panic_message;
+use crate::panic_message::catch_panic;
 use crate::telemetry::StageMetrics;
 
 /// Acknowledges messages whose fate is final and frees their in-flight slots.
@@ -64,9 +61,9 @@ impl<H: Handler> Terminator<H> {
             (messages, Vec::new())
         };
         if !failed.is_empty() {
-            let hook = AssertUnwindSafe(self.handler.handle_failed(&mut failed, failed_in));
-            if let Err(panic) = hook.catch_unwind().await {
-                tracing::error!(panic = %panic_message(&*panic), "handle_failed panicked");
+            let hook = catch_panic(|| self.handler.handle_failed(&mut failed, failed_in));
+            if let Err(panic) = hook.await {
+                tracing::error!(%panic, "handle_failed panicked");
             }
         }
         metrics.succeeded.increment(successful.len() as u64);
@@ -80,11 +77,8 @@ impl<H: Handler> Terminator<H> {
             .collect();
 
         for (acknowledger, successful, failed) in group(successful, failed) {
-            if let Err(panic) = AssertUnwindSafe(acknowledger.ack(successful, failed))
-                .catch_unwind()
-                .await
-            {
-                tracing::error!(panic = %panic_message(&*panic), "acknowledger panicked");
+            if let Err(panic) = catch_panic(|| acknowledger.ack(successful, failed)).await {
+                tracing::error!(%panic, "acknowledger panicked");
             }
         }
         completions.into_iter().for_each(PendingCompletion::resolve);

@@ -1077,3 +1077,85 @@ async fn flush_when_idle_fills_the_next_batch_while_a_larger_one_is_handled() {
         ]
     );
 }
+
+/// Panics in the synchronous part of its callbacks, before making their
+/// futures: `handle_message` on 3, `handle_batch` on a batch holding 5.
+struct PanicsBeforeItsFuture;
+
+impl Handler for PanicsBeforeItsFuture {
+    type Data = u64;
+
+    fn handle_message(
+        &self,
+        message: &mut Message<u64>,
+        _: &ProcessorContext,
+    ) -> impl Future<Output = ()> + Send {
+        if message.data == 3 {
+            panic!("no message for 3");
+        }
+        async {}
+    }
+
+    fn handle_batch(
+        &self,
+        batch: &mut [Message<u64>],
+        _: &BatchInfo,
+    ) -> impl Future<Output = ()> + Send {
+        assert!(batch.iter().all(|m| m.data != 5), "no batch for 5");
+        async {}
+    }
+}
+
+/// Records acknowledgements, and panics before making its future when one
+/// of them holds 7.
+struct AcksPanicOnSeven(Arc<Recorder>);
+
+impl Acknowledger<u64> for AcksPanicOnSeven {
+    fn ack(
+        &self,
+        successful: Vec<Message<u64>>,
+        failed: Vec<Message<u64>>,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        let seven = successful.iter().chain(&failed).any(|m| m.data == 7);
+        let recorded = self.0.ack(successful, failed);
+        assert!(!seven, "cannot acknowledge 7");
+        recorded
+    }
+}
+
+#[tokio::test]
+async fn callbacks_panicking_before_their_future_fail_only_their_messages() {
+    let recorder = Recorder::new();
+    let acknowledger: Arc<dyn Acknowledger<u64>> = Arc::new(AcksPanicOnSeven(recorder.clone()));
+    let mut builder = Pipeline::builder("sync-panics", PanicsBeforeItsFuture)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(1)
+                .batch_timeout(Duration::from_millis(1)),
+        );
+    let ingress = builder.ingress(4);
+    let pipeline = builder.start().unwrap();
+    for n in 0..12u64 {
+        ingress
+            .push(Message::new(n).with_acknowledger(acknowledger.clone()))
+            .await
+            .unwrap();
+    }
+    assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+    assert_eq!(pipeline.in_flight(), 0);
+    // Every message reached its acknowledger once (7's call panicked after
+    // recording), the two that panicked in a handler as failed.
+    recorder.assert_exactly_once(12);
+    let failed = recorder.failed();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(
+        failed[&3].contains("handle_message panicked: no message for 3"),
+        "{failed:?}"
+    );
+    assert!(
+        failed[&5].contains("handle_batch panicked: no batch for 5"),
+        "{failed:?}"
+    );
+}
