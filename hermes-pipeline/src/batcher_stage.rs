@@ -189,12 +189,12 @@ impl<H: Handler> Batching<H> {
             if let Some((max, size)) = size
                 && self
                     .open_batch(&key)
-                    .is_some_and(|open| open.bytes + size > max)
+                    .is_some_and(|open| open.bytes.saturating_add(size) > max)
             {
                 self.close(key.clone(), BatchTrigger::Bytes);
             }
             let batch = self.open_or_create(&key);
-            batch.bytes += size.map_or(0, |(_, size)| size);
+            batch.bytes = batch.bytes.saturating_add(size.map_or(0, |(_, size)| size));
             batch.messages.push(message);
             if batch.messages.len() >= self.stage.limits.batch_size {
                 self.close(key, BatchTrigger::Size);

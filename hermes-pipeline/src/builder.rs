@@ -13,7 +13,7 @@ use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
 use crate::handler::Handler;
 use crate::in_flight::InFlight;
 use crate::ingress::Ingress;
-use crate::options::{BatcherOptions, ProcessorOptions};
+use crate::options::{BatcherOptions, MAX_TIMEOUT, ProcessorOptions};
 use crate::pipeline::{BatcherHandle, ConfigError, Pipeline, Shared};
 use crate::processor_pool::{ProcessorPool, ProcessorSpawner};
 use crate::processor_stage::BatcherInlet;
@@ -23,8 +23,8 @@ use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::telemetry::{StageKind, StageMetrics};
 use crate::terminator::Terminator;
 
-/// The largest in-flight bound (what a semaphore holds).
-const MAX_IN_FLIGHT: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// The largest in-flight bound: permits are taken in `u32` counts.
+const MAX_IN_FLIGHT: usize = u32::MAX as usize;
 
 type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, ()> + Send>;
 
@@ -175,9 +175,10 @@ impl<H: Handler> PipelineBuilder<H> {
             if batcher.concurrency == 0
                 || batcher.batch_size == 0
                 || batcher.batch_timeout.is_zero()
+                || batcher.batch_timeout > MAX_TIMEOUT
             {
                 return Err(ConfigError::Invalid(format!(
-                    "batcher {name:?} needs concurrency ≥ 1, batch_size ≥ 1 and a non-zero batch_timeout"
+                    "batcher {name:?} needs concurrency ≥ 1, batch_size ≥ 1 and a batch_timeout above zero and at most a year"
                 )));
             }
             if batcher.batch_size > max_in_flight {

@@ -98,7 +98,7 @@ pub use builder::PipelineBuilder;
 pub use handler::{BatchInfo, BatchTrigger, FailedIn, Handler, ProcessorContext};
 pub use ingress::{Ingress, PushError};
 pub use message::{Message, Metadata, Reason, Status};
-pub use options::{BatcherOptions, DEFAULT_MAX_DEMAND, ProcessorOptions};
+pub use options::{BatcherOptions, DEFAULT_MAX_DEMAND, MAX_TIMEOUT, ProcessorOptions};
 pub use outcome::{Completion, Outcome};
 pub use pipeline::{ConfigError, Drained, Pipeline, ResizeError};
 pub use producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};

@@ -15,6 +15,10 @@ pub struct ProcessorOptions<T> {
     pub(crate) partition_by: Option<PartitionFn<T>>,
 }
 
+/// The longest `batch_timeout` or rate-limit interval: a year (Tokio's
+/// timers reach about two).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Default processor `max_demand`: large enough to amortise hand-offs, small
 /// enough to keep latency and memory low.
 pub const DEFAULT_MAX_DEMAND: usize = 100;
@@ -107,7 +111,8 @@ impl<T> BatcherOptions<T> {
         self
     }
 
-    /// How long a partial batch waits for more messages after its first one (> 0).
+    /// How long a partial batch waits for more messages after its first one
+    /// (above zero, at most [`MAX_TIMEOUT`]).
     pub fn batch_timeout(mut self, batch_timeout: Duration) -> Self {
         self.batch_timeout = batch_timeout;
         self

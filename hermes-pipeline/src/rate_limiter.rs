@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lock::lock;
+use crate::options::MAX_TIMEOUT;
 use crate::pipeline::ConfigError;
 
 /// A producer rate limit: at most `allowed` messages per `interval`.
@@ -19,7 +20,7 @@ use crate::pipeline::ConfigError;
 pub struct RateLimit {
     /// Messages allowed per interval (at least 1).
     pub allowed: usize,
-    /// The interval (longer than zero).
+    /// The interval (longer than zero, at most [`MAX_TIMEOUT`]).
     pub interval: Duration,
 }
 
@@ -32,9 +33,14 @@ impl RateLimit {
     /// Refuses a limit that would let nothing through.
     pub(crate) fn validate(limit: Option<Self>) -> Result<(), ConfigError> {
         match limit {
-            Some(limit) if limit.allowed == 0 || limit.interval.is_zero() => {
+            Some(limit)
+                if limit.allowed == 0
+                    || limit.interval.is_zero()
+                    || limit.interval > MAX_TIMEOUT =>
+            {
                 Err(ConfigError::Invalid(
-                    "a rate limit needs allowed ≥ 1 and a non-zero interval".into(),
+                    "a rate limit needs allowed ≥ 1 and an interval above zero and at most a year"
+                        .into(),
                 ))
             }
             _ => Ok(()),

@@ -868,6 +868,7 @@ async fn bad_configuration_is_refused_with_a_reason() {
     // Too large for a semaphore, given or as the default from the stage sizes.
     for builder in [
         Pipeline::builder("bad", Stuck).max_in_flight(usize::MAX),
+        Pipeline::builder("bad", Stuck).max_in_flight(1 << 34),
         Pipeline::builder("bad", Stuck)
             .batcher("huge", BatcherOptions::new().batch_size(usize::MAX / 2)),
     ] {
@@ -879,6 +880,19 @@ async fn bad_configuration_is_refused_with_a_reason() {
             "{error}"
         );
     }
+
+    // Timers beyond what Tokio's reach.
+    let mut builder = Pipeline::builder("bad", Stuck).batcher(
+        "a",
+        BatcherOptions::new().batch_timeout(MAX_TIMEOUT + Duration::from_secs(1)),
+    );
+    builder.ingress(1);
+    let error = builder.start().err().unwrap().to_string();
+    assert!(error.contains("at most a year"), "{error}");
+    let mut builder = Pipeline::builder("bad", Stuck).rate_limit(RateLimit::new(1, Duration::MAX));
+    builder.ingress(1);
+    let error = builder.start().err().unwrap().to_string();
+    assert!(error.contains("at most a year"), "{error}");
 }
 
 #[test]
@@ -1158,4 +1172,23 @@ async fn callbacks_panicking_before_their_future_fail_only_their_messages() {
         failed[&5].contains("handle_batch panicked: no batch for 5"),
         "{failed:?}"
     );
+}
+
+#[tokio::test]
+async fn a_size_of_near_usize_max_closes_batches_without_overflow() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("huge-sizes", handler).batcher(
+        "default",
+        BatcherOptions::new()
+            .batch_size(10)
+            .batch_timeout(Duration::from_millis(5))
+            .max_batch_bytes(100, |_: &Message<u64>| usize::MAX),
+    );
+    let ingress = builder.ingress(10);
+    let _pipeline = builder.start().unwrap();
+    let outcomes = ingress.test_batch([1u64, 2, 4]).await;
+    assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+    // Each message is over the limit on its own: a batch each.
+    let seen = batches.seen.lock().unwrap();
+    assert!(seen.iter().all(|(.., ids)| ids.len() == 1), "{seen:?}");
 }
