@@ -54,21 +54,29 @@ pub struct BatchInfo {
 /// Where [`Handler::handle_failed`] was called from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailedIn {
-    /// The messages failed in a producer or processor stage (or were failed by shutdown).
+    /// The messages failed before reaching a batcher: in a producer stage
+    /// (a `partition_by` panic, the drain deadline), a processor (its
+    /// handlers, or the deadline while it ran them) or on their way to a
+    /// batcher (an unknown batcher name).
     Processor,
-    /// The messages failed in a batch handler.
+    /// The messages failed in a batcher or batch processor: a `size_of`
+    /// panic, `handle_batch`, or the drain deadline while they were batched.
     Batch,
 }
 
 /// A pipeline's callbacks, like a Broadway module: one implementation serves every stage.
 ///
 /// Callbacks get `&mut` access to messages they do not own: the pipeline keeps
-/// ownership, so a panic or a cancelled future can never lose a message. A panic in
+/// ownership, so a panic or a cancelled future can never lose a message. A panic
+/// (while the callback makes its future, or while it runs) in
 /// [`handle_message`](Handler::handle_message) fails that message only; one in
 /// [`prepare_messages`](Handler::prepare_messages) or
 /// [`handle_batch`](Handler::handle_batch) fails the messages it was given; so
 /// does one in a `partition_by` or `size_of` closure, for its message. A
-/// producer whose `produce` panics is not asked again.
+/// producer whose `produce` or `prepare_for_draining` panics is not asked
+/// again. A panic in [`handle_failed`](Handler::handle_failed) or in an
+/// [`Acknowledger`](crate::Acknowledger) is logged; the messages count as
+/// acknowledged.
 pub trait Handler: Send + Sync + 'static {
     /// The type of [`Message::data`] throughout the pipeline.
     type Data: Send + 'static;

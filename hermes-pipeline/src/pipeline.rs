@@ -54,6 +54,9 @@ pub enum ResizeError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drained {
     /// Whether the deadline passed and the remaining messages were acknowledged as failed.
+    /// `false` means every stage finished its work before the deadline; what a
+    /// producer dropped (one that panicked) is not counted:
+    /// [`Pipeline::in_flight`] tells whether anything is left.
     pub forced: bool,
 }
 
@@ -215,7 +218,9 @@ impl<H: Handler> Pipeline<H> {
 
     /// Drains the pipeline and waits for it, at most `deadline`: what is still in
     /// flight then has its handlers cancelled and is acknowledged as failed (so a
-    /// broker redelivers it), and this returns once that is done.
+    /// broker redelivers it), and this returns once that is done. Those
+    /// acknowledgements are awaited without a time limit: an acknowledger that
+    /// hangs holds the drain.
     pub async fn drain(&self, deadline: Duration) -> Drained {
         self.shutdown();
         if tokio::time::timeout(deadline, self.join()).await.is_ok() {
