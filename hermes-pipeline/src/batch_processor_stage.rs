@@ -89,9 +89,7 @@ impl<H: Handler> BatchProcessorStage<H> {
             }
         };
         if let Err(reason) = outcome {
-            messages
-                .iter_mut()
-                .for_each(|message| message.fail(reason.clone()));
+            Message::fail_all(&mut messages, reason);
         }
         self.metrics
             .duration

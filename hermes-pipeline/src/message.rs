@@ -140,6 +140,14 @@ impl<T> Message<T> {
         }
     }
 
+    /// Fails every message of `messages` (see [`fail`](Self::fail)).
+    pub(crate) fn fail_all(messages: &mut [Self], reason: impl Into<Reason>) {
+        let reason = reason.into();
+        messages
+            .iter_mut()
+            .for_each(|message| message.fail(reason.clone()));
+    }
+
     /// Routes the message to the batcher named `batcher`. Unrouted messages go to the
     /// first batcher configured; a name that no batcher has fails the message.
     pub fn put_batcher(&mut self, batcher: impl Into<Cow<'static, str>>) {

@@ -98,9 +98,7 @@ impl<H: Handler> ProcessorStage<H> {
             }
         };
         if interrupted {
-            chunk
-                .iter_mut()
-                .for_each(|message| message.fail(DEADLINE_EXCEEDED));
+            Message::fail_all(&mut chunk, DEADLINE_EXCEEDED);
         }
         self.metrics
             .duration
@@ -116,9 +114,7 @@ impl<H: Handler> ProcessorStage<H> {
         let prepare = catch_panic(|| handler.prepare_messages(chunk, &self.context));
         if let Err(panic) = prepare.await {
             let reason = format!("prepare_messages panicked: {panic}");
-            chunk
-                .iter_mut()
-                .for_each(|message| message.fail(reason.clone()));
+            Message::fail_all(chunk, reason);
             return;
         }
         for message in chunk.iter_mut().filter(|message| !message.is_failed()) {
@@ -188,9 +184,7 @@ impl<H: Handler> ProcessorStage<H> {
             }
             Err(mpsc::error::SendError(mut messages)) => {
                 let reason = format!("batcher {:?} is not running", batcher.name);
-                messages
-                    .iter_mut()
-                    .for_each(|message| message.fail(reason.clone()));
+                Message::fail_all(&mut messages, reason);
                 messages
             }
         }

@@ -270,7 +270,7 @@ impl<H: Handler> ProducerParts<H> {
         reason: &'static str,
         holds_slots: bool,
     ) {
-        messages.iter_mut().for_each(|message| message.fail(reason));
+        Message::fail_all(&mut messages, reason);
         if holds_slots {
             self.terminator
                 .acknowledge(messages, FailedIn::Processor, &self.metrics)
