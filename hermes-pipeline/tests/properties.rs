@@ -1,16 +1,19 @@
 //! Property tests of the pipeline's invariants over random topologies and loads:
-//! every message acknowledged exactly once, the in-flight bound and demand never
-//! exceeded, per-partition order kept, batches within size and never mixing keys.
+//! every message acknowledged exactly once with the outcome its handlers gave it
+//! (callbacks panicking on the call or while polled included), the in-flight
+//! bound and demand never exceeded, per-partition order kept, batches within size
+//! and never mixing keys.
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hermes_pipeline::{
-    BatchInfo, BatchKey, BatcherOptions, Handler, Message, Pipeline, ProcessorContext,
-    ProcessorOptions,
+    BatchInfo, BatchKey, BatcherOptions, FailedIn, Handler, Message, Pipeline, ProcessorContext,
+    ProcessorOptions, Status,
 };
 use proptest::prelude::*;
 use support::{Identified, Numbered, Recorder};
@@ -29,44 +32,132 @@ impl Identified for Item {
     }
 }
 
+/// What happens to a message; each panic comes in both [`When`]s.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fate {
     Succeed,
     FailInProcessor,
-    PanicInProcessor,
+    /// Fails in the processor, then `handle_failed` panics on it.
+    FailThenHookPanics,
     FailInBatch,
-    PanicInBatch,
+    /// `prepare_messages` panics on the message's chunk, failing all of it.
+    PanicInPrepare(When),
+    PanicInProcessor(When),
+    /// `handle_batch` panics on the message's batch, failing all it did not fail.
+    PanicInBatch(When),
 }
 
+/// When a callback panics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum When {
+    /// On the call, before returning its future.
+    Called,
+    /// While its future is polled.
+    Polled,
+}
+
+/// Mostly successes, with every failure and panic mixed in.
 fn fate() -> impl Strategy<Value = Fate> {
+    let when = || prop_oneof![Just(When::Called), Just(When::Polled)];
     prop_oneof![
-        20 => Just(Fate::Succeed),
+        28 => Just(Fate::Succeed),
         1 => Just(Fate::FailInProcessor),
-        1 => Just(Fate::PanicInProcessor),
+        1 => Just(Fate::FailThenHookPanics),
         1 => Just(Fate::FailInBatch),
-        1 => Just(Fate::PanicInBatch),
+        1 => when().prop_map(Fate::PanicInPrepare),
+        2 => when().prop_map(Fate::PanicInProcessor),
+        2 => when().prop_map(Fate::PanicInBatch),
     ]
 }
 
+/// Panics now if `when` is `Called`, else returns a future that panics when polled
+/// if `when` is `Polled`; `None` gives a future that does nothing.
+fn panic_at(when: Option<When>, what: String) -> impl Future<Output = ()> + Send {
+    if when == Some(When::Called) {
+        panic!("{what}");
+    }
+    async move {
+        if when == Some(When::Polled) {
+            panic!("{what}");
+        }
+    }
+}
+
+/// What the callbacks saw.
 #[derive(Default)]
 struct Observed {
     /// Per key: (processor, id) in handle_message order.
     processed: HashMap<u64, Vec<(usize, u64)>>,
     /// Per batcher and batch key: ids in handle_batch order.
     batched: HashMap<(String, BatchKey), Vec<u64>>,
+    /// Ids in a chunk whose `prepare_messages` panicked.
+    prepare_panicked: HashSet<u64>,
+    /// Ids in a batch whose `handle_batch` panicked.
+    batch_panicked: HashSet<u64>,
     violations: Vec<String>,
 }
 
+impl Observed {
+    /// Text the failure reason of message `id` must contain, or `None` if it
+    /// must succeed.
+    fn expected_failure(&self, id: u64, fate: Fate) -> Option<&'static str> {
+        if self.prepare_panicked.contains(&id) {
+            return Some("prepare panic");
+        }
+        match fate {
+            Fate::Succeed if self.batch_panicked.contains(&id) => Some("batch panic"),
+            Fate::Succeed => None,
+            Fate::FailInProcessor | Fate::FailThenHookPanics => Some("failed in processor"),
+            Fate::FailInBatch => Some("failed in batch"),
+            Fate::PanicInPrepare(_) => Some("prepare panic"),
+            Fate::PanicInProcessor(_) => Some("processor panic"),
+            Fate::PanicInBatch(_) => Some("batch panic"),
+        }
+    }
+}
+
+/// The handler: records what each callback sees and acts out each message's fate.
 struct Checker {
     observed: Arc<Mutex<Observed>>,
     batch_sizes: HashMap<String, usize>,
     keyed_batches: bool,
+    max_demand: usize,
 }
 
 impl Handler for Checker {
     type Data = Item;
 
-    async fn handle_message(&self, message: &mut Message<Item>, context: &ProcessorContext) {
+    fn prepare_messages(
+        &self,
+        messages: &mut [Message<Item>],
+        _: &ProcessorContext,
+    ) -> impl Future<Output = ()> + Send {
+        let when = messages.iter().find_map(|m| match m.data.fate {
+            Fate::PanicInPrepare(when) => Some(when),
+            _ => None,
+        });
+        let mut observed = self.observed.lock().unwrap();
+        if messages.is_empty() || messages.len() > self.max_demand {
+            observed.violations.push(format!(
+                "chunk of {} (max_demand {})",
+                messages.len(),
+                self.max_demand
+            ));
+        }
+        if when.is_some() {
+            observed
+                .prepare_panicked
+                .extend(messages.iter().map(|m| m.data.id));
+        }
+        drop(observed);
+        panic_at(when, "prepare panic".into())
+    }
+
+    fn handle_message(
+        &self,
+        message: &mut Message<Item>,
+        context: &ProcessorContext,
+    ) -> impl Future<Output = ()> + Send {
         let item = message.data.clone();
         self.observed
             .lock()
@@ -75,10 +166,8 @@ impl Handler for Checker {
             .entry(item.key)
             .or_default()
             .push((context.processor, item.id));
-        match item.fate {
-            Fate::FailInProcessor => message.fail("failed in processor"),
-            Fate::PanicInProcessor => panic!("processor panic for {}", item.id),
-            _ => {}
+        if let Fate::FailInProcessor | Fate::FailThenHookPanics = item.fate {
+            message.fail("failed in processor");
         }
         if item.id % 3 == 0 {
             message.put_batcher("thirds");
@@ -86,62 +175,84 @@ impl Handler for Checker {
         if self.keyed_batches {
             message.put_batch_key(item.key);
         }
+        let when = match item.fate {
+            Fate::PanicInProcessor(when) => Some(when),
+            _ => None,
+        };
+        panic_at(when, format!("processor panic for {}", item.id))
     }
 
-    async fn handle_batch(&self, batch: &mut [Message<Item>], info: &BatchInfo) {
-        {
-            let mut observed = self.observed.lock().unwrap();
-            let limit = self.batch_sizes[&*info.batcher];
-            if batch.len() > limit || batch.is_empty() || batch.len() != info.size {
+    fn handle_batch(
+        &self,
+        batch: &mut [Message<Item>],
+        info: &BatchInfo,
+    ) -> impl Future<Output = ()> + Send {
+        let when = batch.iter().find_map(|m| match m.data.fate {
+            Fate::PanicInBatch(when) => Some(when),
+            _ => None,
+        });
+        let mut observed = self.observed.lock().unwrap();
+        let limit = self.batch_sizes[&*info.batcher];
+        if batch.len() > limit || batch.is_empty() || batch.len() != info.size {
+            observed.violations.push(format!(
+                "batch of {} in {} (limit {limit})",
+                batch.len(),
+                info.batcher
+            ));
+        }
+        for message in batch.iter() {
+            if message.batch_key() != &info.batch_key {
                 observed.violations.push(format!(
-                    "batch of {} in {} (limit {limit})",
-                    batch.len(),
-                    info.batcher
+                    "batch {:?} holds key {:?}",
+                    info.batch_key,
+                    message.batch_key()
                 ));
             }
-            for message in batch.iter() {
-                if message.batch_key() != &info.batch_key {
-                    observed.violations.push(format!(
-                        "batch {:?} holds key {:?}",
-                        info.batch_key,
-                        message.batch_key()
-                    ));
-                }
-                let wanted = if message.data.id % 3 == 0 {
-                    "thirds"
-                } else {
-                    "rest"
-                };
-                if wanted != &*info.batcher {
-                    observed.violations.push(format!(
-                        "message {} in batcher {}",
-                        message.data.id, info.batcher
-                    ));
-                }
-                if message.is_failed() {
-                    observed.violations.push(format!(
-                        "failed message {} reached a batch",
-                        message.data.id
-                    ));
-                }
+            let wanted = if message.data.id % 3 == 0 {
+                "thirds"
+            } else {
+                "rest"
+            };
+            if wanted != &*info.batcher {
+                observed.violations.push(format!(
+                    "message {} in batcher {}",
+                    message.data.id, info.batcher
+                ));
             }
-            observed
-                .batched
-                .entry((info.batcher.to_string(), info.batch_key.clone()))
-                .or_default()
-                .extend(batch.iter().map(|message| message.data.id));
+            if message.is_failed() {
+                observed.violations.push(format!(
+                    "failed message {} reached a batch",
+                    message.data.id
+                ));
+            }
         }
+        let ids = batch.iter().map(|message| message.data.id);
+        observed
+            .batched
+            .entry((info.batcher.to_string(), info.batch_key.clone()))
+            .or_default()
+            .extend(ids.clone());
+        if when.is_some() {
+            observed.batch_panicked.extend(ids);
+        }
+        drop(observed);
         for message in batch.iter_mut() {
             if message.data.fate == Fate::FailInBatch {
                 message.fail("failed in batch");
             }
         }
-        if batch
+        panic_at(when, "batch panic".into())
+    }
+
+    fn handle_failed(
+        &self,
+        messages: &mut [Message<Item>],
+        _: FailedIn,
+    ) -> impl Future<Output = ()> + Send {
+        let panics = messages
             .iter()
-            .any(|message| message.data.fate == Fate::PanicInBatch)
-        {
-            panic!("batch panic");
-        }
+            .any(|m| m.data.fate == Fate::FailThenHookPanics);
+        panic_at(panics.then_some(When::Called), "hook panic".into())
     }
 }
 
@@ -217,6 +328,8 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
             },
         );
         let violations = producer.violations.clone();
+        let asks = producer.asks.clone();
+        let peak_outstanding = producer.peak_outstanding.clone();
         let handler = Checker {
             observed: observed.clone(),
             batch_sizes: HashMap::from([
@@ -224,6 +337,7 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
                 ("thirds".into(), case.batch_size),
             ]),
             keyed_batches: case.keyed_batches,
+            max_demand: case.max_demand,
         };
         let mut processors = ProcessorOptions::new()
             .concurrency(case.processors)
@@ -247,7 +361,7 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
             .max_in_flight(case.max_in_flight)
             .start()
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(30), pipeline.join())
+        tokio::time::timeout(Duration::from_secs(10), pipeline.join())
             .await
             .expect("pipeline did not finish");
 
@@ -258,26 +372,37 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
             "demand: {:?}",
             violations.lock().unwrap()
         );
-        prop_assert!(pipeline.peak_in_flight() <= case.max_in_flight);
+        let asks = asks.lock().unwrap();
+        prop_assert!(
+            asks.iter().all(|&ask| (1..=case.max_demand).contains(&ask)),
+            "asks {:?} outside 1..={}",
+            asks,
+            case.max_demand
+        );
+        // Produced but not yet acknowledged, as the producer and acknowledger see
+        // it: within the bound, and never above the pipeline's own count.
+        let peak_outstanding = peak_outstanding.load(Ordering::SeqCst);
+        prop_assert!(peak_outstanding <= case.max_in_flight);
+        prop_assert!(pipeline.peak_in_flight() >= peak_outstanding);
         prop_assert_eq!(pipeline.in_flight(), 0);
 
         let observed = observed.lock().unwrap();
         prop_assert!(observed.violations.is_empty(), "{:?}", observed.violations);
-        let failed = recorder.failed();
-        for (id, (_, fate)) in case.items.iter().enumerate() {
+        let acks = recorder.acks();
+        for (id, &(_, fate)) in case.items.iter().enumerate() {
             let id = id as u64;
-            match fate {
-                Fate::Succeed => {}
-                Fate::FailInProcessor => prop_assert_eq!(
-                    failed.get(&id).map(String::as_str),
-                    Some("failed in processor")
+            let status = &acks[&id][0];
+            match (observed.expected_failure(id, fate), status) {
+                (None, Status::Ok) => {}
+                (Some(text), Status::Failed(reason)) if reason.to_string().contains(text) => {}
+                (expected, _) => prop_assert!(
+                    false,
+                    "message {} ({:?}): {:?}, expected a failure containing {:?}",
+                    id,
+                    fate,
+                    status,
+                    expected
                 ),
-                Fate::PanicInProcessor => prop_assert!(
-                    failed
-                        .get(&id)
-                        .is_some_and(|r| r.contains("processor panic"))
-                ),
-                Fate::FailInBatch | Fate::PanicInBatch => prop_assert!(failed.contains_key(&id)),
             }
         }
         if case.partitioned {
@@ -312,7 +437,7 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn pipeline_invariants_hold(case in case()) {

@@ -1,6 +1,6 @@
 //! Shared test pieces: an acknowledger that records every acknowledgement, and a
-//! producer that emits numbered messages on demand and checks it is never asked
-//! for more than the pipeline has room for.
+//! producer that emits numbered messages on demand, records what it is asked for,
+//! and checks it is never asked for more than the pipeline has room for.
 
 #![allow(dead_code)]
 
@@ -101,7 +101,11 @@ pub struct Numbered<T> {
     pub max_in_flight: usize,
     pub recorder: Arc<Recorder>,
     pub make: Box<dyn Fn(u64) -> T + Send>,
+    /// Every demand `produce` was called with, in order.
     pub asks: Arc<Mutex<Vec<usize>>>,
+    /// The most messages ever produced but not yet acknowledged, measured as each
+    /// `produce` returns (the only time that count grows).
+    pub peak_outstanding: Arc<AtomicUsize>,
     pub violations: Arc<Mutex<Vec<String>>>,
 }
 
@@ -119,6 +123,7 @@ impl<T: Identified + Send + 'static> Numbered<T> {
             recorder,
             make: Box::new(make),
             asks: Arc::default(),
+            peak_outstanding: Arc::default(),
             violations: Arc::default(),
         }
     }
@@ -143,6 +148,9 @@ impl<T: Identified + Send + 'static> Producer<T> for Numbered<T> {
             .map(|id| Message::new((self.make)(id)).with_acknowledger(acknowledger.clone()))
             .collect();
         self.next = end;
+        let outstanding = end as usize - self.recorder.acked();
+        self.peak_outstanding
+            .fetch_max(outstanding, Ordering::SeqCst);
         Produced::Messages(messages)
     }
 }
