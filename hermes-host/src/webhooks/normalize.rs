@@ -13,10 +13,12 @@
 //! seconds since the Unix epoch. sms needs E.164 numbers and at most 10
 //! attachments; email needs addresses (lower-cased) and at most 25.
 
+use std::cell::Cell;
 use std::fmt;
 
 use chrono::{DateTime, Datelike, Utc};
-use serde::Deserialize;
+use serde::Deserializer;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::Normalize;
@@ -104,17 +106,48 @@ impl fmt::Display for NormalizeError {
 
 impl std::error::Error for NormalizeError {}
 
-/// The fields normalization reads. Parsed from the payload's text, the rest
-/// of the object is skipped without being decoded: a number beyond `f64`
-/// elsewhere in it (valid JSON, and storable) is no reason to refuse it.
-#[derive(Deserialize)]
-struct Fields {
-    from: Option<Value>,
-    to: Option<Value>,
-    body: Option<Value>,
-    attachments: Option<Value>,
-    timestamp: Option<Value>,
-    provider_message_id: Option<Value>,
+/// The fields normalization reads.
+const FIELDS: [&str; 6] = [
+    "from",
+    "to",
+    "body",
+    "attachments",
+    "timestamp",
+    "provider_message_id",
+];
+
+/// Reads a payload object's [`FIELDS`] (the last of a repeated key wins, as
+/// in `jsonb`) and skips the rest without decoding it: a number beyond `f64`
+/// elsewhere in the payload (valid JSON, and storable) is no reason to
+/// refuse it. Remembers which field could not be read.
+struct FieldsVisitor<'a> {
+    unreadable: &'a Cell<&'static str>,
+}
+
+impl<'de> Visitor<'de> for FieldsVisitor<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match FIELDS.iter().find(|name| **name == key) {
+                Some(name) => {
+                    self.unreadable.set(name);
+                    let value = map.next_value()?;
+                    self.unreadable.set("");
+                    fields.insert(key, value);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(fields)
+    }
 }
 
 /// Normalizes the JSON `text` of a payload per `rule`, reading only the
@@ -126,36 +159,25 @@ pub fn normalize_text(
     if rule == Normalize::None {
         return Ok(None);
     }
-    let fields = match serde_json::from_str::<Fields>(text) {
-        Ok(fields) => fields,
-        Err(error) if text.trim_start().starts_with('{') => {
-            return Err(NormalizeError::new(
-                "",
-                format!("a field of the payload cannot be read: {error}"),
-            ));
-        }
-        Err(_) => {
-            let kind = match text.trim_start().as_bytes().first() {
-                Some(b'[') => "an array",
-                Some(b'"') => "a string",
-                Some(b't' | b'f') => "a boolean",
-                Some(b'n') => "null",
-                _ => "a number",
-            };
-            return Err(not_an_object(kind));
-        }
-    };
-    let object: Map<String, Value> = [
-        ("from", fields.from),
-        ("to", fields.to),
-        ("body", fields.body),
-        ("attachments", fields.attachments),
-        ("timestamp", fields.timestamp),
-        ("provider_message_id", fields.provider_message_id),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| Some((name.to_owned(), value?)))
-    .collect();
+    if !text.trim_start().starts_with('{') {
+        let kind = match text.trim_start().as_bytes().first() {
+            Some(b'[') => "an array",
+            Some(b'"') => "a string",
+            Some(b't' | b'f') => "a boolean",
+            Some(b'n') => "null",
+            _ => "a number",
+        };
+        return Err(not_an_object(kind));
+    }
+    let unreadable = Cell::new("");
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let object = deserializer
+        .deserialize_map(FieldsVisitor {
+            unreadable: &unreadable,
+        })
+        .map_err(|error| {
+            NormalizeError::new(unreadable.get(), format!("cannot be read: {error}"))
+        })?;
     normalize(rule, &Value::Object(object))
 }
 
@@ -430,7 +452,13 @@ mod tests {
 
         let error =
             normalize_text(Normalize::Sms, r#"{"from":"+14155550100","body":1e400}"#).unwrap_err();
+        assert_eq!(error.field, "body");
         assert!(error.to_string().contains("cannot be read"), "{error}");
+        // A repeated key: the last wins, as jsonb stores it.
+        let repeated = r#"{"from":"+14155550100","to":"+14155550101","body":"a","body":"b",
+            "timestamp":"2026-01-01T00:00:00Z"}"#;
+        let message = normalize_text(Normalize::Sms, repeated).unwrap().unwrap();
+        assert_eq!(message.body.as_deref(), Some("b"));
         for (text, kind) in [
             ("[1e400]", "an array"),
             ("1e400", "a number"),
