@@ -498,11 +498,36 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
     let (status, reply) = send(query, body, signed_url).await;
     assert_eq!(status, 202, "{reply}");
 
+    // Without a Content-Type, a Twilio body is read as a form, as its
+    // signature was checked.
+    let bare: &[u8] = b"From=%2B15550102&Body=no+type";
+    let mut headers = source
+        .verifier()
+        .sign(bare, configured, "", SystemTime::now());
+    headers.remove("content-type");
+    let response = h
+        .client
+        .post(format!("{}/webhooks/twilio?tenant=7", h.url))
+        .headers(headers)
+        .body(bare)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let reply: serde_json::Value = response.json().await.unwrap();
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+            .bind(reply["id"].as_i64().unwrap())
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, json!({"From": "+15550102", "Body": "no type"}));
+
     // The same form signed for another tenant's URL is refused, and stores nothing.
     let other = "https://hooks.example.com/webhooks/twilio?tenant=8";
     let (status, reply) = send("tenant=7".into(), form, other.into()).await;
     assert_eq!(status, 401, "{reply}");
-    assert_eq!(h.count("webhook_events").await, 2);
+    assert_eq!(h.count("webhook_events").await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ pub const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
 
 /// Whether the request's `Content-Type` is [`FORM_URLENCODED`] (parameters
 /// aside); `None` when it has no `Content-Type`.
-pub fn is_form_urlencoded(headers: &HeaderMap) -> Option<bool> {
+pub(super) fn is_form_urlencoded(headers: &HeaderMap) -> Option<bool> {
     let value = headers.get(http::header::CONTENT_TYPE)?;
     Some(value.to_str().ok().is_some_and(|value| {
         value

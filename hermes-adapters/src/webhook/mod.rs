@@ -55,7 +55,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName};
 
-pub use common::{FORM_URLENCODED, body_sha256_hex, is_form_urlencoded};
+pub use common::{FORM_URLENCODED, body_sha256_hex};
 pub use error::{ConfigError, SignatureError};
 pub use secret::{ENV_PREFIX, Secret};
 pub use twilio::url_with_body_sha256 as twilio_url_with_body_sha256;
@@ -188,6 +188,13 @@ impl Scheme {
     /// ignore it.
     pub fn signs_url(&self) -> bool {
         matches!(self, Scheme::Twilio)
+    }
+
+    /// Whether a request's body is a form (`application/x-www-form-urlencoded`),
+    /// as this scheme reads it: Twilio's webhooks are form posts unless their
+    /// `Content-Type` says otherwise; for the others the header must say so.
+    pub fn body_is_form(&self, headers: &HeaderMap) -> bool {
+        common::is_form_urlencoded(headers).unwrap_or(matches!(self, Scheme::Twilio))
     }
 }
 

@@ -24,7 +24,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use chrono::Utc;
 use futures::StreamExt;
-use hermes_adapters::webhook::is_form_urlencoded;
 use hermes_pipeline::{Outcome, PushError};
 use serde::Serialize;
 use serde::de::IgnoredAny;
@@ -78,7 +77,7 @@ pub async fn receive(
             "the delivery id (the event's idempotency key) is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
-    let text = if is_form_urlencoded(&parts.headers) == Some(true) {
+    let text = if source.verifier().scheme().body_is_form(&parts.headers) {
         form_body_json(&body)
     } else {
         String::from_utf8(body)
