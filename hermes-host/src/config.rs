@@ -151,7 +151,8 @@ pub struct DatabaseConfig {
     /// Postgres's `statement_timeout` for the host's statements, in
     /// milliseconds (default 10000): a batch stuck behind a lock or a stalled
     /// server fails (and its events get 503) rather than holding its requests
-    /// without end. Migrations run without it.
+    /// without end (1 to 2147483647; it overrides a `statement_timeout` in the
+    /// URL's `options`). Migrations run without it.
     pub statement_timeout_ms: u64,
 }
 
@@ -541,6 +542,13 @@ impl Config {
                 w.batch_size
             )));
         }
+        // Postgres takes an `int` of milliseconds.
+        if self.database.statement_timeout_ms > i32::MAX as u64 {
+            return Err(ConfigError::Invalid(format!(
+                "database.statement_timeout_ms must be at most {}",
+                i32::MAX
+            )));
+        }
         if let Some(url) = &self.http.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -728,6 +736,10 @@ mod tests {
             (|c| c.database.acquire_timeout_ms = 0, "acquire_timeout_ms"),
             (
                 |c| c.database.statement_timeout_ms = 0,
+                "statement_timeout_ms",
+            ),
+            (
+                |c| c.database.statement_timeout_ms = 3_000_000_000,
                 "statement_timeout_ms",
             ),
         ] {

@@ -23,8 +23,16 @@ use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::telemetry::{StageKind, StageMetrics};
 use crate::terminator::Terminator;
 
-/// The largest in-flight bound: permits are taken in `u32` counts.
-const MAX_IN_FLIGHT: usize = u32::MAX as usize;
+/// The largest in-flight bound: permits are taken in `u32` counts, and a
+/// semaphore holds at most `MAX_PERMITS` (less than that on 32-bit targets).
+const MAX_IN_FLIGHT: usize = {
+    let permits = tokio::sync::Semaphore::MAX_PERMITS;
+    if permits < u32::MAX as usize {
+        permits
+    } else {
+        u32::MAX as usize
+    }
+};
 
 type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, ()> + Send>;
 
