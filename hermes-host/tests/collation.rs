@@ -16,6 +16,15 @@ async fn ingest_function_inserts_events_in_bytewise_order_whatever_the_collation
         .fetch_one(&mut admin)
         .await
         .unwrap();
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        version >= 150_000,
+        "an ICU default collation needs PostgreSQL 15 or later; the test cluster runs {version}: \
+         remove it (target/tmp/hermes-pg-test) to have it made again from the newest server"
+    );
     let name = format!("{base}_icu");
     sqlx::query(&format!(
         "CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
