@@ -23,7 +23,7 @@ async fn ingest_function_inserts_events_in_bytewise_order_whatever_the_collation
     assert!(
         version >= 150_000,
         "an ICU default collation needs PostgreSQL 15 or later; the test cluster runs {version}: \
-         remove it (target/tmp/hermes-pg-test) to have it made again from the newest server"
+         remove it (target/tmp/hermes-pg-test), with HERMES_PG_BINDIR naming a newer server's bin directory if an older one is found first"
     );
     let name = format!("{base}_icu");
     sqlx::query(&format!(
