@@ -771,19 +771,18 @@ fn write_new_file(path: &Path, text: &str, run_as: Option<&RunAs>) -> io::Result
 /// directory, and could point a name in it at a file only we may read. Anything
 /// else is an [`io::ErrorKind::InvalidData`] error.
 fn open_regular_file(path: &Path) -> io::Result<File> {
-    let named = std::fs::symlink_metadata(path)?;
-    if !named.file_type().is_file() {
-        return Err(not_a_regular_file());
-    }
-    // Not through a symlink swapped in since, nor blocking on a FIFO.
-    let file = std::fs::OpenOptions::new()
+    // Not through a symlink (ELOOP), nor blocking on a FIFO; what was opened
+    // is then checked, so no earlier look can be raced.
+    let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+        .open(path)
+        .map_err(|error| match error.raw_os_error() {
+            Some(libc::ELOOP) => not_a_regular_file(),
+            _ => error,
+        })?;
     let opened = file.metadata()?;
-    // Replaced (by a symlink, say) between the two looks, or hard-linked.
-    let same = (opened.dev(), opened.ino()) == (named.dev(), named.ino());
-    if !same || !opened.file_type().is_file() || opened.nlink() != 1 {
+    if !opened.file_type().is_file() || opened.nlink() != 1 {
         return Err(not_a_regular_file());
     }
     Ok(file)
