@@ -220,6 +220,11 @@ fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {message}")
 }
 
+/// Whether `url` is an `http://` or `https://` URL (what a provider calls).
+pub(crate) fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// `url` with its password, if any, replaced by `***`: safe to print. The
 /// password may stand in the user info (`user:pw@`) or, as sqlx also reads
 /// it, in the query (`?password=pw`).
@@ -550,7 +555,7 @@ impl Config {
             )));
         }
         if let Some(url) = &self.http.public_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+            && !is_http_url(url)
         {
             return Err(ConfigError::Invalid(format!(
                 "http.public_url {url:?} must start with http:// or https://"

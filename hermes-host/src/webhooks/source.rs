@@ -9,7 +9,7 @@ use hermes_adapters::webhook::{
 };
 use http::HeaderMap;
 
-use crate::config::{ConfigError, Normalize, SourceConfig, WebhooksConfig};
+use crate::config::{ConfigError, Normalize, SourceConfig, WebhooksConfig, is_http_url};
 
 /// One configured webhook source: its route name, verifier and rules.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ impl Source {
                     verifier.scheme().name()
                 )));
             }
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            if !is_http_url(url) {
                 return Err(error(format!(
                     "url {url:?} must start with http:// or https://"
                 )));
