@@ -26,17 +26,18 @@ pub(crate) async fn start(durability: Durability, database: &str) -> anyhow::Res
     let config = LocalPostgresConfig::new(bench_dir().join("cluster"), database)
         .durability(durability)
         .max_connections(MAX_CONNECTIONS);
+    let wanted = (durability == Durability::Durable, MAX_CONNECTIONS);
     let pg = LocalPostgres::start_with(config.clone())
         .await
         .context("cannot start the benchmarks' Postgres")?;
-    if settings_of(&pg).await? == (durability == Durability::Durable, MAX_CONNECTIONS) {
+    if settings_of(&pg).await? == wanted {
         return Ok(pg);
     }
     pg.stop().await?;
     let pg = LocalPostgres::start_with(config)
         .await
         .context("cannot restart the benchmarks' Postgres")?;
-    if settings_of(&pg).await? != (durability == Durability::Durable, MAX_CONNECTIONS) {
+    if settings_of(&pg).await? != wanted {
         anyhow::bail!("the benchmarks' Postgres did not take its settings");
     }
     Ok(pg)

@@ -86,6 +86,18 @@ pub struct MachineCpu {
     pub steal: f64,
 }
 
+impl std::ops::Sub for MachineCpu {
+    type Output = Self;
+
+    /// The CPU time between two readings.
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            busy: self.busy - earlier.busy,
+            steal: self.steal - earlier.steal,
+        }
+    }
+}
+
 /// The machine's CPU time so far; zeros when `/proc/stat` cannot be read.
 pub fn machine_cpu() -> MachineCpu {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {

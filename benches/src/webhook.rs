@@ -150,7 +150,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "host_peak_rss_mb": round3(peak_rss_mb_of(server.pid())),
                 "cpu_us_per_event": used.per_event_us(accepted),
                 "busy_cores": round3(used.machine.busy / secs),
-                "steal_cores": round3(used.machine.steal / secs),
+            "steal_cores": round3(used.machine.steal / secs),
             }));
             limit_before = limit_after;
         }
@@ -212,7 +212,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "errors": floor.errors,
             "cpu_us_per_request": used.per_event_us(answered),
             "busy_cores": round3(used.machine.busy / secs),
-                "steal_cores": round3(used.machine.steal / secs),
+            "steal_cores": round3(used.machine.steal / secs),
         }));
         host.stop().await;
         Ok(())
@@ -294,10 +294,7 @@ impl CpuUsed {
                 .zip(earlier.postgres)
                 .map(|(now, then)| now - then),
             load_generator: self.load_generator - earlier.load_generator,
-            machine: MachineCpu {
-                busy: self.machine.busy - earlier.machine.busy,
-                steal: self.machine.steal - earlier.machine.steal,
-            },
+            machine: self.machine - earlier.machine,
         }
     }
 
