@@ -258,7 +258,11 @@ impl<H: Handler> ProducerParts<H> {
             tracing::warn!(asked = demand.asked, excess = excess.len(), "{OVER_DEMAND}");
             self.fail(excess, OVER_DEMAND, false).await;
         }
+        let sent = messages.len();
         let undelivered = self.dispatch.send(messages);
+        self.metrics
+            .succeeded
+            .increment((sent - undelivered.len()) as u64);
         if !undelivered.is_empty() {
             self.fail(undelivered, UNDELIVERABLE, true).await;
         }

@@ -21,7 +21,8 @@ pub const QUEUE_DEPTH: &str = "hermes_pipeline_queue_depth";
 /// What a stage does, which decides the series it records.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StageKind {
-    /// Counts what it produced (and what failed before a processor).
+    /// Counts what it produced, what it handed to the processors, and what
+    /// failed before reaching one.
     Producer,
     /// Counts and times its handler, and has an input queue.
     Processor,

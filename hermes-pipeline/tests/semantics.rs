@@ -948,6 +948,10 @@ fn stage_metrics_are_recorded_per_pipeline_and_stage() {
             })
             .sum()
     };
+    // The ingress hands all four on: none fails before a processor.
+    assert_eq!(counter(telemetry::RECEIVED, "ingress_0"), 4);
+    assert_eq!(counter(telemetry::SUCCEEDED, "ingress_0"), 4);
+    assert_eq!(counter(telemetry::FAILED, "ingress_0"), 0);
     assert_eq!(counter(telemetry::RECEIVED, "processor"), 4);
     assert_eq!(counter(telemetry::FAILED, "processor"), 1);
     assert_eq!(counter(telemetry::SUCCEEDED, "processor"), 3);
