@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
 use crate::handler::Handler;
 use crate::in_flight::InFlight;
-use crate::ingress::Ingress;
+use crate::ingress::{Ingress, MAX_INGRESS_CAPACITY};
 use crate::options::{BatcherOptions, MAX_TIMEOUT, ProcessorOptions};
 use crate::pipeline::{BatcherHandle, ConfigError, Pipeline, Shared};
 use crate::processor_pool::{ProcessorPool, ProcessorSpawner};
@@ -61,6 +61,8 @@ pub struct PipelineBuilder<H: Handler> {
     batchers: Vec<(String, BatcherOptions<H::Data>)>,
     rate_limit: Option<RateLimit>,
     max_in_flight: Option<usize>,
+    /// Each ingress's name and the capacity asked for, checked by `start`.
+    ingress_capacities: Vec<(String, usize)>,
 }
 
 impl<H: Handler> PipelineBuilder<H> {
@@ -73,6 +75,7 @@ impl<H: Handler> PipelineBuilder<H> {
             batchers: Vec::new(),
             rate_limit: None,
             max_in_flight: None,
+            ingress_capacities: Vec::new(),
         }
     }
 
@@ -84,11 +87,15 @@ impl<H: Handler> PipelineBuilder<H> {
         self
     }
 
-    /// Adds a push ingress with a buffer of `capacity` messages (at least 1)
-    /// and returns its handle.
+    /// Adds a push ingress with a buffer of `capacity` messages and returns its
+    /// handle. [`start`](Self::start) refuses a capacity of 0 or above
+    /// [`tokio::sync::Semaphore::MAX_PERMITS`] (what a Tokio channel holds);
+    /// the handle of a pipeline that did not start only reports
+    /// [`PushError::Closed`](crate::PushError::Closed).
     pub fn ingress(&mut self, capacity: usize) -> Ingress<H::Data> {
         let (ingress, producer) = Ingress::new(capacity);
         let name = format!("ingress_{}", self.producers.len());
+        self.ingress_capacities.push((name.clone(), capacity));
         self.push_producer(name, producer);
         ingress
     }
@@ -171,6 +178,15 @@ impl<H: Handler> PipelineBuilder<H> {
             )));
         }
         RateLimit::validate(self.rate_limit)?;
+        if let Some((name, capacity)) = self
+            .ingress_capacities
+            .iter()
+            .find(|(_, capacity)| !(1..=MAX_INGRESS_CAPACITY).contains(capacity))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{name} has capacity {capacity}: an ingress capacity must be between 1 and {MAX_INGRESS_CAPACITY}"
+            )));
+        }
         for (index, (name, batcher)) in self.batchers.iter().enumerate() {
             if self.batchers[..index]
                 .iter()

@@ -67,9 +67,14 @@ impl<T> fmt::Debug for Ingress<T> {
     }
 }
 
+/// The largest ingress buffer: what a Tokio bounded channel holds at most.
+pub(crate) const MAX_INGRESS_CAPACITY: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 impl<T: Send + 'static> Ingress<T> {
+    /// An ingress of `capacity`, brought within `1..=MAX_INGRESS_CAPACITY`
+    /// (the builder refuses to start with a capacity outside it).
     pub(crate) fn new(capacity: usize) -> (Self, IngressProducer<T>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_INGRESS_CAPACITY));
         (Self { tx }, IngressProducer { rx })
     }
 

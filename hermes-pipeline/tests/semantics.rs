@@ -881,6 +881,26 @@ async fn bad_configuration_is_refused_with_a_reason() {
         );
     }
 
+    // An ingress buffer empty, or too large for a Tokio channel (which panics).
+    for capacity in [0, usize::MAX, (usize::MAX >> 3) + 1] {
+        let mut builder = Pipeline::builder("bad", Stuck);
+        builder.ingress(4);
+        let ingress = builder.ingress(capacity);
+        let error = builder.start().err().unwrap().to_string();
+        assert!(
+            error.contains(&format!(
+                "ingress_1 has capacity {capacity}: an ingress capacity must be between 1 and"
+            )),
+            "{error}"
+        );
+        assert!(matches!(ingress.try_push(1u64), Err(PushError::Closed(_))));
+    }
+    let mut builder = Pipeline::builder("largest", Stuck);
+    let ingress = builder.ingress(usize::MAX >> 3);
+    let pipeline = builder.start().unwrap();
+    assert_eq!(ingress.free(), usize::MAX >> 3);
+    pipeline.drain(Duration::from_secs(1)).await;
+
     // Timers beyond what Tokio's reach.
     let mut builder = Pipeline::builder("bad", Stuck).batcher(
         "a",
