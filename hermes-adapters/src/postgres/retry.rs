@@ -89,8 +89,9 @@ pub enum ErrorClass {
     /// The same batch may succeed if tried again.
     Transient,
     /// The data of some row violates a type or a constraint (SQLSTATE class
-    /// 22 or 23, `21000` cardinality violation, `54000` program limit such as
-    /// an index row too large), or the client could not encode some value.
+    /// 22 or 23, `21000` cardinality violation, class 54 program limits such
+    /// as an index row too large or a JSON value nested deeper than the
+    /// server's stack allows), or the client could not encode some value.
     /// Retrying the same rows fails again; smaller batches tell which rows
     /// are at fault.
     Row,
@@ -133,8 +134,8 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         // Connection exceptions, but a protocol violation repeats itself.
         "08P01" => ErrorClass::Fatal,
         c if c.starts_with("08") => ErrorClass::Transient,
-        "21000" | "54000" => ErrorClass::Row,
-        c if c.starts_with("22") || c.starts_with("23") => ErrorClass::Row,
+        "21000" => ErrorClass::Row,
+        c if c.starts_with("22") || c.starts_with("23") || c.starts_with("54") => ErrorClass::Row,
         _ => ErrorClass::Fatal,
     }
 }
@@ -151,7 +152,9 @@ mod tests {
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Transient, "{code}");
         }
-        for code in ["22001", "22P02", "23505", "23514", "23502", "21000"] {
+        for code in [
+            "22001", "22P02", "23505", "23514", "23502", "21000", "54000", "54001",
+        ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Row, "{code}");
         }
         for code in ["42P01", "42601", "42501", "XX000", "08P01"] {

@@ -2,14 +2,22 @@
 //! before an event is queued, so its sender gets a 400 rather than its batch
 //! a failed write (and a search for the row that failed it).
 
+/// Arrays and objects nested deeper than this are refused. Postgres's JSON
+/// parser recurses once per level and fails the whole statement past its
+/// stack limit (about 10,000 levels with the default `max_stack_depth`, fewer
+/// with a smaller one); no webhook comes near a thousand.
+pub const MAX_DEPTH: usize = 1000;
+
 /// Why valid JSON `text` cannot be stored as `jsonb`, if it cannot: a
 /// `\u0000` escape, a `\u` escape of half a surrogate pair (`serde_json`
-/// does not decode escapes it only skips), or a number outside `numeric`'s
-/// range (131072 digits before the point, 16383 after).
+/// does not decode escapes it only skips), a number outside `numeric`'s
+/// range (131072 digits before the point, 16383 after), or nesting deeper
+/// than [`MAX_DEPTH`].
 pub fn refusal(text: &str) -> Option<&'static str> {
     let bytes = text.as_bytes();
     let mut at = 0;
     let mut in_string = false;
+    let mut depth = 0usize;
     while let Some(&byte) = bytes.get(at) {
         match (in_string, byte) {
             (true, b'"') => in_string = false,
@@ -36,6 +44,13 @@ pub fn refusal(text: &str) -> Option<&'static str> {
                 continue;
             }
             (false, b'"') => in_string = true,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(TOO_DEEP);
+                }
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
             (false, b'-' | b'0'..=b'9') => {
                 let (length, fits) = number(bytes, at);
                 if !fits {
@@ -76,6 +91,8 @@ fn unicode_escape(bytes: &[u8], at: usize) -> (usize, Option<&'static str>) {
     }
 }
 
+const TOO_DEEP: &str = "arrays and objects are nested deeper than 1000 levels";
+
 const LONE_SURROGATE: &str = "a \\u escape names half of a UTF-16 surrogate pair";
 
 /// The four hex digits at `at`, as a number.
@@ -85,18 +102,32 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 /// The JSON number at `at`: its length, and whether `numeric` holds it.
+///
+/// As Postgres reads it: an exponent of 2^30 or more either way overflows;
+/// otherwise a nonzero value may have 131072 digits before the point,
+/// counted from its first nonzero digit, and any value 16383 after, counted
+/// as written (trailing zeros too) less the exponent.
 fn number(bytes: &[u8], at: usize) -> (usize, bool) {
-    let digits_from = |from: usize| {
-        bytes.get(from..).map_or(0, |rest| {
-            rest.iter().take_while(|b| b.is_ascii_digit()).count()
-        })
+    let digits_from = |from: usize| bytes.get(from..).unwrap_or_default();
+    let digits = |from: usize| {
+        digits_from(from)
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count()
     };
     let mut end = at + usize::from(bytes.get(at) == Some(&b'-'));
-    let integer = digits_from(end);
+    let integer = digits(end);
+    // JSON allows a leading zero only as the whole integer part.
+    let integer_is_zero = bytes.get(end) == Some(&b'0');
     end += integer;
     let mut fraction = 0;
+    let mut fraction_leading_zeros = 0;
     if bytes.get(end) == Some(&b'.') {
-        fraction = digits_from(end + 1);
+        fraction = digits(end + 1);
+        fraction_leading_zeros = digits_from(end + 1)
+            .iter()
+            .take_while(|&&b| b == b'0')
+            .count();
         end += 1 + fraction;
     }
     let mut exponent: i64 = 0;
@@ -106,26 +137,40 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
         if matches!(bytes.get(end), Some(b'+' | b'-')) {
             end += 1;
         }
-        let length = digits_from(end);
-        // More digits than any storable exponent has: as good as infinite.
-        exponent = std::str::from_utf8(&bytes[end..end + length])
-            .ok()
-            .and_then(|digits| digits.parse::<i64>().ok())
-            .filter(|_| length <= 12)
-            .unwrap_or(i64::MAX / 2);
-        if negative {
-            exponent = -exponent;
-        }
+        let length = digits(end);
+        let significant = digits_from(end)
+            .iter()
+            .take(length)
+            .skip_while(|&&b| b == b'0')
+            .fold(Some(0i64), |value, &b| {
+                value?.checked_mul(10)?.checked_add(i64::from(b - b'0'))
+            });
         end += length;
+        match significant {
+            Some(value) if value < EXPONENT_LIMIT => {
+                exponent = if negative { -value } else { value };
+            }
+            _ => return (end - at, false),
+        }
     }
-    let before_point = integer as i64 + exponent;
+    let zero = integer_is_zero && fraction_leading_zeros == fraction;
+    let before_point = if zero {
+        0
+    } else if integer_is_zero {
+        exponent - fraction_leading_zeros as i64
+    } else {
+        integer as i64 + exponent
+    };
     let after_point = fraction as i64 - exponent;
     (end - at, before_point <= 131_072 && after_point <= 16_383)
 }
 
+/// The smallest exponent's magnitude Postgres refuses outright (`INT_MAX / 2`).
+const EXPONENT_LIMIT: i64 = 1_073_741_823;
+
 #[cfg(test)]
 mod tests {
-    use super::refusal;
+    use super::{MAX_DEPTH, refusal};
 
     /// Each case as Postgres 15 answered `SELECT (case)::jsonb`.
     #[test]
@@ -141,6 +186,14 @@ mod tests {
             "1e100000",
             "1.5e-16000",
             "-0.0E+0",
+            "1e-0000000000001",
+            "0e131072",
+            "0e999999",
+            "0.0000e131075",
+            "0.5e131072",
+            "0.001e131074",
+            "1.5e-16382",
+            "[0,{\"a\":[\"[[[[\"]}]",
         ] {
             assert_eq!(refusal(storable), None, "{storable}");
         }
@@ -155,8 +208,35 @@ mod tests {
             "1e-16384",
             "1e131072",
             "[1,2e99999999999999999999]",
+            "0e9999999999",
+            "1e-2147483648",
+            "0.5e131073",
+            "0.001e131075",
+            "10e131071",
+            "0.0e-16383",
+            "1.50e-16382",
         ] {
             assert!(refusal(refused).is_some(), "{refused}");
         }
+    }
+
+    #[test]
+    fn refuses_nesting_deeper_than_the_limit() {
+        let nested = |depth: usize, open: &str, close: &str| {
+            format!("{}0{}", open.repeat(depth), close.repeat(depth))
+        };
+        assert_eq!(refusal(&nested(MAX_DEPTH, "[", "]")), None);
+        assert_eq!(refusal(&nested(MAX_DEPTH, "{\"a\":", "}")), None);
+        // Siblings do not add up: only the open ones count.
+        assert_eq!(refusal(&format!("[{}0]", "[[]],".repeat(MAX_DEPTH))), None);
+        assert!(refusal(&nested(MAX_DEPTH + 1, "[", "]")).is_some());
+        assert!(refusal(&nested(MAX_DEPTH + 1, "{\"a\":", "}")).is_some());
+        assert!(
+            refusal(&format!(
+                "{{\"a\":\"x\",\"b\":{}}}",
+                nested(100_000, "[", "]")
+            ))
+            .is_some()
+        );
     }
 }
