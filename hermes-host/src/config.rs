@@ -228,20 +228,24 @@ pub(crate) fn is_http_url(url: &str) -> bool {
 /// `url` with its password, if any, replaced by `***`: safe to print. The
 /// password may stand in the user info (`user:pw@`) or, as sqlx also reads
 /// it, in the query (`?password=pw`).
+///
+/// The user info is taken to end at the last `@`, not at the first `/` or
+/// `?` as a URL parser would: a password written unencoded may hold those,
+/// and such a URL is exactly the one that fails to connect and gets printed.
+/// An `@` further on (in the query, say) hides more than the password, never
+/// less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
+    let (user, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, host_on)) => match userinfo.split_once(':') {
+            Some((user, _password)) => (format!("{user}:***@"), host_on),
+            None => (format!("{userinfo}@"), host_on),
         },
-        None => authority.to_owned(),
+        None => (String::new(), rest),
     };
-    let tail = match tail.split_once('?') {
+    let rest = match rest.split_once('?') {
         Some((path, query)) => {
             let query: Vec<String> = query
                 .split('&')
@@ -252,10 +256,21 @@ pub fn redact_url(url: &str) -> String {
                 .collect();
             format!("{path}?{}", query.join("&"))
         }
-        None => tail.to_owned(),
+        None => rest.to_owned(),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!("{scheme}://{user}{rest}")
 }
+
+/// The most events any `[webhooks]` size may name: a million requests
+/// waiting is far beyond what one host serves, and keeps every bound the
+/// pipeline derives from the sizes within its own limits.
+const MAX_EVENTS: u64 = 1 << 20;
+/// The most processors or batches written concurrently.
+const MAX_TASKS: u64 = 1024;
+/// An hour, the longest wait (batch timeout, drain) a setting may name.
+const HOUR_MS: u64 = 3_600_000;
+/// A day, the longest `Retry-After` or replay window a setting may name.
+pub(crate) const DAY_SECS: u64 = 86_400;
 
 /// `[webhooks]`: the ingestion pipeline's sizes and the sources.
 ///
@@ -506,12 +521,16 @@ impl Config {
     /// secrets and the environment variables they name) and the pipeline
     /// sizes. [`Server::start`](crate::Server::start) calls it too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_sizes()?;
-        SourceRegistry::from_config(&self.webhooks, self.http.public_url.as_deref())?;
-        Ok(())
+        self.validated_sources().map(drop)
     }
 
-    pub(crate) fn validate_sizes(&self) -> Result<(), ConfigError> {
+    /// Validates the configuration, and returns its sources ready to serve.
+    pub(crate) fn validated_sources(&self) -> Result<SourceRegistry, ConfigError> {
+        self.validate_sizes()?;
+        SourceRegistry::from_config(&self.webhooks, self.http.public_url.as_deref())
+    }
+
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
         let w = &self.webhooks;
         let positive = [
             ("webhooks.ingest_capacity", w.ingest_capacity),
@@ -533,10 +552,54 @@ impl Config {
                 "database.statement_timeout_ms",
                 self.database.statement_timeout_ms as usize,
             ),
+            (
+                "shutdown.drain_timeout_ms",
+                self.shutdown.drain_timeout_ms as usize,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        let bounded = [
+            (
+                "webhooks.ingest_capacity",
+                w.ingest_capacity as u64,
+                MAX_EVENTS,
+            ),
+            ("webhooks.max_demand", w.max_demand as u64, MAX_EVENTS),
+            ("webhooks.batch_size", w.batch_size as u64, MAX_EVENTS),
+            (
+                "webhooks.max_in_flight",
+                w.max_in_flight.unwrap_or(0) as u64,
+                MAX_EVENTS,
+            ),
+            ("webhooks.processors", w.processors as u64, MAX_TASKS),
+            (
+                "webhooks.batch_concurrency",
+                w.batch_concurrency as u64,
+                MAX_TASKS,
+            ),
+            ("webhooks.batch_timeout_ms", w.batch_timeout_ms, HOUR_MS),
+            ("webhooks.retry_after_secs", w.retry_after_secs, DAY_SECS),
+            (
+                "shutdown.drain_timeout_ms",
+                self.shutdown.drain_timeout_ms,
+                HOUR_MS,
+            ),
+            // Postgres takes an `int` of milliseconds.
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+                i32::MAX as u64,
+            ),
+        ];
+        for (name, value, max) in bounded {
+            if value > max {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at most {max}"
+                )));
             }
         }
         if let Some(max) = w.max_in_flight
@@ -547,18 +610,12 @@ impl Config {
                 w.batch_size
             )));
         }
-        // Postgres takes an `int` of milliseconds.
-        if self.database.statement_timeout_ms > i32::MAX as u64 {
-            return Err(ConfigError::Invalid(format!(
-                "database.statement_timeout_ms must be at most {}",
-                i32::MAX
-            )));
-        }
         if let Some(url) = &self.http.public_url
             && !is_http_url(url)
         {
             return Err(ConfigError::Invalid(format!(
-                "http.public_url {url:?} must start with http:// or https://"
+                "http.public_url {:?} must start with http:// or https://",
+                redact_url(url)
             )));
         }
         Ok(())
@@ -720,6 +777,16 @@ mod tests {
             redact_url("postgres://u@db/x?sslmode=disable&password=s3cret&application_name=h"),
             "postgres://u@db/x?sslmode=disable&password=***&application_name=h"
         );
+        // Unencoded, as people paste them: the URL does not parse, and is
+        // printed with the error.
+        for password in ["Xy/9k+Q", "a?b", "p@ss/w?rd", "x#y"] {
+            let url = format!("postgres://app:{password}@db:5432/hermes");
+            assert_eq!(redact_url(&url), "postgres://app:***@db:5432/hermes");
+        }
+        assert_eq!(
+            redact_url("https://user:pw@hooks.example.com/webhooks/sms"),
+            "https://user:***@hooks.example.com/webhooks/sms"
+        );
     }
 
     #[test]
@@ -746,6 +813,29 @@ mod tests {
             (
                 |c| c.database.statement_timeout_ms = 3_000_000_000,
                 "statement_timeout_ms",
+            ),
+            (|c| c.shutdown.drain_timeout_ms = 0, "drain_timeout_ms"),
+            (
+                |c| c.shutdown.drain_timeout_ms = 86_400_000,
+                "drain_timeout_ms",
+            ),
+            (
+                |c| c.webhooks.retry_after_secs = u64::MAX,
+                "retry_after_secs",
+            ),
+            (
+                |c| c.webhooks.ingest_capacity = usize::MAX,
+                "ingest_capacity",
+            ),
+            (
+                |c| c.webhooks.max_in_flight = Some(1 << 40),
+                "max_in_flight",
+            ),
+            (|c| c.webhooks.batch_size = 1 << 21, "batch_size"),
+            (|c| c.webhooks.processors = 100_000, "processors"),
+            (
+                |c| c.webhooks.batch_timeout_ms = 1 << 40,
+                "batch_timeout_ms",
             ),
         ] {
             let mut config = Config::default();

@@ -62,11 +62,7 @@ impl Server {
     /// migrations, starts the pipelines and the HTTP listener. Returns once
     /// the listener is bound and accepting.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
-        config.validate_sizes()?;
-        let sources = Arc::new(SourceRegistry::from_config(
-            &config.webhooks,
-            config.http.public_url.as_deref(),
-        )?);
+        let sources = Arc::new(config.validated_sources()?);
         let database = Database::connect(&config.database).await?;
         database.migrate().await?;
         Self::start_with(config, sources, database).await

@@ -145,8 +145,7 @@ impl IngestPipeline {
             .processors(
                 ProcessorOptions::new()
                     .concurrency(config.processors)
-                    .max_demand(config.max_demand)
-                    .min_demand(config.max_demand / 2),
+                    .max_demand(config.max_demand),
             )
             .batcher(
                 "postgres",

@@ -9,7 +9,9 @@ use hermes_adapters::webhook::{
 };
 use http::HeaderMap;
 
-use crate::config::{ConfigError, Normalize, SourceConfig, WebhooksConfig, is_http_url};
+use crate::config::{
+    ConfigError, DAY_SECS, Normalize, SourceConfig, WebhooksConfig, is_http_url, redact_url,
+};
 
 /// One configured webhook source: its route name, verifier and rules.
 #[derive(Debug)]
@@ -76,6 +78,11 @@ impl Source {
                         .into(),
                 ));
             }
+            if tolerance > DAY_SECS {
+                return Err(error(format!(
+                    "tolerance_secs must be at most {DAY_SECS} (a longer replay window is no protection)"
+                )));
+            }
             verifier = verifier.with_tolerance(Duration::from_secs(tolerance));
         }
         if !(1..=MAX_BODY_BYTES).contains(&config.max_body_bytes) {
@@ -92,7 +99,8 @@ impl Source {
             }
             if !is_http_url(url) {
                 return Err(error(format!(
-                    "url {url:?} must start with http:// or https://"
+                    "url {:?} must start with http:// or https://",
+                    redact_url(url)
                 )));
             }
         }
@@ -232,16 +240,6 @@ impl SourceRegistry {
         let mut names: Vec<&str> = self.sources.keys().map(String::as_str).collect();
         names.sort_unstable();
         names
-    }
-
-    /// How many sources there are.
-    pub fn len(&self) -> usize {
-        self.sources.len()
-    }
-
-    /// Whether no source is configured.
-    pub fn is_empty(&self) -> bool {
-        self.sources.is_empty()
     }
 }
 
