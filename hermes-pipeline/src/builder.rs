@@ -36,6 +36,14 @@ const MAX_IN_FLIGHT: usize = {
 
 type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, ()> + Send>;
 
+/// A producer or ingress added to the builder, started by `start`.
+struct ProducerEntry<H: Handler> {
+    name: String,
+    /// The buffer capacity asked for, if this is an ingress.
+    ingress_capacity: Option<usize>,
+    start: StartProducer<H>,
+}
+
 /// Configures a pipeline; [`start`](PipelineBuilder::start) runs it.
 ///
 /// ```
@@ -56,13 +64,11 @@ type StartProducer<H> = Box<dyn FnOnce(ProducerParts<H>) -> BoxFuture<'static, (
 pub struct PipelineBuilder<H: Handler> {
     name: Arc<str>,
     handler: Arc<H>,
-    producers: Vec<(String, StartProducer<H>)>,
+    producers: Vec<ProducerEntry<H>>,
     processors: ProcessorOptions<H::Data>,
     batchers: Vec<(String, BatcherOptions<H::Data>)>,
     rate_limit: Option<RateLimit>,
     max_in_flight: Option<usize>,
-    /// Each ingress's name and the capacity asked for, checked by `start`.
-    ingress_capacities: Vec<(String, usize)>,
 }
 
 impl<H: Handler> PipelineBuilder<H> {
@@ -75,7 +81,6 @@ impl<H: Handler> PipelineBuilder<H> {
             batchers: Vec::new(),
             rate_limit: None,
             max_in_flight: None,
-            ingress_capacities: Vec::new(),
         }
     }
 
@@ -83,7 +88,7 @@ impl<H: Handler> PipelineBuilder<H> {
     /// own task and is asked for messages as in-flight room frees up.
     pub fn producer<P: Producer<H::Data>>(mut self, producer: P) -> Self {
         let name = format!("producer_{}", self.producers.len());
-        self.push_producer(name, producer);
+        self.push_producer(name, None, producer);
         self
     }
 
@@ -95,16 +100,24 @@ impl<H: Handler> PipelineBuilder<H> {
     pub fn ingress(&mut self, capacity: usize) -> Ingress<H::Data> {
         let (ingress, producer) = Ingress::new(capacity);
         let name = format!("ingress_{}", self.producers.len());
-        self.ingress_capacities.push((name.clone(), capacity));
-        self.push_producer(name, producer);
+        self.push_producer(name, Some(capacity), producer);
         ingress
     }
 
-    fn push_producer<P: Producer<H::Data>>(&mut self, name: String, producer: P) {
+    fn push_producer<P: Producer<H::Data>>(
+        &mut self,
+        name: String,
+        ingress_capacity: Option<usize>,
+        producer: P,
+    ) {
         let start: StartProducer<H> = Box::new(move |parts: ProducerParts<H>| {
             Box::pin(ProducerStage { producer, parts }.run())
         });
-        self.producers.push((name, start));
+        self.producers.push(ProducerEntry {
+            name,
+            ingress_capacity,
+            start,
+        });
     }
 
     /// Sets the processor options (see [`ProcessorOptions`] for defaults).
@@ -179,8 +192,9 @@ impl<H: Handler> PipelineBuilder<H> {
         }
         RateLimit::validate(self.rate_limit)?;
         if let Some((name, capacity)) = self
-            .ingress_capacities
+            .producers
             .iter()
+            .filter_map(|entry| Some((&entry.name, entry.ingress_capacity?)))
             .find(|(_, capacity)| !(1..=MAX_INGRESS_CAPACITY).contains(capacity))
         {
             return Err(ConfigError::Invalid(format!(
@@ -325,10 +339,14 @@ impl<H: Handler> PipelineBuilder<H> {
         };
         let producer_tracker = TaskTracker::new();
         let mut producer_names = Vec::new();
-        for (producer_name, start) in self.producers {
+        for entry in self.producers {
+            let producer_name = entry.name;
             let parts = ProducerParts {
                 dispatch: dispatch.clone(),
                 demand,
+                // An ingress stops accepting when the drain starts: its whole
+                // backlog, at most its capacity, can be failed at the deadline.
+                leftovers: entry.ingress_capacity.unwrap_or(max_in_flight),
                 rate_limiter: rate_limiter.clone(),
                 shutdown: shutdown.clone(),
                 deadline: deadline.clone(),
@@ -336,7 +354,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 metrics: StageMetrics::new(&name, &producer_name, StageKind::Producer),
             };
             let span = tracing::info_span!("producer", pipeline = %name, producer = %producer_name);
-            tracker.spawn(producer_tracker.track_future(start(parts).instrument(span)));
+            tracker.spawn(producer_tracker.track_future((entry.start)(parts).instrument(span)));
             producer_names.push(producer_name);
         }
         drop(dispatch);

@@ -218,9 +218,11 @@ impl<H: Handler> Pipeline<H> {
 
     /// Drains the pipeline and waits for it, at most `deadline`: what is still in
     /// flight then has its handlers cancelled and is acknowledged as failed (so a
-    /// broker redelivers it), and this returns once that is done. Those
-    /// acknowledgements are awaited without a time limit: an acknowledger that
-    /// hangs holds the drain.
+    /// broker redelivers it), as is what a producer draining until finished
+    /// holds ready (within a bound, see
+    /// [`Draining::UntilFinished`](crate::Draining::UntilFinished)), and this
+    /// returns once that is done. Those acknowledgements are awaited without a
+    /// time limit: an acknowledger that hangs holds the drain.
     pub async fn drain(&self, deadline: Duration) -> Drained {
         self.shutdown();
         if tokio::time::timeout(deadline, self.join()).await.is_ok() {

@@ -29,7 +29,12 @@ pub enum Draining {
     Stop,
     /// Keep asking, within demand, until the producer returns
     /// [`Produced::Finished`] (what an in-memory buffer of already accepted
-    /// messages wants).
+    /// messages wants). If the drain deadline passes first, the producer is
+    /// asked, without waiting, for what it holds ready, which is acknowledged
+    /// as failed: an ingress's whole backlog (at most its capacity, as it
+    /// stops accepting when the drain starts), any other producer's up to
+    /// `max_in_flight` messages. What a producer still holds beyond that
+    /// stays with it, never produced, and is dropped with it.
     UntilFinished,
 }
 

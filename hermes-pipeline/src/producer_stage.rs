@@ -123,6 +123,9 @@ pub(crate) struct ProducerStage<P, H: Handler> {
 pub(crate) struct ProducerParts<H: Handler> {
     pub(crate) dispatch: Dispatch<H::Data>,
     pub(crate) demand: DemandSettings,
+    /// The most messages taken from the producer at the drain deadline, to be
+    /// failed (see `fail_leftovers`).
+    pub(crate) leftovers: usize,
     pub(crate) rate_limiter: Arc<RateLimiter>,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the drain deadline passes.
@@ -231,16 +234,27 @@ impl<H: Handler> ProducerParts<H> {
     }
 
     /// At the drain deadline: fails what the producer still holds ready (an
-    /// ingress's accepted messages), without waiting for it or for demand.
+    /// ingress's accepted messages), without waiting for it or for demand, up
+    /// to `leftovers` messages, yielding between rounds. A producer that is
+    /// never empty (a channel whose senders live on) keeps the rest: it is
+    /// not asked again, so those are never produced.
     async fn fail_leftovers<P: Producer<H::Data>>(&self, producer: &mut P) {
-        while let Some(Ok(Produced::Messages(messages))) =
-            catch_panic(|| producer.produce(self.demand.max_demand)).now_or_never()
-        {
+        let mut budget = self.leftovers;
+        while budget > 0 {
+            let ask = budget.min(self.demand.max_demand);
+            let Some(Ok(Produced::Messages(messages))) =
+                catch_panic(|| producer.produce(ask)).now_or_never()
+            else {
+                break;
+            };
             if messages.is_empty() {
                 break;
             }
+            // More than asked is failed too: it was produced.
+            budget = budget.saturating_sub(messages.len());
             self.metrics.received.increment(messages.len() as u64);
             self.fail(messages, DEADLINE_EXCEEDED, false).await;
+            tokio::task::yield_now().await;
         }
     }
 

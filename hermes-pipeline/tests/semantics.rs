@@ -600,6 +600,73 @@ async fn the_drain_ends_at_its_deadline_even_if_a_producer_never_finishes() {
     assert_eq!(started.elapsed(), Duration::from_secs(3));
 }
 
+/// Always has `demand` messages ready, and asks to be drained until it
+/// finishes, which it never does (like a channel whose senders live on).
+struct NeverRunsDry {
+    produced: Arc<AtomicUsize>,
+    recorder: Arc<Recorder>,
+}
+
+impl Producer<u64> for NeverRunsDry {
+    async fn produce(&mut self, demand: usize) -> Produced<u64> {
+        let first = self.produced.fetch_add(demand, Ordering::SeqCst) as u64;
+        let acknowledger: Arc<dyn Acknowledger<u64>> = self.recorder.clone();
+        let messages = (first..first + demand as u64)
+            .map(|id| Message::new(id).with_acknowledger(acknowledger.clone()))
+            .collect();
+        Produced::Messages(messages)
+    }
+
+    fn prepare_for_draining(&mut self) -> Draining {
+        Draining::UntilFinished
+    }
+}
+
+#[test]
+fn at_the_drain_deadline_a_producer_that_never_runs_dry_gives_up_at_most_max_in_flight() {
+    let produced = Arc::new(AtomicUsize::new(0));
+    let recorder = Recorder::new();
+    let producer = NeverRunsDry {
+        produced: produced.clone(),
+        recorder: recorder.clone(),
+    };
+    // On its own thread: a drain that never returns must fail the test, not hang it.
+    let (done, drained) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let pipeline = Pipeline::builder("never-dry", Stuck)
+                .producer(producer)
+                .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
+                .batcher("default", BatcherOptions::new().batch_size(10))
+                .max_in_flight(50)
+                .start()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let started = Instant::now();
+            let drained = pipeline.drain(Duration::from_secs(1)).await;
+            let _ = done.send((drained, started.elapsed(), pipeline.in_flight()));
+        });
+    });
+    let (drained, took, in_flight) = drained
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the drain did not return");
+    assert!(drained.forced);
+    assert_eq!(took, Duration::from_secs(1));
+    assert_eq!(in_flight, 0);
+    // 50 stuck in flight, then at most 50 more taken and failed at the deadline.
+    let produced = produced.load(Ordering::SeqCst);
+    assert_eq!(produced, 100);
+    recorder.assert_exactly_once(produced as u64);
+    let failed = recorder.failed();
+    assert_eq!(failed.len(), produced);
+    assert!(failed.values().all(|reason| reason.contains("deadline")));
+}
+
 #[tokio::test(start_paused = true)]
 async fn draining_processes_what_the_ingress_accepted_and_then_refuses() {
     let (handler, _) = Collect::new();
