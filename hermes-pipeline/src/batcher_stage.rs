@@ -72,6 +72,13 @@ impl<H: Handler> BatchProcessorSpawner<H> {
         self.tracker.spawn(stage.run().instrument(span));
         tx
     }
+
+    /// Acknowledges messages that failed in the batcher, freeing their slots.
+    async fn acknowledge(&self, failed: Vec<Message<H::Data>>) {
+        self.terminator
+            .acknowledge(failed, FailedIn::Batch, &self.metrics)
+            .await;
+    }
 }
 
 /// A batch being filled.
@@ -133,42 +140,43 @@ impl<H: Handler> Batching<H> {
                 biased;
                 chunk = self.stage.inbox.recv() => match chunk {
                     Some(chunk) => {
-                        let failed = self.add(chunk);
-                        if !failed.is_empty() {
-                            let spawner = &self.stage.spawner;
-                            spawner.terminator.acknowledge(failed, FailedIn::Batch, &spawner.metrics).await;
-                        }
+                        let mut failed = self.add(chunk);
                         if self.stage.inbox.is_empty() {
-                            self.flush_idle();
+                            failed.extend(self.flush_idle());
                         }
+                        self.stage.spawner.acknowledge(failed).await;
                     }
                     None => break,
                 },
                 () = idle.as_mut(), if self.holds_idle_flushable() => {
                     idle.set(any_idle.notified());
-                    self.flush_idle();
+                    let failed = self.flush_idle();
+                    self.stage.spawner.acknowledge(failed).await;
                 }
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     let key = expired.into_inner();
                     if let Some(batch) = self.take(&key) {
-                        self.dispatch(key, batch, BatchTrigger::Timeout);
+                        let failed = self.dispatch(key, batch, BatchTrigger::Timeout);
+                        self.stage.spawner.acknowledge(failed).await;
                     }
                 }
                 Some(resize) = self.stage.control.recv() => self.resize(resize).await,
             }
         }
         // Input closed: the pipeline is draining. Flush every partial batch.
+        let mut failed = Vec::new();
         if let Some(batch) = self.default.take() {
-            self.dispatch(BatchKey::Default, batch, BatchTrigger::Flush);
+            failed.extend(self.dispatch(BatchKey::Default, batch, BatchTrigger::Flush));
         }
         for (key, batch) in std::mem::take(&mut self.keyed) {
-            self.dispatch(key, batch, BatchTrigger::Flush);
+            failed.extend(self.dispatch(key, batch, BatchTrigger::Flush));
         }
+        self.stage.spawner.acknowledge(failed).await;
         tracing::debug!("batcher stopped");
     }
 
     /// Adds a chunk to its open batches; gives back, failed, the messages
-    /// `size_of` panicked on.
+    /// `size_of` panicked on and those of batches no batch processor could take.
     fn add(&mut self, chunk: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
         self.stage.metrics.queue_depth.decrement(chunk.len() as f64);
         self.stage.metrics.received.increment(chunk.len() as u64);
@@ -191,13 +199,13 @@ impl<H: Handler> Batching<H> {
                     .open_batch(&key)
                     .is_some_and(|open| open.bytes.saturating_add(size) > max)
             {
-                self.close(key.clone(), BatchTrigger::Bytes);
+                failed.extend(self.close(key.clone(), BatchTrigger::Bytes));
             }
             let batch = self.open_or_create(&key);
             batch.bytes = batch.bytes.saturating_add(size.map_or(0, |(_, size)| size));
             batch.messages.push(message);
             if batch.messages.len() >= self.stage.limits.batch_size {
-                self.close(key, BatchTrigger::Size);
+                failed.extend(self.close(key, BatchTrigger::Size));
             }
         }
         failed
@@ -211,16 +219,18 @@ impl<H: Handler> Batching<H> {
     /// a key's batch when its processor is idle; the default-key batch when a
     /// processor is idle and the batch is at least as large as any batch
     /// being handled, so that it keeps filling while a larger one is (see
-    /// `BatcherOptions::flush_when_idle`).
-    fn flush_idle(&mut self) {
+    /// `BatcherOptions::flush_when_idle`). Gives back, failed, the messages of
+    /// batches no batch processor could take.
+    fn flush_idle(&mut self) -> Vec<Message<H::Data>> {
+        let mut failed = Vec::new();
         if !self.holds_idle_flushable() {
-            return;
+            return failed;
         }
         if let Some(batch) = &self.default
             && self.any_processor_idle()
             && batch.messages.len() >= self.largest_outstanding()
         {
-            self.close(BatchKey::Default, BatchTrigger::Idle);
+            failed.extend(self.close(BatchKey::Default, BatchTrigger::Idle));
         }
         let idle_keys: Vec<BatchKey> = self
             .keyed
@@ -229,8 +239,9 @@ impl<H: Handler> Batching<H> {
             .cloned()
             .collect();
         for key in idle_keys {
-            self.close(key, BatchTrigger::Idle);
+            failed.extend(self.close(key, BatchTrigger::Idle));
         }
+        failed
     }
 
     fn is_idle(&self, index: usize) -> bool {
@@ -251,11 +262,14 @@ impl<H: Handler> Batching<H> {
     }
 
     /// Closes the open batch of `key` before its timeout (cancelling the
-    /// timer) and dispatches it.
-    fn close(&mut self, key: BatchKey, trigger: BatchTrigger) {
-        if let Some(batch) = self.take(&key) {
-            self.timers.remove(&batch.timer);
-            self.dispatch(key, batch, trigger);
+    /// timer) and dispatches it; gives back what could not be dispatched, failed.
+    fn close(&mut self, key: BatchKey, trigger: BatchTrigger) -> Vec<Message<H::Data>> {
+        match self.take(&key) {
+            Some(batch) => {
+                self.timers.remove(&batch.timer);
+                self.dispatch(key, batch, trigger)
+            }
+            None => Vec::new(),
         }
     }
 
@@ -294,7 +308,13 @@ impl<H: Handler> Batching<H> {
 
     /// Sends a closed batch to a batch processor: the same one for every batch of a
     /// key, so a key is handled serially; the least busy one for the default key.
-    fn dispatch(&mut self, key: BatchKey, batch: OpenBatch<H::Data>, trigger: BatchTrigger) {
+    /// Gives back the batch's messages, failed, if that batch processor is gone.
+    fn dispatch(
+        &mut self,
+        key: BatchKey,
+        batch: OpenBatch<H::Data>,
+        trigger: BatchTrigger,
+    ) -> Vec<Message<H::Data>> {
         let index = if key.is_default() {
             self.least_busy()
         } else {
@@ -310,10 +330,25 @@ impl<H: Handler> Batching<H> {
             trigger,
             opened: batch.opened,
         };
-        if let Err(mpsc::error::SendError(batch)) = self.processors[index].send(batch) {
-            // Batch processors only stop when their sender is dropped, which this
-            // batcher does only after waiting for them to be idle.
-            tracing::error!(lost = batch.messages.len(), "batch processor stopped early");
+        match self.processors[index].send(batch) {
+            Ok(()) => Vec::new(),
+            // Batch processors contain handler panics and only stop when their
+            // sender is dropped, which this batcher does only after waiting for
+            // them to be idle; should one stop anyway, its batch fails.
+            Err(mpsc::error::SendError(batch)) => {
+                let mut messages = batch.messages;
+                self.outstanding[index].count.fetch_sub(1, Ordering::AcqRel);
+                self.outstanding[index]
+                    .messages
+                    .fetch_sub(messages.len(), Ordering::AcqRel);
+                tracing::error!(failed = messages.len(), "batch processor stopped early");
+                let reason = format!(
+                    "batch processor {index} of batcher {:?} is not running",
+                    self.stage.spawner.batcher
+                );
+                Message::fail_all(&mut messages, reason);
+                messages
+            }
         }
     }
 
