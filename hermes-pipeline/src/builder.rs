@@ -134,8 +134,9 @@ impl<H: Handler> PipelineBuilder<H> {
         self
     }
 
-    /// Limits how many messages all producers together may produce per interval.
-    /// Adjustable while running with [`Pipeline::set_rate_limit`].
+    /// Limits how many messages all producers together may hand to the
+    /// processors per interval (see [`RateLimit`]). Adjustable while running
+    /// with [`Pipeline::set_rate_limit`].
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
         self

@@ -165,7 +165,9 @@ impl<H: Handler> Pipeline<H> {
         }
     }
 
-    /// Replaces the producers' rate limit (`None` lifts it). Takes effect at once.
+    /// Replaces the producers' rate limit (`None` lifts it). Takes effect at
+    /// once, for messages already produced and waiting for room too: a new
+    /// window starts.
     pub fn set_rate_limit(&self, limit: Option<RateLimit>) -> Result<(), ConfigError> {
         RateLimit::validate(limit)?;
         self.shared.rate_limiter.set(limit);

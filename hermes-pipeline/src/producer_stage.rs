@@ -13,7 +13,7 @@ use crate::message::Message;
 use crate::panic_message::{catch_panic, catch_panic_now};
 use crate::processor_stage::DEADLINE_EXCEEDED;
 use crate::producer::{DEFAULT_IDLE_BACKOFF, Draining, Produced, Producer};
-use crate::rate_limiter::{Grant, RateLimiter};
+use crate::rate_limiter::RateLimiter;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -211,21 +211,16 @@ impl<H: Handler> ProducerParts<H> {
             .await;
         // Dropped mid-wait (shutdown), the slots must not leak.
         let guard = SlotsGuard { in_flight, slots };
-        let grant = self.rate_limiter.acquire(slots).await;
+        let asked = self.rate_limiter.room(slots).await;
         std::mem::forget(guard);
-        Demand {
-            slots,
-            asked: grant.granted,
-            grant,
-        }
+        Demand { slots, asked }
     }
 
-    /// Frees the slots not used by `used` messages and refunds the rate limit.
+    /// Frees the slots not used by `used` messages.
     fn give_back(&self, demand: &Demand, used: usize) {
         self.terminator
             .in_flight
             .release(demand.slots.saturating_sub(used));
-        self.rate_limiter.refund(&demand.grant, used);
     }
 
     async fn idle(&self, demand: &Demand, backoff: std::time::Duration, stop: &CancellationToken) {
@@ -272,6 +267,22 @@ impl<H: Handler> ProducerParts<H> {
             tracing::warn!(asked = demand.asked, excess = excess.len(), "{OVER_DEMAND}");
             self.fail(excess, OVER_DEMAND, false).await;
         }
+        // Each part counts in the rate-limit window it is sent in; what the
+        // window has no room for waits for the next, until the drain deadline.
+        while !messages.is_empty() {
+            let admit = self.rate_limiter.admit(messages.len());
+            let Some(admitted) = unless(&self.deadline, admit).await else {
+                self.fail(messages, DEADLINE_EXCEEDED, true).await;
+                return;
+            };
+            let rest = messages.split_off(admitted);
+            self.send(messages).await;
+            messages = rest;
+        }
+    }
+
+    /// Hands messages to the processors; fails what none could take.
+    async fn send(&self, messages: Vec<Message<H::Data>>) {
         let sent = messages.len();
         let undelivered = self.dispatch.send(messages);
         self.metrics
@@ -314,9 +325,8 @@ async fn unless<F: Future>(stop: &CancellationToken, work: F) -> Option<F::Outpu
 struct Demand {
     /// In-flight slots held.
     slots: usize,
-    /// What the producer is asked for (≤ slots, after rate limiting).
+    /// What the producer is asked for (≤ slots, cut to the rate limit's room).
     asked: usize,
-    grant: Grant,
 }
 
 /// Frees held slots if the rate-limit wait is abandoned.

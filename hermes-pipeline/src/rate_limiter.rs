@@ -16,6 +16,14 @@ use crate::options::MAX_TIMEOUT;
 use crate::pipeline::ConfigError;
 
 /// A producer rate limit: at most `allowed` messages per `interval`.
+///
+/// Windows are fixed: one starts when a message is asked for or handed on
+/// after the previous one ended. Messages count in the window in which they
+/// are handed to the processors. A producer is only asked for what the
+/// current window has room for; what it returns beyond the room left when it
+/// answers (several producers asked at once, or one answering in a later
+/// window) waits for the following windows, and is acknowledged as failed if
+/// the drain deadline passes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
     /// Messages allowed per interval (at least 1).
@@ -51,23 +59,20 @@ impl RateLimit {
 struct Window {
     limit: Option<RateLimit>,
     ends: Instant,
+    /// What the current window still lets through.
     remaining: usize,
 }
 
-/// A grant of messages in one window; unused messages can be given back.
-pub(crate) struct Grant {
-    pub(crate) granted: usize,
-    window_ends: Instant,
-}
-
-/// The shared fixed-window limiter.
+/// The shared fixed-window limiter. Messages are charged to the window in
+/// which they are handed to the processors, so no window lets more than
+/// `allowed` through, however long a producer took to answer.
 pub(crate) struct RateLimiter {
     window: Mutex<Window>,
     changed: Notify,
 }
 
 impl RateLimiter {
-    /// A limiter; `None` grants every demand at once, until a limit is set.
+    /// A limiter; `None` lets everything through at once, until a limit is set.
     pub(crate) fn new(limit: Option<RateLimit>) -> Self {
         Self {
             window: Mutex::new(Window {
@@ -83,17 +88,30 @@ impl RateLimiter {
         lock(&self.window)
     }
 
-    /// Waits until the window has room, then grants between 1 and `want` messages.
-    pub(crate) async fn acquire(&self, want: usize) -> Grant {
+    /// Waits until the current window has room, then returns how much of
+    /// `want` it has room for (at least 1 if `want` is), without charging it:
+    /// what a producer may be asked for.
+    pub(crate) async fn room(&self, want: usize) -> usize {
+        self.take(want, false).await
+    }
+
+    /// Waits until the current window has room, then charges it with as much
+    /// of `want` as fits (at least 1 if `want` is) and returns that: what may
+    /// be handed to the processors now.
+    pub(crate) async fn admit(&self, want: usize) -> usize {
+        self.take(want, true).await
+    }
+
+    async fn take(&self, want: usize, charge: bool) -> usize {
+        if want == 0 {
+            return 0;
+        }
         loop {
             let changed = self.changed.notified();
             let wait_until = {
                 let mut window = self.lock();
                 let Some(limit) = window.limit else {
-                    return Grant {
-                        granted: want,
-                        window_ends: window.ends,
-                    };
+                    return want;
                 };
                 let now = Instant::now();
                 if now >= window.ends {
@@ -101,12 +119,11 @@ impl RateLimiter {
                     window.remaining = limit.allowed;
                 }
                 if window.remaining > 0 {
-                    let granted = want.min(window.remaining);
-                    window.remaining -= granted;
-                    return Grant {
-                        granted,
-                        window_ends: window.ends,
-                    };
+                    let taken = want.min(window.remaining);
+                    if charge {
+                        window.remaining -= taken;
+                    }
+                    return taken;
                 }
                 window.ends
             };
@@ -117,21 +134,8 @@ impl RateLimiter {
         }
     }
 
-    /// Gives back the unused part of a grant, if its window is still current.
-    pub(crate) fn refund(&self, grant: &Grant, used: usize) {
-        let unused = grant.granted.saturating_sub(used);
-        if unused == 0 {
-            return;
-        }
-        let mut window = self.lock();
-        if let Some(limit) = window.limit
-            && window.ends == grant.window_ends
-        {
-            window.remaining = (window.remaining + unused).min(limit.allowed);
-        }
-    }
-
-    /// Replaces the limit (`None` lifts it); a new window starts now.
+    /// Replaces the limit (`None` lifts it); a new window starts now, which
+    /// also charges messages already produced and not yet admitted.
     pub(crate) fn set(&self, limit: Option<RateLimit>) {
         {
             let mut window = self.lock();

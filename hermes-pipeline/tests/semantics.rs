@@ -718,6 +718,72 @@ async fn the_rate_limit_holds_and_can_change_while_running() {
     pipeline.drain(Duration::from_secs(1)).await;
 }
 
+/// Counts the messages handled.
+struct Tally(Arc<AtomicUsize>);
+
+impl Handler for Tally {
+    type Data = u64;
+
+    async fn handle_message(&self, _: &mut Message<u64>, _: &ProcessorContext) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_rate_limit_window_lets_more_through_after_producers_idled() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let mut builder = Pipeline::builder("rate-idle", Tally(handled.clone()))
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)));
+    let ingresses = [builder.ingress(300), builder.ingress(300)];
+    let pipeline = builder.start().unwrap();
+    // Both ingresses are asked for messages at once, then wait with none.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for ingress in &ingresses {
+        for n in 0..300u64 {
+            ingress.try_push(n).unwrap();
+        }
+    }
+    // A window starts with the burst, and each lets exactly 100 through.
+    for window in 1..=6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            100 * window,
+            "window {window}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!pipeline.drain(Duration::from_secs(1)).await.forced);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_rate_limit_applies_to_a_producer_already_asked() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let mut builder = Pipeline::builder("rate-change", Tally(handled.clone()))
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)));
+    let ingress = builder.ingress(100);
+    let pipeline = builder.start().unwrap();
+    // The ingress is asked for 100 under the old limit, and waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pipeline
+        .set_rate_limit(Some(RateLimit::new(10, Duration::from_secs(1))))
+        .unwrap();
+    for n in 0..100u64 {
+        ingress.try_push(n).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 10);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 20);
+    // At the drain deadline, what waits for the rate limit fails.
+    let completion = ingress.try_push_tracked(100u64).unwrap();
+    assert!(pipeline.drain(Duration::from_secs(2)).await.forced);
+    assert_eq!(handled.load(Ordering::SeqCst), 40);
+    assert!(matches!(completion.await, Outcome::Failed(reason) if reason.contains("deadline")));
+}
+
 /// Holds every message until let through, counting the processors busy at once
 /// and the indices they run under.
 struct Turnstile(Arc<Counts>);
