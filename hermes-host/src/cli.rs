@@ -44,7 +44,8 @@ pub struct DemoArgs {
     /// The configuration, as for `serve`.
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Stop after this long (e.g. `10s`, `2m`); default: until Ctrl-C.
+    /// Stop after this long (e.g. `10s`, `2m`; Ctrl-C or SIGTERM stops it
+    /// sooner, with the summary as well); default: until Ctrl-C.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<std::time::Duration>,
     /// Connections sending valid SMS webhooks as fast as the host answers.
@@ -63,10 +64,11 @@ pub struct ConfigArgs {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init_tracing(cli.log_format);
+    let format = cli.log_format;
+    telemetry::init_tracing(format);
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Migrate(args) => migrate(args).await,
+        Command::Serve(args) => serve(args, format).await,
+        Command::Migrate(args) => migrate(args, format).await,
         Command::Demo(args) => {
             let config = Config::load(args.config.config.as_deref())?;
             let options = DemoOptions {
@@ -78,41 +80,92 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
+/// Reports the error [`run`] returned, on stderr: `hermes: error: …` in text
+/// mode; in json mode an `ERROR` event in the JSON log format, so that every
+/// line on stderr is JSON. That event is written whatever `RUST_LOG` lets
+/// through: an error that ends the process (a configuration error, say) is
+/// never filtered out.
+pub fn report_error(format: LogFormat, error: &anyhow::Error) {
+    let message = format!("{error:#}");
+    match format {
+        LogFormat::Text => eprintln!("hermes: error: {message}"),
+        LogFormat::Json => {
+            let unfiltered = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(std::io::stderr)
+                .finish();
+            tracing::subscriber::with_default(unfiltered, || {
+                tracing::error!(error = %message, "hermes failed");
+            });
+        }
+    }
+}
+
+/// `future`'s output, or `None` when SIGTERM or SIGINT comes first (then
+/// `future` is dropped): how a command stops cleanly in the middle of
+/// something, e.g. startup, which may run `initdb` for the private cluster.
+pub(crate) async fn unless_signalled<F: Future>(
+    signals: &mut Signals,
+    future: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        output = future => Some(output),
+        () = signals.received() => None,
+    }
+}
+
+/// The command's own messages on stderr are plain lines for a person in text
+/// mode. In json mode every stderr line must be JSON: they are `tracing`
+/// events instead, or nothing where the server already logs the same (its
+/// "hermes is listening" and "using Postgres" events, the drain deadline's
+/// warning).
+async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
+    let text = format == LogFormat::Text;
     let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = Config::load(args.config.as_deref())?;
     if config.webhooks.sources.is_empty() {
         tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
     }
-    let server = tokio::select! {
-        server = Server::start(config) => server?,
-        () = signals.received() => {
+    let Some(server) = unless_signalled(&mut signals, Server::start(config)).await else {
+        if text {
             eprintln!("hermes: stopped during startup");
-            return Ok(());
+        } else {
+            tracing::info!("stopped during startup");
         }
+        return Ok(());
     };
-    eprintln!(
-        "hermes: listening on {} (Postgres: {})",
-        server.url(),
-        server.database().url()
-    );
+    let server = server?;
+    if text {
+        eprintln!(
+            "hermes: listening on {} (Postgres: {})",
+            server.url(),
+            server.database().url()
+        );
+    }
     let report = server.run_until_signal(&mut signals).await;
-    if report.forced {
+    if report.forced && text {
         eprintln!("hermes: stopped; the drain deadline passed before everything was committed");
     }
     Ok(())
 }
 
-async fn migrate(args: ConfigArgs) -> anyhow::Result<()> {
+/// Messages as for [`serve`].
+async fn migrate(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
+    let text = format == LogFormat::Text;
     let config = Config::load(args.config.as_deref())?;
     let database = Database::connect(&config.database).await?;
-    eprintln!("hermes: migrating Postgres at {}", database.url());
+    if text {
+        eprintln!("hermes: migrating Postgres at {}", database.url());
+    }
     database.migrate().await?;
+    let known = MIGRATOR.iter().count();
     let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    eprintln!(
-        "hermes: {} migrations known, schema at version {latest}",
-        MIGRATOR.iter().count()
-    );
+    if text {
+        eprintln!("hermes: {known} migrations known, schema at version {latest}");
+    } else {
+        tracing::info!(known, version = latest, "migrations applied");
+    }
     database.close().await;
     Ok(())
 }

@@ -11,6 +11,7 @@ use hermes_adapters::sandbox::webhook_sender::{self, BodyFn, SenderConfig, Snaps
 use hermes_adapters::webhook::{Secret, Verifier};
 use sqlx::PgPool;
 
+use crate::cli::unless_signalled;
 use crate::config::{Config, Normalize, SourceConfig};
 use crate::server::{RunningServer, Server, StartError};
 use crate::shutdown::Signals;
@@ -33,36 +34,67 @@ struct Traffic {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Runs the demo.
+/// The source the demo sends SMS webhooks (valid and forged) to.
+const SMS_SOURCE: &str = "sms";
+/// The source the demo sends emails to.
+const EMAIL_SOURCE: &str = "email";
+
+/// Runs the demo. SIGINT or SIGTERM stops it at any point: during startup it
+/// returns at once; later the senders stop, the summary is printed and the
+/// server shuts down gracefully, as at the end of `--duration`. Once the
+/// server is up it is shut down before any return, error or not.
 pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = with_demo_sources(config);
-    let server = start(config).await?;
+    check_sources(&config)?;
+    let Some(server) = unless_signalled(&mut signals, start(config)).await else {
+        println!("hermes demo: stopped during startup");
+        return Ok(());
+    };
+    let server = server?;
     println!(
         "hermes demo: serving on {} (Postgres: {})",
         server.url(),
         server.database().url()
     );
+    let demo = send_and_report(&server, &options, &mut signals).await;
+    let report = server.shutdown().await;
+    println!(
+        "hermes demo: stopped{}",
+        if report.forced {
+            " (drain deadline passed)"
+        } else {
+            ""
+        }
+    );
+    demo
+}
+
+/// Sends until `--duration` passes or a signal comes, then prints the summary.
+async fn send_and_report(
+    server: &RunningServer,
+    options: &DemoOptions,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
     match options.duration {
         Some(duration) => println!("hermes demo: sending signed webhooks for {duration:?}\n"),
         None => println!("hermes demo: sending signed webhooks until Ctrl-C\n"),
     }
-
-    let traffic = drive(&server, &options)?;
+    let traffic = drive(server, options)?;
     let started = Instant::now();
-    let ended = async {
+    let ended = unless_signalled(signals, async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
-            None => signals.received().await,
+            None => std::future::pending().await,
         }
-    };
+    });
     tokio::pin!(ended);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     let mut previous = 0;
     loop {
         tokio::select! {
-            () = &mut ended => break,
+            _ = &mut ended => break,
             _ = ticker.tick() => {
                 let accepted = accepted(&traffic.sms.snapshot()) + accepted(&traffic.email.snapshot());
                 let in_flight = server.ingest().pipeline().in_flight();
@@ -78,17 +110,39 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     // Every request has its answer now, so every 202 is committed: count them.
     let elapsed = started.elapsed();
     let pool = server.database().pool();
-    summary(elapsed, &traffic.sms, &traffic.email, &traffic.forged, pool).await?;
-    let report = server.shutdown().await;
-    println!(
-        "hermes demo: stopped{}",
-        if report.forced {
-            " (drain deadline passed)"
-        } else {
-            ""
-        }
-    );
-    Ok(())
+    summary(elapsed, &traffic.sms, &traffic.email, &traffic.forged, pool).await
+}
+
+/// Fails, before anything starts, when configured sources lack one the demo
+/// sends to, saying which and how to fix it.
+fn check_sources(config: &Config) -> anyhow::Result<()> {
+    let names: Vec<&str> = config
+        .webhooks
+        .sources
+        .iter()
+        .map(|source| source.name.as_str())
+        .collect();
+    let missing: Vec<String> = [SMS_SOURCE, EMAIL_SOURCE]
+        .into_iter()
+        .filter(|needed| !names.contains(needed))
+        .map(|needed| format!("\"{needed}\""))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let configured = names
+        .iter()
+        .map(|name| format!("\"{name}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    anyhow::bail!(
+        "the demo sends SMS webhooks to a source named \"{SMS_SOURCE}\" and emails to one named \
+         \"{EMAIL_SOURCE}\"; the configured [[webhooks.sources]] ({configured}) lack {}. Add \
+         what is missing (normalize = \"sms\" for SMS, \"email\" for emails), or give the demo a \
+         configuration without [[webhooks.sources]] (another --config, or run it outside the \
+         directory holding hermes.toml), and it adds both with fresh secrets",
+        missing.join(" and ")
+    )
 }
 
 /// Adds an SMS and an email source with fresh secrets, unless sources are configured.
@@ -96,11 +150,11 @@ fn with_demo_sources(mut config: Config) -> Config {
     if config.webhooks.sources.is_empty() {
         let sms_secret = hex_secret();
         let mut sms =
-            SourceConfig::new("sms", "hmac-sha256", &[&sms_secret]).normalize(Normalize::Sms);
+            SourceConfig::new(SMS_SOURCE, "hmac-sha256", &[&sms_secret]).normalize(Normalize::Sms);
         sms.header = Some("x-provider-signature-256".into());
         sms.prefix = Some("sha256=".into());
         let email_secret = format!("whsec_{}", base64_secret());
-        let email = SourceConfig::new("email", "standard-webhooks", &[&email_secret])
+        let email = SourceConfig::new(EMAIL_SOURCE, "standard-webhooks", &[&email_secret])
             .normalize(Normalize::Email);
         config.webhooks.sources = vec![sms, email];
     }
@@ -133,11 +187,11 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
     let run = format!("demo-{}", hex::encode(rand::random::<[u8; 4]>()));
     let sms_source = server
         .sources()
-        .get("sms")
+        .get(SMS_SOURCE)
         .context("the demo needs a source named \"sms\"")?;
     let email_source = server
         .sources()
-        .get("email")
+        .get(EMAIL_SOURCE)
         .context("the demo needs a source named \"email\"")?;
     let sms_verifier = Arc::new(sms_source.verifier().clone());
     let email_verifier = Arc::new(email_source.verifier().clone());
@@ -152,7 +206,7 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
     let sms_run = run.clone();
     let senders = [
         SenderConfig {
-            url: url("sms"),
+            url: url(SMS_SOURCE),
             verifier: sms_verifier,
             connections: options.connections,
             streams_per_connection: 1,
@@ -161,7 +215,7 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
             body: Arc::new(move |n| webhook_sender::sms_body(n, &sms_run)),
         },
         SenderConfig {
-            url: url("email"),
+            url: url(EMAIL_SOURCE),
             verifier: email_verifier,
             connections: 4,
             streams_per_connection: 1,
@@ -170,7 +224,7 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
             body: email_bodies(run.clone()),
         },
         SenderConfig {
-            url: url("sms"),
+            url: url(SMS_SOURCE),
             verifier: forged_verifier,
             connections: 1,
             streams_per_connection: 1,
@@ -187,7 +241,7 @@ fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffi
             let stop = stop.clone();
             tokio::spawn(async move {
                 if let Err(error) = webhook_sender::run(sender, stats, stop).await {
-                    eprintln!("hermes demo: a sender stopped: {error}");
+                    tracing::error!(%error, "a demo sender stopped");
                 }
             })
         })

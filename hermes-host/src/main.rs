@@ -12,10 +12,11 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = hermes_host::cli::Cli::parse();
+    let log_format = cli.log_format;
     match hermes_host::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("hermes: error: {error:#}");
+            hermes_host::cli::report_error(log_format, &error);
             std::process::ExitCode::FAILURE
         }
     }
