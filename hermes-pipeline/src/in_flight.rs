@@ -1,9 +1,10 @@
 //! The in-flight bound: demand is free capacity.
 //!
-//! Every message holds one permit from the moment a producer is asked for it until
-//! it is acknowledged. Producers are only ever asked for permits they hold, so the
-//! number of messages in the pipeline never exceeds `max_in_flight`, whatever the
-//! offered load.
+//! A producer is only asked for messages it holds slots for, taken before it
+//! is asked; each message it returns keeps its slot until it is acknowledged,
+//! and the slots it did not fill are given back. So the number of messages in
+//! the pipeline never exceeds `max_in_flight`, whatever the offered load.
+//! Only those messages, not the slots held for asking, count as in flight.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,8 +12,11 @@ use metrics::Gauge;
 use tokio::sync::Semaphore;
 
 pub(crate) struct InFlight {
-    permits: Semaphore,
+    /// Free slots.
+    slots: Semaphore,
     max: usize,
+    /// Messages produced and not yet acknowledged.
+    messages: AtomicUsize,
     peak: AtomicUsize,
     gauge: Gauge,
 }
@@ -20,50 +24,68 @@ pub(crate) struct InFlight {
 impl InFlight {
     pub(crate) fn new(max: usize, gauge: Gauge) -> Self {
         Self {
-            permits: Semaphore::new(max),
+            slots: Semaphore::new(max),
             max,
+            messages: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             gauge,
         }
     }
 
-    /// Waits until at least `at_least` permits are free (capped at the bound), then
+    /// Waits until at least `at_least` slots are free (capped at the bound), then
     /// takes as many as are free, up to `at_most`. Returns how many it took.
     pub(crate) async fn acquire(&self, at_least: usize, at_most: usize) -> usize {
         let at_most = at_most.clamp(1, self.max);
         let at_least = at_least.clamp(1, at_most);
-        let Ok(permit) = self.permits.acquire_many(to_u32(at_least)).await else {
+        let Ok(permit) = self.slots.acquire_many(to_u32(at_least)).await else {
             return 0; // never closed
         };
         permit.forget();
         let mut taken = at_least;
         while taken < at_most {
-            let free = self.permits.available_permits().min(at_most - taken);
+            let free = self.slots.available_permits().min(at_most - taken);
             if free == 0 {
                 break;
             }
-            if let Ok(permit) = self.permits.try_acquire_many(to_u32(free)) {
+            if let Ok(permit) = self.slots.try_acquire_many(to_u32(free)) {
                 permit.forget();
                 taken += free;
             }
         }
-        self.gauge.increment(taken as f64);
-        self.peak.fetch_max(self.current(), Ordering::Relaxed);
         taken
     }
 
-    /// Returns `n` permits: `n` messages were acknowledged, or not produced.
-    pub(crate) fn release(&self, n: usize) {
+    /// `n` taken slots now hold produced messages: they are in flight.
+    pub(crate) fn admit(&self, n: usize) {
         if n > 0 {
-            self.gauge.decrement(n as f64);
-            self.permits.add_permits(n);
+            self.gauge.increment(n as f64);
+            let now = self.messages.fetch_add(n, Ordering::AcqRel) + n;
+            self.peak.fetch_max(now, Ordering::Relaxed);
         }
     }
 
-    pub(crate) fn current(&self) -> usize {
-        self.max - self.permits.available_permits()
+    /// Frees `n` taken slots that no message filled.
+    pub(crate) fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.slots.add_permits(n);
+        }
     }
 
+    /// `n` messages in flight were acknowledged: frees their slots.
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            self.gauge.decrement(n as f64);
+            self.messages.fetch_sub(n, Ordering::AcqRel);
+            self.slots.add_permits(n);
+        }
+    }
+
+    /// Messages in flight: produced and not yet acknowledged.
+    pub(crate) fn current(&self) -> usize {
+        self.messages.load(Ordering::Acquire)
+    }
+
+    /// The most messages ever in flight at once.
     pub(crate) fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
     }

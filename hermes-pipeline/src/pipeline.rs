@@ -124,8 +124,9 @@ impl<H: Handler> Pipeline<H> {
         self.shared.shutdown.is_cancelled()
     }
 
-    /// In-flight slots taken: messages produced and not yet acknowledged, plus
-    /// those a producer is being asked for right now.
+    /// Messages in flight: produced and not yet acknowledged. The slots a
+    /// producer holds while it is asked (up to `max_demand`, which an idle
+    /// ingress holds while it waits) count against `max_in_flight` but not here.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.current()
     }
@@ -223,8 +224,9 @@ impl<H: Handler> Pipeline<H> {
     /// broker redelivers it), as is what a producer draining until finished
     /// holds ready (within a bound, see
     /// [`Draining::UntilFinished`](crate::Draining::UntilFinished)), and this
-    /// returns once that is done. Those acknowledgements are awaited without a
-    /// time limit: an acknowledger that hangs holds the drain.
+    /// returns once that is done. Those acknowledgements, and the
+    /// [`Handler::handle_failed`] calls before them, are awaited without a time
+    /// limit: a `handle_failed` or an acknowledger that hangs holds the drain.
     pub async fn drain(&self, deadline: Duration) -> Drained {
         self.shutdown();
         if tokio::time::timeout(deadline, self.join()).await.is_ok() {

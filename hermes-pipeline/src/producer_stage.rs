@@ -216,11 +216,12 @@ impl<H: Handler> ProducerParts<H> {
         Demand { slots, asked }
     }
 
-    /// Frees the slots not used by `used` messages.
+    /// Puts `used` produced messages in flight, in the demand's slots, and
+    /// frees the slots left over.
     fn give_back(&self, demand: &Demand, used: usize) {
-        self.terminator
-            .in_flight
-            .release(demand.slots.saturating_sub(used));
+        let in_flight = &self.terminator.in_flight;
+        in_flight.admit(used);
+        in_flight.give_back(demand.slots.saturating_sub(used));
     }
 
     async fn idle(&self, demand: &Demand, backoff: std::time::Duration, stop: &CancellationToken) {
@@ -337,6 +338,6 @@ struct SlotsGuard<'a> {
 
 impl Drop for SlotsGuard<'_> {
     fn drop(&mut self) {
-        self.in_flight.release(self.slots);
+        self.in_flight.give_back(self.slots);
     }
 }

@@ -401,6 +401,62 @@ async fn a_completion_resolves_after_its_acknowledger_ran() {
     assert_eq!(acknowledger.0.acked(), 5);
 }
 
+#[test]
+fn only_produced_messages_count_as_in_flight() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let gauge = || -> f64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(key, ..)| key.key().name() == telemetry::IN_FLIGHT)
+            .map_or(0.0, |(.., value)| match value {
+                DebugValue::Gauge(value) => value.into_inner(),
+                _ => f64::NAN,
+            })
+    };
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (mut handler, _) = Collect::new();
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            handler.gate = Some(gate.clone());
+            let mut builder = Pipeline::builder("in-flight", handler)
+                .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
+                .batcher(
+                    "default",
+                    BatcherOptions::new()
+                        .batch_size(3)
+                        .batch_timeout(Duration::from_millis(1)),
+                );
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            // The idle ingress holds slots while it waits: none is a message.
+            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 0));
+            assert_eq!(gauge(), 0.0);
+            for n in 0..3u64 {
+                ingress.try_push(n).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (3, 3));
+            assert_eq!(gauge(), 3.0);
+            gate.add_permits(1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 3));
+            assert_eq!(gauge(), 0.0);
+            pipeline.drain(Duration::from_secs(1)).await;
+        });
+    });
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
     let (mut handler, _) = Collect::new();
