@@ -142,8 +142,8 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
             .iter()
             .take(length)
             .skip_while(|&&b| b == b'0')
-            .fold(Some(0i64), |value, &b| {
-                value?.checked_mul(10)?.checked_add(i64::from(b - b'0'))
+            .try_fold(0i64, |value, &b| {
+                value.checked_mul(10)?.checked_add(i64::from(b - b'0'))
             });
         end += length;
         match significant {
