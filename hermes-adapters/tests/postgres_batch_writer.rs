@@ -421,25 +421,29 @@ async fn a_serialization_failure_is_retried(mode: Mode) {
     assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
 }
 
+/// The default policy (the host's): 6 attempts, with jittered waits of
+/// 25–50, 50–100, 100–200, 200–400 and 400–800 ms between them.
 #[tokio::test]
-async fn a_persistent_transient_error_exhausts_the_retries() {
+async fn a_persistent_transient_error_exhausts_the_default_retries() {
     let pool = setup().await;
-    let retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), 3);
     let writer = sabotaged_writer(
         &pool,
         Mode::Unnest,
         Sabotage::SerializationFailure,
         u32::MAX,
-        retry,
+        RetryPolicy::default(),
     )
     .await;
+    let started = std::time::Instant::now();
     let error = writer.write(&events(0..10)).await.expect_err("must fail");
+    let elapsed = started.elapsed();
     assert!(error.is_transient());
-    assert!(matches!(
-        error,
-        WriteError::RetriesExhausted { attempts: 3, .. }
-    ));
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert!(
+        matches!(error, WriteError::RetriesExhausted { attempts: 6, .. }),
+        "{error}"
+    );
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 6);
+    assert!(elapsed >= Duration::from_millis(775), "{elapsed:?}");
     assert_eq!(count(&pool).await, 0);
 }
 
