@@ -3,13 +3,19 @@
 //! `ingest_webhook_batch`) must lock a batch's keys in one order, or two
 //! batches sharing keys could deadlock.
 
+use std::sync::Arc;
+
+use chrono::Utc;
+use hermes_adapters::postgres::Written;
 use hermes_adapters::postgres::local::test_database;
 use hermes_host::database::MIGRATOR;
+use hermes_host::webhooks::WebhookEvent;
+use hermes_host::webhooks::raw_store::RawEventStore;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 #[tokio::test]
-async fn ingest_function_inserts_events_in_bytewise_order_whatever_the_collation() {
+async fn both_paths_insert_events_in_bytewise_order_whatever_the_collation() {
     let url = test_database().await;
     let mut admin = PgConnection::connect(&url).await.unwrap();
     let base: String = sqlx::query_scalar("SELECT current_database()")
@@ -62,6 +68,31 @@ async fn ingest_function_inserts_events_in_bytewise_order_whatever_the_collation
     .unwrap();
     let keys: Vec<&str> = ids.iter().map(|(key, _)| key.as_str()).collect();
     assert_eq!(keys, ["B", "a"]);
+
+    // The raw COPY, given the events in the collation's order.
+    let event = |key: &str| {
+        Arc::new(WebhookEvent::new(
+            "raw".into(),
+            "raw".into(),
+            key.to_owned(),
+            "{}".to_owned(),
+            Utc::now(),
+            None,
+        ))
+    };
+    let (c, d) = (event("c"), event("D"));
+    let written = RawEventStore::default()
+        .write(&mut conn, &[&c, &d])
+        .await
+        .unwrap();
+    assert_eq!(written, [Written::Inserted, Written::Inserted]);
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT idempotency_key FROM webhook_events WHERE idempotency_key IN ('c', 'D') ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(keys, ["D", "c"]);
 
     conn.close().await.unwrap();
     sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
