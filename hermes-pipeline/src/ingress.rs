@@ -1,8 +1,9 @@
 //! Push ingress: hand messages to a running pipeline, and optionally await their fate.
 
 use std::fmt;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::message::Message;
 use crate::outcome::{Completion, Outcome};
@@ -48,12 +49,32 @@ impl<T> fmt::Debug for PushError<T> {
 /// handle is dropped and the buffer is empty, the ingress counts as a finished producer.
 pub struct Ingress<T> {
     tx: mpsc::Sender<Message<T>>,
+    /// Dropped after `tx`, so its signal comes once the sender is gone.
+    signal: Signal,
+}
+
+/// Wakes the producer waiting for a push: on each push, and on each handle
+/// dropped (the last one finishes the ingress).
+struct Signal(Arc<Notify>);
+
+impl Signal {
+    fn notify(&self) {
+        // Kept as a permit if the producer is not waiting yet.
+        self.0.notify_one();
+    }
+}
+
+impl Drop for Signal {
+    fn drop(&mut self) {
+        self.notify();
+    }
 }
 
 impl<T> Clone for Ingress<T> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            signal: Signal(self.signal.0.clone()),
         }
     }
 }
@@ -75,13 +96,19 @@ impl<T: Send + 'static> Ingress<T> {
     /// (the builder refuses to start with a capacity outside it).
     pub(crate) fn new(capacity: usize) -> (Self, IngressProducer<T>) {
         let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_INGRESS_CAPACITY));
-        (Self { tx }, IngressProducer { rx })
+        let pushed = Arc::new(Notify::new());
+        let ingress = Self {
+            tx,
+            signal: Signal(pushed.clone()),
+        };
+        (ingress, IngressProducer { rx, pushed })
     }
 
     /// Pushes a message if there is room, without waiting.
     pub fn try_push(&self, message: impl Into<Message<T>>) -> Result<(), PushError<T>> {
         self.tx
             .try_send(message.into())
+            .map(|()| self.signal.notify())
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(message) => PushError::Full(Box::new(message)),
                 mpsc::error::TrySendError::Closed(message) => PushError::Closed(Box::new(message)),
@@ -110,6 +137,7 @@ impl<T: Send + 'static> Ingress<T> {
         self.tx
             .send(message.into())
             .await
+            .map(|()| self.signal.notify())
             .map_err(|mpsc::error::SendError(message)| PushError::Closed(Box::new(message)))
     }
 
@@ -157,6 +185,8 @@ impl<T: Send + 'static> Ingress<T> {
 /// The pipeline side of an [`Ingress`]: a producer over its buffer.
 pub(crate) struct IngressProducer<T> {
     rx: mpsc::Receiver<Message<T>>,
+    /// Notified on each push and each handle dropped.
+    pushed: Arc<Notify>,
 }
 
 impl<T: Send + 'static> Producer<T> for IngressProducer<T> {
@@ -167,6 +197,14 @@ impl<T: Send + 'static> Producer<T> for IngressProducer<T> {
             Produced::Finished
         } else {
             Produced::Messages(messages)
+        }
+    }
+
+    async fn ready(&mut self) {
+        // Nothing is taken from the buffer, so its capacity holds and this is
+        // cancel-safe. A push after the check leaves a permit: no wake is lost.
+        while self.rx.is_empty() && !self.rx.is_closed() {
+            self.pushed.notified().await;
         }
     }
 

@@ -169,6 +169,15 @@ where
                 stage.fail_leftovers(&mut producer).await;
                 break;
             }
+            // Waits for the producer to have messages before taking slots for it.
+            match unless(stop, catch_panic(|| producer.ready())).await {
+                None => continue,
+                Some(Ok(())) => {}
+                Some(Err(panic)) => {
+                    tracing::error!(%panic, "ready panicked: the producer stops");
+                    break;
+                }
+            }
             let Some(demand) = unless(stop, stage.acquire_demand()).await else {
                 continue;
             };

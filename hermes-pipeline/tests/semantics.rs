@@ -338,6 +338,35 @@ async fn a_panicking_producer_stops_and_gives_its_slots_back() {
     assert_eq!(pipeline.in_flight(), 0);
 }
 
+/// Has messages to give, but panics when asked whether it is ready.
+struct PanicsWhenReady(Arc<AtomicUsize>);
+
+impl Producer<u64> for PanicsWhenReady {
+    async fn produce(&mut self, demand: usize) -> Produced<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Produced::Messages((0..demand as u64).map(Message::new).collect())
+    }
+
+    async fn ready(&mut self) {
+        panic!("not ready");
+    }
+}
+
+#[tokio::test]
+async fn a_producer_whose_ready_panics_stops_unasked() {
+    let (handler, _) = Collect::new();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let pipeline = Pipeline::builder("ready-panics", handler)
+        .producer(PanicsWhenReady(asked.clone()))
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the pipeline ends with its only producer");
+    assert_eq!(asked.load(Ordering::SeqCst), 0);
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
 #[tokio::test]
 async fn acknowledgements_are_grouped_per_acknowledger() {
     let (handler, _) = Collect::new();
@@ -838,6 +867,32 @@ async fn a_new_rate_limit_applies_to_a_producer_already_asked() {
     assert!(pipeline.drain(Duration::from_secs(2)).await.forced);
     assert_eq!(handled.load(Ordering::SeqCst), 40);
     assert!(matches!(completion.await, Outcome::Failed(reason) if reason.contains("deadline")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_ingresses_leave_their_slots_to_other_producers() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let recorder = Recorder::new();
+    let mut builder = Pipeline::builder("idle-ingresses", Tally(handled.clone()))
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
+        .max_in_flight(150);
+    // Were they asked while empty, these two would hold all 150 slots.
+    let ingresses = [builder.ingress(10), builder.ingress(10)];
+    let producer = Numbered::new(1000, 150, recorder.clone(), |id| id);
+    let violations = producer.violations.clone();
+    let pipeline = builder.producer(producer).start().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(recorder.acked(), 1000);
+    assert!(violations.lock().unwrap().is_empty());
+    for ingress in &ingresses {
+        assert!(ingress.test_message(7u64).await.is_success());
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 1002);
+    // Once every handle is dropped, the waiting ingresses finish.
+    drop(ingresses);
+    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the pipeline ends once its producers are done");
 }
 
 /// Holds every message until let through, counting the processors busy at once
