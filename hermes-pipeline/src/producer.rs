@@ -52,10 +52,10 @@ pub trait Producer<T>: Send + 'static {
 
     /// Waits until the producer has messages, or something else to say, before
     /// the pipeline takes in-flight slots to ask it; called before every ask
-    /// (a panic stops the producer, like one in `produce`). A producer that waits in
-    /// `produce` for messages to arrive (a push buffer, a long poll) holds up
-    /// to `max_demand` slots while it waits, which other producers of the same
-    /// pipeline then lack; waiting here instead holds none. Must be
+    /// (a panic stops the producer, like one in `produce`). A producer that
+    /// waits in `produce` for messages to arrive (a push buffer, a long poll)
+    /// holds up to `max_demand` slots while it waits, which other producers of
+    /// the same pipeline then lack; waiting here instead holds none. Must be
     /// cancel-safe, like `produce`. The default returns at once.
     fn ready(&mut self) -> impl Future<Output = ()> + Send {
         async {}
