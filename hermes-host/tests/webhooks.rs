@@ -34,6 +34,74 @@ async fn accepted_after_commit_and_redelivery_is_a_duplicate() {
     assert_eq!(body, payload);
 }
 
+/// Holds the events table with a SHARE lock, sends `payload` to `source`,
+/// and checks that no answer comes while the write waits for the lock (nor
+/// is the row visible), then that the 202 comes once the lock is released
+/// and names a stored row.
+async fn answered_only_after_the_commit(source: &str, payload: serde_json::Value) -> Harness {
+    // A statement timeout far above the lock's lifetime: the write waits,
+    // it does not time out and retry.
+    let h = start("[database]\nstatement_timeout_ms = 60000\n").await;
+    let lock = h.lock_events().await;
+    let body = serde_json::to_vec(&payload).unwrap();
+    let headers = h.sign(source, &body, "held");
+    let (client, url, owned) = (h.client.clone(), h.url.clone(), source.to_owned());
+    let request =
+        tokio::spawn(async move { common::post(&client, &url, &owned, body, headers).await });
+
+    // The batch's write is waiting for the lock: the event was verified,
+    // enqueued and batched, and only the commit is missing.
+    common::wait_until_async(|| async { h.lock_waiters().await == 1 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if request.is_finished() {
+        panic!("{source}: answered before the commit: {:?}", request.await);
+    }
+    assert_eq!(h.count("webhook_events").await, 0, "{source}");
+    assert_eq!(h.lock_waiters().await, 1, "{source}: the write still waits");
+
+    lock.rollback().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the 202 once the lock is released")
+        .unwrap()
+        .unwrap();
+    h.assert_committed(&reply).await;
+    assert!(!reply.duplicate(), "{reply:?}");
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+            .bind(reply.id())
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, payload, "{source}");
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_event_is_answered_only_after_its_commit() {
+    // normalize = "none": the COPY path.
+    let h = answered_only_after_the_commit("raw", json!({"n": 1})).await;
+    assert_eq!(h.count("webhook_events").await, 1);
+    assert_eq!(h.count("messages").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normalized_event_is_answered_only_after_its_commit() {
+    // normalize = "sms": ingest_webhook_batch stores the message with it.
+    let payload = sms("+14155550100", "+14155550101", "held");
+    let h = answered_only_after_the_commit("sms", payload).await;
+    assert_eq!(h.count("webhook_events").await, 1);
+    let event: i64 = sqlx::query_scalar("SELECT event_id FROM messages")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM webhook_events")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(event, id, "the message names its event");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_ids_are_idempotency_keys() {
     let h = start("").await;
@@ -337,17 +405,45 @@ async fn chunked_body_over_the_limit_is_413_while_reading() {
     let head = "POST /webhooks/sms HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
                 transfer-encoding: chunked\r\nconnection: close\r\nx-provider-signature-256: sha256=00\r\n\r\n";
     stream.write_all(head.as_bytes()).await.unwrap();
-    // No Content-Length: 5 chunks of 1000 bytes against max_body_bytes = 4096.
+    // No Content-Length, and a body that never ends: 4 chunks of 1000 bytes,
+    // then a fifth announcing 1000 of which only 97 come, 4097 bytes against
+    // max_body_bytes = 4096; no terminating chunk. A server that read the
+    // whole body before checking its length would wait for ever; one that
+    // counts while reading answers once the last byte sent is read (so it
+    // has read everything: closing the connection resets nothing unread).
     let chunk = format!("3e8\r\n{}\r\n", "x".repeat(1000));
-    for _ in 0..5 {
-        if stream.write_all(chunk.as_bytes()).await.is_err() {
-            break; // the server may answer and close before the last chunk
-        }
+    for _ in 0..4 {
+        stream.write_all(chunk.as_bytes()).await.unwrap();
     }
-    let _ = stream.write_all(b"0\r\n\r\n").await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let over = format!("3e8\r\n{}", "x".repeat(97));
+    stream.write_all(over.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    // Read the head and as much body as it announces (the server may keep
+    // the connection open while the request's body is unfinished).
+    let read_answer = async {
+        let mut answer = Vec::new();
+        let mut buffer = [0; 1024];
+        loop {
+            // A reset ends the answer too: the assertions below say what came.
+            let n = stream.read(&mut buffer).await.unwrap_or(0);
+            answer.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+                let length = head.lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                });
+                length.is_some_and(|length| body.len() >= length)
+            });
+            if n == 0 || complete {
+                return text.into_owned();
+            }
+        }
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_answer)
+        .await
+        .expect("no answer in 5 s to a body over the limit whose end was never sent");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("4096"), "{answer}");
     assert_nothing_stored(&h).await;
@@ -530,7 +626,28 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_database_gets_503_not_a_hang() {
-    let h = start("[database]\nstatement_timeout_ms = 300\n").await;
+    const STATEMENT_TIMEOUT: Duration = Duration::from_millis(300);
+    let h = start(&format!(
+        "[database]\nstatement_timeout_ms = {}\n",
+        STATEMENT_TIMEOUT.as_millis()
+    ))
+    .await;
+    // The host's writer retries by the default policy: each attempt waits
+    // for the lock until the statement timeout (a transient error), then a
+    // jittered back-off of [d/2, d] before the next, d doubling from `base`.
+    let policy = hermes_adapters::postgres::RetryPolicy::default();
+    let ceilings: Vec<Duration> = (1..policy.attempts)
+        .map(|retry| (policy.base * 2u32.pow(retry - 1)).min(policy.max))
+        .collect();
+    let least_wait: Duration = ceilings.iter().map(|d| *d / 2).sum();
+    let most_wait: Duration = ceilings.iter().sum();
+    let least = STATEMENT_TIMEOUT * policy.attempts + least_wait;
+    // Every attempt's overhead (a new connection after a cancelled one),
+    // the batch timeout, and a slow, loaded machine.
+    let most = STATEMENT_TIMEOUT * policy.attempts + most_wait + Duration::from_secs(3);
+    // So the retries end by count, not by give_up_after.
+    assert!(most < policy.give_up_after, "{most:?}");
+
     // An operator's lock holds every write of the events table.
     let mut locker = h.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE")
@@ -538,14 +655,45 @@ async fn a_stalled_database_gets_503_not_a_hang() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let reply = h.deliver("raw", &json!({"n": 1}), "stalled").await;
+    let body = serde_json::to_vec(&json!({"n": 1})).unwrap();
+    let headers = h.sign("raw", &body, "stalled");
+    let (client, url) = (h.client.clone(), h.url.clone());
+    let request =
+        tokio::spawn(async move { common::post(&client, &url, "raw", body, headers).await });
+    // Meanwhile, count the attempts: each is a statement (its own start
+    // time) waiting for the lock. Polling may miss one, never add one.
+    let mut attempts = std::collections::HashSet::new();
+    while !request.is_finished() {
+        let waiting: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT pid, query_start::text FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+        attempts.extend(waiting);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reply = request.await.unwrap().unwrap();
+    let elapsed = started.elapsed();
     assert_eq!(reply.status, 503, "{reply:?}");
     assert!(reply.retry_after.is_some(), "{reply:?}");
-    // Six attempts of 300 ms and their back-off, not the lock's lifetime.
     assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        started.elapsed()
+        attempts.len() <= policy.attempts as usize,
+        "{} attempts seen, the policy allows {}",
+        attempts.len(),
+        policy.attempts
+    );
+    // Every attempt of the policy and its back-off, not fewer (each takes
+    // the whole statement timeout), and not the lock's lifetime.
+    assert!(
+        elapsed >= least,
+        "503 after {elapsed:?}, before {} attempts could time out ({least:?})",
+        policy.attempts
+    );
+    assert!(
+        elapsed <= most,
+        "503 after {elapsed:?}, not within {most:?}"
     );
 
     locker.rollback().await.unwrap();

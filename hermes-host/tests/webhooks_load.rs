@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Reply, post, sms, start};
+use common::{Reply, post, sms, start, wait_until, wait_until_async};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_deliveries_are_stored_once() {
@@ -52,18 +52,17 @@ async fn concurrent_identical_deliveries_are_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_answers_503_at_once_then_recovers() {
-    // Room for one event in flight and one in the ingress buffer.
+    // Room for one event in flight and one in the ingress buffer. The stuck
+    // insert waits for the test's lock: a statement timeout far above that
+    // wait keeps it from timing out and, its retries given up, answering 503.
     let h = start(
         "[webhooks]\ningest_capacity = 1\nprocessors = 1\nmax_demand = 1\nbatch_size = 1\n\
-         batch_concurrency = 1\nmax_in_flight = 1\nbatch_timeout_ms = 1\nretry_after_secs = 2",
+         batch_concurrency = 1\nmax_in_flight = 1\nbatch_timeout_ms = 1\nretry_after_secs = 2\n\
+         [database]\nstatement_timeout_ms = 60000",
     )
     .await;
     // Hold inserts: the batch handler blocks on this lock.
-    let mut lock = h.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = h.lock_events().await;
 
     let spawn = |n: u32| {
         let body =
@@ -75,22 +74,8 @@ async fn saturation_answers_503_at_once_then_recovers() {
     let ingest = h.server().ingest().clone();
     let stuck_in_batch = spawn(1);
     // In the batch handler once its insert waits for the lock (an in-flight
-    // count of 1 is reached earlier: the ingress's pending ask takes a slot).
-    let pool = h.pool.clone();
-    wait_until_async(|| {
-        let pool = pool.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
-    .await;
+    // count of 1 is reached earlier, when the event is produced).
+    wait_until_async(|| async { h.lock_waiters().await == 1 }).await;
     let stuck_in_buffer = spawn(2);
     wait_until(|| ingest.ingress().free() == 0).await;
 
@@ -119,71 +104,91 @@ async fn saturation_answers_503_at_once_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_loses_nothing() {
-    let mut h = start(
-        "[webhooks]\ningest_capacity = 1000\nbatch_size = 20\nbatch_timeout_ms = 50\n\
-         [shutdown]\ndrain_timeout_ms = 20000",
-    )
+    // The test's lock holds every batch write, so shutdown starts with
+    // events both in flight (batches waiting for the lock, at most
+    // max_in_flight) and in the ingress buffer (the rest): the drain must
+    // write and answer all of them.
+    const HELD: usize = 60;
+    const CAPACITY: usize = 100;
+    const MAX_IN_FLIGHT: usize = 20;
+    let mut h = start(&format!(
+        "[webhooks]\ningest_capacity = {CAPACITY}\nmax_in_flight = {MAX_IN_FLIGHT}\n\
+         max_demand = 5\nbatch_size = 10\nbatch_concurrency = 2\nbatch_timeout_ms = 5\n\
+         [database]\nstatement_timeout_ms = 60000\n\
+         [shutdown]\ndrain_timeout_ms = 60000"
+    ))
     .await;
-    let tasks: Vec<_> = (0..300)
+    let lock = h.lock_events().await;
+    // Raw events (the COPY path) and normalized ones.
+    let tasks: Vec<_> = (0..HELD)
         .map(|n| {
-            let body =
-                serde_json::to_vec(&sms("+14155550100", "+14155550101", &format!("m{n}"))).unwrap();
-            let headers = h.sign("sms", &body, "id");
+            let (source, payload) = if n % 2 == 0 {
+                ("raw", serde_json::json!({"n": n}))
+            } else {
+                ("sms", sms("+14155550100", "+14155550101", &format!("m{n}")))
+            };
+            let body = serde_json::to_vec(&payload).unwrap();
+            let headers = h.sign(source, &body, &format!("d{n}"));
             let (client, url) = (h.client.clone(), h.url.clone());
-            tokio::spawn(async move { post(&client, &url, "sms", body, headers).await })
+            tokio::spawn(async move { post(&client, &url, source, body, headers).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let report = h.server.take().unwrap().shutdown().await;
-    assert!(!report.forced);
+
+    // Every request is in the pipeline (produced or buffered), and a batch
+    // waits for the lock.
+    let ingest = h.server().ingest().clone();
+    let buffered = || CAPACITY - ingest.ingress().free();
+    wait_until(|| ingest.pipeline().in_flight() + buffered() == HELD).await;
+    wait_until_async(|| async { h.lock_waiters().await >= 1 }).await;
+    let in_flight = ingest.pipeline().in_flight();
+    assert!(
+        (1..=MAX_IN_FLIGHT).contains(&in_flight),
+        "in flight: {in_flight}"
+    );
+    assert_eq!(buffered(), HELD - in_flight, "the rest is buffered");
+
+    let server = h.server.take().unwrap();
+    let shutdown = tokio::spawn(server.shutdown());
+    wait_until(|| ingest.pipeline().is_draining()).await;
+    // The drain waits for the held writes: nothing is answered meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!shutdown.is_finished(), "the drain waits for the writes");
+    let answered = tasks.iter().filter(|t| t.is_finished()).count();
+    assert_eq!(answered, 0, "answered while every write was held");
+    assert_eq!(h.count("webhook_events").await, 0);
+
+    lock.rollback().await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("the drain ends once the lock is released")
+        .unwrap();
+    assert!(!report.forced, "the drain was forced");
 
     let mut accepted = HashSet::new();
-    let (mut unavailable, mut refused) = (0, 0);
     for task in tasks {
-        match task.await.unwrap() {
-            Ok(reply) if reply.status == 202 => {
-                accepted.insert(reply.id());
-            }
-            Ok(reply) => {
-                assert_eq!(reply.status, 503, "{reply:?}");
-                unavailable += 1;
-            }
-            Err(_) => refused += 1,
-        }
+        let reply = task
+            .await
+            .unwrap()
+            .expect("an answer before the server stopped");
+        assert_eq!(reply.status, 202, "{reply:?}");
+        assert!(!reply.duplicate(), "{reply:?}");
+        assert!(
+            accepted.insert(reply.id()),
+            "id {} answered twice",
+            reply.id()
+        );
     }
-    eprintln!(
-        "accepted {}, 503 {unavailable}, refused {refused}",
-        accepted.len()
-    );
-    let stored: HashSet<i64> = sqlx::query_scalar("SELECT id FROM webhook_events")
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM webhook_events")
         .fetch_all(&h.pool)
         .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert!(!accepted.is_empty());
-    assert!(
-        accepted.is_subset(&stored),
-        "every 202 is stored: missing {:?}",
-        accepted.difference(&stored).collect::<Vec<_>>()
-    );
+        .unwrap();
+    assert_eq!(stored.len(), HELD, "each event stored once");
     assert_eq!(
-        accepted.len(),
-        stored.len(),
-        "every stored event was answered 202 ({unavailable} 503, {refused} refused)"
+        stored.into_iter().collect::<HashSet<_>>(),
+        accepted,
+        "the stored events are the ones answered 202"
     );
-}
-
-async fn wait_until(condition: impl Fn() -> bool) {
-    wait_until_async(|| std::future::ready(condition())).await;
-}
-
-async fn wait_until_async<F: Future<Output = bool>>(condition: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "condition not reached in 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert_eq!(h.count("messages").await, (HELD / 2) as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

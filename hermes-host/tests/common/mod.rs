@@ -152,6 +152,30 @@ impl Harness {
             .expect("query");
         assert_eq!(found, Some(reply.id()), "202 for an event not in Postgres");
     }
+
+    /// Takes `LOCK TABLE webhook_events IN SHARE MODE` in a transaction of
+    /// the test's pool: the host's writes of events wait for it until the
+    /// transaction ends (reads go on).
+    pub async fn lock_events(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.pool.begin().await.expect("begin");
+        sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
+            .execute(&mut *lock)
+            .await
+            .expect("lock webhook_events");
+        lock
+    }
+
+    /// Backends of the test's database waiting for a lock (with
+    /// [`lock_events`](Self::lock_events) held: the host's event writes).
+    pub async fn lock_waiters(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("pg_stat_activity")
+    }
 }
 
 /// POSTs with any client (for concurrent tasks).
@@ -190,4 +214,22 @@ pub fn sms(from: &str, to: &str, body: &str) -> Value {
         "from": from, "to": to, "body": body,
         "timestamp": "2024-05-01T12:00:00Z", "provider_message_id": format!("SM-{body}")
     })
+}
+
+/// Waits until `condition` holds, polling every 5 ms; fails after 10 s.
+pub async fn wait_until(condition: impl Fn() -> bool) {
+    wait_until_async(|| std::future::ready(condition())).await;
+}
+
+/// Waits until the future that `condition` returns resolves to `true`, polling
+/// every 5 ms; fails after 10 s.
+pub async fn wait_until_async<F: Future<Output = bool>>(condition: impl Fn() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
