@@ -472,11 +472,26 @@ impl LocalPostgres {
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(|e| self.sql_err(e))?;
-        sqlx::query(&statement)
-            .persistent(false)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| self.sql_err(e))?;
+        // Processes starting on one cluster at once (test binaries run in
+        // parallel) update the role's row together; the loser gets "tuple
+        // concurrently updated" and sets the same password again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match sqlx::query(&statement)
+                .persistent(false)
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => break,
+                Err(sqlx::Error::Database(error))
+                    if attempts < 5 && error.message() == "tuple concurrently updated" =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+                }
+                Err(error) => return Err(self.sql_err(error)),
+            }
+        }
         let _ = conn.close().await;
         Ok(())
     }
