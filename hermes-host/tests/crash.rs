@@ -1,15 +1,18 @@
 //! The `hermes` binary under signals. `kill -9` during load: every event
 //! that was answered 202 (before or after the crash) is stored exactly once,
 //! and the restarted host answers redeliveries of committed events with 202,
-//! `duplicate: true` and the same id. SIGTERM during load: the host drains,
-//! commits and exits 0 with every 202 stored; SIGTERM during startup: it
-//! exits 0 too.
+//! `duplicate: true` and the same id. SIGTERM or SIGINT while the host holds
+//! requests whose writes wait for a lock: it refuses new connections at once,
+//! keeps running until the writes commit, answers each held request 202 and
+//! exits 0 within its drain deadline. SIGTERM amid load: only 202s and 503s,
+//! exit 0; SIGTERM during startup: exit 0 too.
 //!
-//! The real binary runs as a subprocess against a fresh database of the
-//! private test cluster; several tasks drive signed webhooks at it, the
-//! process gets SIGKILL once a few hundred events are committed, a new
-//! process starts on the same database, and every request that got no
-//! answer or a non-202 is sent again, as a provider would retry it.
+//! The real binary runs as a subprocess (on 127.0.0.1:0; the address is read
+//! from its log) against a fresh database of the private test cluster; in the
+//! kill test several tasks drive signed webhooks at it, the process gets
+//! SIGKILL once a few hundred events are committed, a new process starts on
+//! the same database, and every request that got no answer or a non-202 is
+//! sent again, as a provider would retry it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -100,30 +103,34 @@ impl Event {
 /// A `hermes serve` subprocess.
 struct Host {
     child: Child,
-    url: String,
+    /// `http://127.0.0.1:…`, as the host logged it once listening.
+    url: Option<String>,
     log: PathBuf,
 }
 
 impl Host {
-    /// Starts `hermes serve` on a free port against `database_url` and waits
-    /// until `/ready` answers 200.
-    async fn start(config: &PathBuf, database_url: &str, name: &str) -> Self {
-        let mut host = Self::spawn(config, database_url, name, "warn");
+    /// Starts `hermes serve` against `database_url`, logging at `log_level`,
+    /// and waits until `/ready` answers 200.
+    async fn start(config: &PathBuf, database_url: &str, name: &str, log_level: &str) -> Self {
+        let mut host = Self::spawn(config, database_url, name, log_level);
         host.wait_ready().await;
         host
     }
 
-    /// Starts `hermes serve`, logging at `log_level`, without waiting.
+    /// Starts `hermes serve` on a port the kernel picks (127.0.0.1:0: no
+    /// other test can take it in between), logging at `log_level`, without
+    /// waiting.
     fn spawn(config: &PathBuf, database_url: &str, name: &str, log_level: &str) -> Self {
-        let port = free_port();
         let log = tmp_dir().join(format!("crash-{}-{name}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("create the host log");
         let child = Command::new(env!("CARGO_BIN_EXE_hermes"))
             .arg("serve")
             .arg("--config")
             .arg(config)
+            .arg("--log-format")
+            .arg("text")
             .env("DATABASE_URL", database_url)
-            .env("HERMES_LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERMES_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -133,19 +140,19 @@ impl Host {
             .expect("start the hermes binary");
         Self {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: None,
             log,
         }
     }
 
-    /// SIGTERM.
-    fn terminate(&self) {
-        let pid = self.child.id().expect("hermes is running");
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid}");
+    /// The host's base URL; known once it is ready.
+    fn url(&self) -> &str {
+        self.url.as_deref().expect("the host is listening")
+    }
+
+    /// Sends `signal` (`libc::SIGTERM`, `libc::SIGINT`).
+    fn signal(&self, signal: libc::c_int) {
+        send_signal(&self.child, signal);
     }
 
     /// How the process exited, within `limit`.
@@ -158,7 +165,44 @@ impl Host {
             .expect("wait for hermes")
     }
 
+    /// Waits until the log has the line `needle` is in, complete.
+    async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .log_text()
+                .split_inclusive('\n')
+                .find(|line| line.ends_with('\n') && line.contains(needle))
+            {
+                return line.trim_end().to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "hermes exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} logged in {limit:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads the address from `hermes: listening on http://… (Postgres: …)`,
+    /// then waits until `/ready` answers 200.
     async fn wait_ready(&mut self) {
+        const LISTENING: &str = "hermes: listening on ";
+        let line = self.wait_for_line(LISTENING, Duration::from_secs(60)).await;
+        let url = line[line.find(LISTENING).expect("found") + LISTENING.len()..]
+            .split_whitespace()
+            .next()
+            .filter(|url| url.starts_with("http://127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        self.url = Some(url);
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -169,7 +213,7 @@ impl Host {
                 );
             }
             let ready = client
-                .get(format!("{}/ready", self.url))
+                .get(format!("{}/ready", self.url()))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await;
@@ -199,11 +243,22 @@ fn tmp_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+/// Sends `signal` (`libc::SIGTERM`, `libc::SIGINT`) to `child`, which must
+/// not have been reaped yet, with kill(2) itself: no `kill` program needed.
+fn send_signal(child: &Child, signal: libc::c_int) {
+    // `id()` is `None` once the child was reaped; until then its pid cannot
+    // be reused by another process.
+    let pid = child.id().expect("the child has not been reaped");
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits in pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of this
+    // process; the pid is our unreaped child's, so it names that process.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Sends `event` once, signed now.
@@ -339,8 +394,8 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
     let (config_path, verifier, client) = setup("kill-9", "");
 
     // Load, then kill -9 mid-load.
-    let mut host = Host::start(&config_path, &database_url, "first").await;
-    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url), &verifier);
+    let mut host = Host::start(&config_path, &database_url, "first", "warn").await;
+    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url()), &verifier);
     load.wait_for_202s(&host).await;
     host.kill_9().await;
     let events = load.events().await;
@@ -374,8 +429,8 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
     );
 
     // Restart on the same database; the provider retries what got no 202.
-    let host = Host::start(&config_path, &database_url, "restarted").await;
-    let route = format!("{}/webhooks/sms", host.url);
+    let host = Host::start(&config_path, &database_url, "restarted", "warn").await;
+    let route = format!("{}/webhooks/sms", host.url());
     let (done, pending): (Vec<Event>, Vec<Event>) =
         events.into_iter().partition(Event::was_accepted);
     let mut chunks: Vec<Vec<Event>> = (0..SENDERS).map(|_| Vec::new()).collect();
@@ -505,16 +560,231 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
     drop(host);
 }
 
+/// Requests the host holds, unanswered, when the signal comes.
+const HELD: usize = 8;
+
+/// The host gets `signal` (named `name` in its log) while it holds `HELD`
+/// requests whose batch writes wait for a lock the test holds. It must stop
+/// accepting connections at once, keep running (draining) while the writes
+/// wait, and once the lock is released commit all of them, answer each 202,
+/// and exit 0 without reaching its drain deadline.
+async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, name: &str) {
+    let database_url = hermes_adapters::postgres::local::test_database().await;
+    // A drain deadline and a statement timeout far beyond how long the test
+    // holds the lock: a graceful drain never reaches them.
+    let (config_path, verifier, _) = setup(
+        &format!("held-{name}"),
+        "[shutdown]\ndrain_timeout_ms = 120000\n[database]\nstatement_timeout_ms = 120000",
+    );
+    let mut host = Host::start(
+        &config_path,
+        &database_url,
+        &format!("held-{name}"),
+        "warn,hermes_host=info",
+    )
+    .await;
+    let url = host.url().to_owned();
+    let route = format!("{url}/webhooks/sms");
+    let pool = PgPool::connect(&database_url).await.expect("pool");
+
+    // Hold every batch write: the host's insert waits for this lock.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock webhook_events");
+
+    // Time-outs well beyond the hold: these requests must be answered.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client");
+    let held: Vec<_> = (0..HELD)
+        .map(|n| {
+            let event = Event::new(1_000_000 + n);
+            let (client, route, verifier) = (client.clone(), route.clone(), verifier.clone());
+            tokio::spawn(async move {
+                let answer = deliver(&client, &route, &verifier, &event.body).await;
+                (event.provider_message_id, answer)
+            })
+        })
+        .collect();
+
+    // All HELD are in the pipeline (its in-flight gauge) and a batch write
+    // waits for the lock.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let in_flight = in_flight(&client, &url).await;
+        let waiting = lock_waiters(&pool).await;
+        if in_flight == HELD && waiting >= 1 {
+            break;
+        }
+        assert!(
+            in_flight <= HELD && held.iter().all(|task| !task.is_finished()),
+            "an answer while writes are held: in flight {in_flight}:\n{}",
+            host.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "in flight {in_flight} of {HELD}, {waiting} writes waiting for the lock after 60 s:\n{}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    host.signal(signal);
+    host.wait_for_line(&format!("{name} received"), Duration::from_secs(30))
+        .await;
+
+    // Stops accepting: the listener is closed once the shutdown began (the
+    // server drops it before it drains), so connections are refused.
+    let address = url.trim_start_matches("http://").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpStream::connect(&address).await {
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(error) => panic!("connecting after {name}: {error}"),
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "still accepting connections 10 s after {name}:\n{}",
+                host.log_text()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fresh = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let late = Event::new(2_000_000);
+    let signed = verifier.sign(&late.body, &route, "", SystemTime::now());
+    let sent = fresh
+        .post(&route)
+        .headers(signed)
+        .header("content-type", "application/json")
+        .body(late.body)
+        .send()
+        .await;
+    match sent {
+        Err(error) if error.is_connect() => {}
+        other => panic!("a request after {name}: {other:?}"),
+    }
+
+    // Draining: still running, nothing answered, nothing committed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Ok(Some(status)) = host.child.try_wait() {
+        panic!(
+            "hermes exited ({status}) with {HELD} writes pending:\n{}",
+            host.log_text()
+        );
+    }
+    assert!(
+        held.iter().all(|task| !task.is_finished()),
+        "answered before its write could commit"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(stored, 0, "committed while the lock was held");
+
+    lock.rollback().await.expect("release the lock");
+    let mut answered: HashMap<String, i64> = HashMap::new();
+    for task in held {
+        let (provider_message_id, answer) = task.await.expect("request task");
+        let Answer::Accepted {
+            id,
+            duplicate: false,
+        } = answer
+        else {
+            panic!(
+                "{provider_message_id} answered {answer:?}, not a first 202:\n{}",
+                host.log_text()
+            );
+        };
+        answered.insert(provider_message_id, id);
+    }
+    let status = host.exit_status(Duration::from_secs(30)).await;
+    let log = host.log_text();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        !log.contains("drain deadline"),
+        "a drain within its deadline:\n{log}"
+    );
+    assert!(log.contains("hermes stopped"), "{log}");
+
+    // Each held event stored once, under the id of its 202; nothing else.
+    let stored: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, body->>'provider_message_id' FROM webhook_events ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("query events");
+    let mut stored_ids: Vec<(String, i64)> = stored.into_iter().map(|(id, m)| (m, id)).collect();
+    stored_ids.sort();
+    let mut answered: Vec<(String, i64)> = answered.into_iter().collect();
+    answered.sort();
+    assert_eq!(answered.len(), HELD);
+    assert_eq!(stored_ids, answered, "stored exactly the 202s, once each");
+    let _ = std::fs::remove_file(&config_path);
+}
+
+/// The host's `hermes_pipeline_in_flight` gauge for the webhooks pipeline.
+async fn in_flight(client: &reqwest::Client, url: &str) -> usize {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find(|line| {
+            line.starts_with("hermes_pipeline_in_flight{")
+                && line.contains(r#"pipeline="webhooks""#)
+        })
+        .and_then(|line| line.split_whitespace().last())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as usize)
+}
+
+/// Backends of the test's database waiting for a lock.
+async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("query pg_stat_activity")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_load_drains_commits_and_exits_0() {
+async fn sigterm_with_held_writes_stops_accepting_drains_them_and_exits_0() {
+    signal_with_held_writes_drains_them_and_exits_0(libc::SIGTERM, "SIGTERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_with_held_writes_stops_accepting_drains_them_and_exits_0() {
+    signal_with_held_writes_drains_them_and_exits_0(libc::SIGINT, "SIGINT").await;
+}
+
+/// SIGTERM amid a steady load, requests arriving while the host closes: it
+/// answers nothing but 202 or 503 (or leaves a request unanswered once it
+/// stops accepting), exits 0 within its drain deadline, and every 202's event
+/// is in Postgres after the process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_amid_load_answers_only_202_or_503_and_exits_0() {
     let database_url = hermes_adapters::postgres::local::test_database().await;
     let (config_path, verifier, client) = setup("sigterm", "");
-    let mut host = Host::start(&config_path, &database_url, "sigterm").await;
-    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url), &verifier);
+    let mut host = Host::start(&config_path, &database_url, "sigterm", "warn").await;
+    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url()), &verifier);
     load.wait_for_202s(&host).await;
-    host.terminate();
+    host.signal(libc::SIGTERM);
     let status = host.exit_status(Duration::from_secs(30)).await;
-    assert!(status.success(), "{status}:\n{}", host.log_text());
+    let log = host.log_text();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(!log.contains("drain deadline"), "{log}");
 
     let mut ids = Vec::new();
     for answer in load.events().await.into_iter().flat_map(|e| e.answers) {
@@ -536,6 +806,7 @@ async fn sigterm_during_load_drains_commits_and_exits_0() {
         .await
         .expect("count");
     assert_eq!(stored as usize, ids.len(), "every 202 is committed");
+    let _ = std::fs::remove_file(&config_path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,7 +835,7 @@ async fn sigterm_during_startup_exits_0() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    host.terminate();
+    host.signal(libc::SIGTERM);
     let status = host.exit_status(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}:\n{}", host.log_text());
     assert!(

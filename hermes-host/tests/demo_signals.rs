@@ -92,14 +92,9 @@ impl Hermes {
         }
     }
 
-    /// Sends `signal` (`INT`, `TERM`) with `kill`.
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("hermes is running");
-        let sent = std::process::Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -{signal} {pid}");
+    /// Sends `signal` (`libc::SIGINT`, `libc::SIGTERM`).
+    fn signal(&self, signal: libc::c_int) {
+        send_signal(&self.child, signal);
     }
 
     /// How the process exited, within `limit`; its output is complete then.
@@ -132,6 +127,24 @@ fn collect(
 
 fn tmp_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Sends `signal` (`libc::SIGTERM`, `libc::SIGINT`) to `child`, which must
+/// not have been reaped yet, with kill(2) itself: no `kill` program needed.
+fn send_signal(child: &Child, signal: libc::c_int) {
+    // `id()` is `None` once the child was reaped; until then its pid cannot
+    // be reused by another process.
+    let pid = child.id().expect("the child has not been reaped");
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits in pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of this
+    // process; the pid is our unreaped child's, so it names that process.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Writes `text` to a configuration file for test `name`.
@@ -199,7 +212,7 @@ async fn sigint_stops_a_timed_demo_with_its_summary_and_exit_0() {
     // The first progress line: the timed run is under way.
     demo.wait_for(false, "events/s", Duration::from_secs(120))
         .await;
-    demo.signal("INT");
+    demo.signal(libc::SIGINT);
     let status = demo.exit_status(Duration::from_secs(60)).await;
     let stdout = demo.stdout();
     assert!(status.success(), "{status}\n{}", demo.output());
@@ -231,7 +244,7 @@ async fn sigint_during_demo_startup_exits_0() {
     );
     demo.wait_for(true, "using Postgres", Duration::from_secs(30))
         .await;
-    demo.signal("INT");
+    demo.signal(libc::SIGINT);
     let status = demo.exit_status(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}\n{}", demo.output());
     assert!(
@@ -383,7 +396,7 @@ async fn json_logs_of_migrate_and_of_serve_until_sigterm_are_json_lines_only() {
     serve
         .wait_for(true, "hermes is listening", Duration::from_secs(60))
         .await;
-    serve.signal("TERM");
+    serve.signal(libc::SIGTERM);
     let status = serve.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}\n{}", serve.output());
     let lines = json_lines(&serve.stderr());
