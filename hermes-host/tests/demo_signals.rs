@@ -4,7 +4,10 @@
 //! to before it starts anything. With `--log-format json` every stderr line is
 //! JSON, errors included; in text mode errors stay plain lines.
 
-use std::path::PathBuf;
+mod child;
+
+use child::{send_signal, tmp_dir};
+
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,28 +126,6 @@ fn collect(
             text.push('\n');
         }
     })
-}
-
-fn tmp_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// Sends `signal` (`libc::SIGTERM`, `libc::SIGINT`) to `child`, which must
-/// not have been reaped yet, with kill(2) itself: no `kill` program needed.
-fn send_signal(child: &Child, signal: libc::c_int) {
-    // `id()` is `None` once the child was reaped; until then its pid cannot
-    // be reused by another process.
-    let pid = child.id().expect("the child has not been reaped");
-    let pid = libc::pid_t::try_from(pid).expect("a pid fits in pid_t");
-    // SAFETY: kill(2) takes two integers and touches no memory of this
-    // process; the pid is our unreaped child's, so it names that process.
-    let sent = unsafe { libc::kill(pid, signal) };
-    assert_eq!(
-        sent,
-        0,
-        "kill({pid}, {signal}): {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Writes `text` to a configuration file for test `name`.
