@@ -16,7 +16,7 @@
 
 mod child;
 
-use child::{send_signal, tmp_dir};
+use child::{send_signal, silent_database, tmp_dir};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -793,20 +793,9 @@ async fn sigterm_amid_load_answers_only_202_or_503_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_startup_exits_0() {
-    // A "database" that accepts connections and never answers: startup
-    // hangs in the connect, where the signal arrives.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    // Startup hangs in the connect, where the signal arrives.
+    let (url, silent) = silent_database().await;
     let (config_path, _, _) = setup("startup", "[database]\nacquire_timeout_ms = 60000");
-    let url = format!("postgres://hermes@{address}/hermes");
     let mut host = Host::spawn(&config_path, &url, "startup", "info");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !host.log_text().contains("using Postgres") {

@@ -6,7 +6,7 @@
 
 mod child;
 
-use child::{send_signal, tmp_dir};
+use child::{send_signal, silent_database, tmp_dir};
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -133,22 +133,6 @@ fn config_file(name: &str, text: &str) -> String {
     let path = tmp_dir().join(format!("demo-signals-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, text).expect("write the config");
     path.to_str().expect("UTF-8 path").to_owned()
-}
-
-/// A "database" that accepts connections and never answers: startup hangs
-/// in the connect. Its URL, and the task holding the connections.
-async fn silent_database() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (format!("postgres://hermes@{address}/hermes"), silent)
 }
 
 /// Asserts that `stderr` has at least one line and that each is a JSON

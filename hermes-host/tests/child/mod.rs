@@ -1,5 +1,5 @@
 //! Shared by the tests that run the `hermes` binary as a child process: its
-//! working directory and signals.
+//! working directory, signals, and a database that never answers.
 
 use std::path::PathBuf;
 
@@ -26,4 +26,20 @@ pub fn send_signal(child: &Child, signal: libc::c_int) {
         "kill({pid}, {signal}): {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// A "database" that accepts connections and never answers: startup hangs
+/// in the connect. Its URL, and the task holding the connections.
+pub async fn silent_database() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("postgres://hermes@{address}/hermes"), silent)
 }
