@@ -38,6 +38,14 @@ impl Collect {
             batches,
         )
     }
+
+    /// A handler whose batches each wait for a permit of the returned gate.
+    fn gated() -> (Self, Arc<Batches>, Arc<tokio::sync::Semaphore>) {
+        let (mut handler, batches) = Self::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        handler.gate = Some(gate.clone());
+        (handler, batches, gate)
+    }
 }
 
 impl Handler for Collect {
@@ -454,9 +462,7 @@ fn only_produced_messages_count_as_in_flight() {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let (mut handler, _) = Collect::new();
-            let gate = Arc::new(tokio::sync::Semaphore::new(0));
-            handler.gate = Some(gate.clone());
+            let (handler, _, gate) = Collect::gated();
             let mut builder = Pipeline::builder("in-flight", handler)
                 .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
                 .batcher(
@@ -488,9 +494,7 @@ fn only_produced_messages_count_as_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
-    let (mut handler, _) = Collect::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    handler.gate = Some(gate.clone());
+    let (handler, _, gate) = Collect::gated();
     let mut builder = Pipeline::builder("full", handler)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(2))
         .batcher(
@@ -1267,9 +1271,7 @@ fn gated_group_commit(
     Arc<tokio::sync::Semaphore>,
     Arc<Batches>,
 ) {
-    let (mut handler, batches) = Collect::new();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    handler.gate = Some(gate.clone());
+    let (handler, batches, gate) = Collect::gated();
     let mut builder = Pipeline::builder("group-commit", handler)
         .processors(ProcessorOptions::new().concurrency(1))
         .batcher(
