@@ -229,21 +229,14 @@ pub(crate) fn is_http_url(url: &str) -> bool {
 /// password may stand in the user info (`user:pw@`) or, as sqlx also reads
 /// it, in the query (`?password=pw`).
 ///
-/// The user info is taken to end at the last `@`, not at the first `/` or
-/// `?` as a URL parser would: a password written unencoded may hold those,
-/// and such a URL is exactly the one that fails to connect and gets printed.
-/// An `@` further on (in the query, say) hides more than the password, never
-/// less.
+/// Query passwords go first, each to the next `&`. Then the user info is
+/// taken to end at the last `@`, not at the first `/` or `?` as a URL parser
+/// would: a password written unencoded may hold those, and such a URL is
+/// exactly the one that fails to connect and gets printed. An `@` further on
+/// hides more than the password, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
-    };
-    let (user, rest) = match rest.rsplit_once('@') {
-        Some((userinfo, host_on)) => match userinfo.split_once(':') {
-            Some((user, _password)) => (format!("{user}:***@"), host_on),
-            None => (format!("{userinfo}@"), host_on),
-        },
-        None => (String::new(), rest),
     };
     let rest = match rest.split_once('?') {
         Some((path, query)) => {
@@ -258,15 +251,23 @@ pub fn redact_url(url: &str) -> String {
         }
         None => rest.to_owned(),
     };
-    format!("{scheme}://{user}{rest}")
+    match rest.rsplit_once('@') {
+        Some((userinfo, host_on)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host_on}"),
+            None => format!("{scheme}://{rest}"),
+        },
+        None => format!("{scheme}://{rest}"),
+    }
 }
 
 /// The most events any `[webhooks]` size may name: a million requests
 /// waiting is far beyond what one host serves, and keeps every bound the
 /// pipeline derives from the sizes within its own limits.
 const MAX_EVENTS: u64 = 1 << 20;
-/// The most processors or batches written concurrently.
-const MAX_TASKS: u64 = 1024;
+/// The most processors or batches written concurrently: with every size at
+/// its most, the pipeline's default in-flight bound stays within its own
+/// limit (`u32::MAX`).
+const MAX_TASKS: u64 = 256;
 /// An hour, the longest wait (batch timeout, drain) a setting may name.
 const HOUR_MS: u64 = 3_600_000;
 /// A day, the longest `Retry-After` or replay window a setting may name.
@@ -787,6 +788,15 @@ mod tests {
             redact_url("https://user:pw@hooks.example.com/webhooks/sms"),
             "https://user:***@hooks.example.com/webhooks/sms"
         );
+        // An @ in a query password.
+        assert_eq!(
+            redact_url("postgres:///hermes?host=/run/postgresql&password=p@ss"),
+            "postgres:///hermes?host=/run/postgresql&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db:5432/x?password=p@ss&sslmode=disable"),
+            "postgres://app@db:5432/x?password=***&sslmode=disable"
+        );
     }
 
     #[test]
@@ -832,7 +842,7 @@ mod tests {
                 "max_in_flight",
             ),
             (|c| c.webhooks.batch_size = 1 << 21, "batch_size"),
-            (|c| c.webhooks.processors = 100_000, "processors"),
+            (|c| c.webhooks.processors = 257, "processors"),
             (
                 |c| c.webhooks.batch_timeout_ms = 1 << 40,
                 "batch_timeout_ms",

@@ -103,10 +103,11 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
 
 /// The JSON number at `at`: its length, and whether `numeric` holds it.
 ///
-/// As Postgres reads it: an exponent of 2^30 or more either way overflows;
-/// otherwise a nonzero value may have 131072 digits before the point,
-/// counted from its first nonzero digit, and any value 16383 after, counted
-/// as written (trailing zeros too) less the exponent.
+/// As Postgres reads it: an exponent of `INT_MAX / 2` or more either way
+/// overflows, whatever the digits; otherwise a nonzero value may have 131072
+/// digits before the point, counted from its first nonzero digit, and any
+/// value 16383 after, counted as written (trailing zeros too) less the
+/// exponent.
 fn number(bytes: &[u8], at: usize) -> (usize, bool) {
     let digits_from = |from: usize| bytes.get(from..).unwrap_or_default();
     let digits = |from: usize| {
@@ -189,6 +190,7 @@ mod tests {
             "1e-0000000000001",
             "0e131072",
             "0e999999",
+            "0e1073741822",
             "0.0000e131075",
             "0.5e131072",
             "0.001e131074",
@@ -209,6 +211,8 @@ mod tests {
             "1e131072",
             "[1,2e99999999999999999999]",
             "0e9999999999",
+            "0e1073741823",
+            "0e-1073741822",
             "1e-2147483648",
             "0.5e131073",
             "0.001e131075",

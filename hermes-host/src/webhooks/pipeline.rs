@@ -180,3 +180,31 @@ impl IngestPipeline {
         self.pipeline.is_running() && !self.pipeline.is_draining()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::postgres::PgPoolOptions;
+
+    use super::IngestPipeline;
+    use crate::Config;
+
+    /// Every size at the most the configuration takes: the pipeline starts
+    /// (its derived bounds within its own limits), so nothing that passes
+    /// validation fails after the migrations ran.
+    #[tokio::test]
+    async fn the_largest_valid_sizes_start_the_pipeline() {
+        let mut config = Config::default();
+        let w = &mut config.webhooks;
+        (w.ingest_capacity, w.max_demand, w.batch_size) = (1 << 20, 1 << 20, 1 << 20);
+        (w.processors, w.batch_concurrency) = (256, 256);
+        w.batch_timeout_ms = 3_600_000;
+        config.validate().expect("valid");
+        let pool = PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        let pipeline = IngestPipeline::start(&config.webhooks, pool).expect("starts");
+        pipeline.pipeline().drain(Duration::from_secs(5)).await;
+    }
+}
