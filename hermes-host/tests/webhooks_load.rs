@@ -140,12 +140,13 @@ async fn graceful_shutdown_loses_nothing() {
     let buffered = || CAPACITY - ingest.ingress().free();
     wait_until(|| ingest.pipeline().in_flight() + buffered() == HELD).await;
     wait_until_async(|| async { h.lock_waiters().await >= 1 }).await;
+    // (Read apart, in flight and buffered may be a message apart: the sum
+    // was checked above.)
     let in_flight = ingest.pipeline().in_flight();
     assert!(
         (1..=MAX_IN_FLIGHT).contains(&in_flight),
         "in flight: {in_flight}"
     );
-    assert_eq!(buffered(), HELD - in_flight, "the rest is buffered");
 
     let server = h.server.take().unwrap();
     let shutdown = tokio::spawn(server.shutdown());
