@@ -15,8 +15,10 @@
 //! sent again, as a provider would retry it.
 
 mod child;
+mod common;
 
 use child::{send_signal, silent_database, tmp_dir};
+use common::{lock_events, lock_waiters};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -570,11 +572,7 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
     let pool = PgPool::connect(&database_url).await.expect("pool");
 
     // Hold every batch write: the host's insert waits for this lock.
-    let mut lock = pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock webhook_events");
+    let lock = lock_events(&pool).await;
 
     // Time-outs well beyond the hold: these requests must be answered.
     let client = reqwest::Client::builder()
@@ -728,17 +726,6 @@ async fn in_flight(client: &reqwest::Client, url: &str) -> usize {
         .and_then(|line| line.split_whitespace().last())
         .and_then(|value| value.parse::<f64>().ok())
         .map_or(0, |value| value as usize)
-}
-
-/// Backends of the test's database waiting for a lock.
-async fn lock_waiters(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("query pg_stat_activity")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,29 +153,39 @@ impl Harness {
         assert_eq!(found, Some(reply.id()), "202 for an event not in Postgres");
     }
 
-    /// Takes `LOCK TABLE webhook_events IN SHARE MODE` in a transaction of
-    /// the test's pool: the host's writes of events wait for it until the
-    /// transaction ends (reads go on).
+    /// [`lock_events`] on the test's pool.
     pub async fn lock_events(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
-        let mut lock = self.pool.begin().await.expect("begin");
-        sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
-            .execute(&mut *lock)
-            .await
-            .expect("lock webhook_events");
-        lock
+        lock_events(&self.pool).await
     }
 
-    /// Backends of the test's database waiting for a lock (with
-    /// [`lock_events`](Self::lock_events) held: the host's event writes).
+    /// [`lock_waiters`] on the test's pool.
     pub async fn lock_waiters(&self) -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .expect("pg_stat_activity")
+        lock_waiters(&self.pool).await
     }
+}
+
+/// Takes `LOCK TABLE webhook_events IN SHARE MODE` in a transaction of
+/// `pool`: the host's writes of events wait for it until the transaction
+/// ends (reads go on).
+pub async fn lock_events(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE webhook_events IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock webhook_events");
+    lock
+}
+
+/// Backends of `pool`'s database waiting for a lock (with [`lock_events`]
+/// held: the host's event writes).
+pub async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
 }
 
 /// POSTs with any client (for concurrent tasks).
