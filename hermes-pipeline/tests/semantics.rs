@@ -438,6 +438,30 @@ async fn a_completion_resolves_after_its_acknowledger_ran() {
     assert_eq!(acknowledger.0.acked(), 5);
 }
 
+/// Waits inside `produce` for the messages sent to it (its `ready` is the
+/// default, which returns at once): asked while it has none, it holds the
+/// slots it was asked with until messages arrive.
+struct WaitsInProduce(tokio::sync::mpsc::UnboundedReceiver<Message<u64>>);
+
+impl WaitsInProduce {
+    fn new() -> (tokio::sync::mpsc::UnboundedSender<Message<u64>>, Self) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, Self(rx))
+    }
+}
+
+impl Producer<u64> for WaitsInProduce {
+    async fn produce(&mut self, demand: usize) -> Produced<u64> {
+        let mut messages = Vec::new();
+        // Cancel-safe; 0 only once every sender is gone.
+        if self.0.recv_many(&mut messages, demand).await == 0 {
+            Produced::Finished
+        } else {
+            Produced::Messages(messages)
+        }
+    }
+}
+
 #[test]
 fn only_produced_messages_count_as_in_flight() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -821,19 +845,25 @@ impl Handler for Tally {
 #[tokio::test(start_paused = true)]
 async fn no_rate_limit_window_lets_more_through_after_producers_idled() {
     let handled = Arc::new(AtomicUsize::new(0));
-    let mut builder = Pipeline::builder("rate-idle", Tally(handled.clone()))
+    let (first_tx, first) = WaitsInProduce::new();
+    let (second_tx, second) = WaitsInProduce::new();
+    let pipeline = Pipeline::builder("rate-idle", Tally(handled.clone()))
+        .producer(first)
+        .producer(second)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
-        .rate_limit(RateLimit::new(100, Duration::from_secs(1)));
-    let ingresses = [builder.ingress(300), builder.ingress(300)];
-    let pipeline = builder.start().unwrap();
-    // Both ingresses are asked for messages at once, then wait with none.
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)))
+        .start()
+        .unwrap();
+    // Both producers are asked for 100 in the first windows, then wait in
+    // `produce` with none.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    for ingress in &ingresses {
+    for tx in [&first_tx, &second_tx] {
         for n in 0..300u64 {
-            ingress.try_push(n).unwrap();
+            tx.send(Message::new(n)).unwrap();
         }
     }
-    // A window starts with the burst, and each lets exactly 100 through.
+    // Both answer at once: a window starts with the burst, and each lets
+    // exactly 100 through.
     for window in 1..=6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
@@ -849,28 +879,36 @@ async fn no_rate_limit_window_lets_more_through_after_producers_idled() {
 #[tokio::test(start_paused = true)]
 async fn a_new_rate_limit_applies_to_a_producer_already_asked() {
     let handled = Arc::new(AtomicUsize::new(0));
-    let mut builder = Pipeline::builder("rate-change", Tally(handled.clone()))
+    let recorder = Recorder::new();
+    let (tx, producer) = WaitsInProduce::new();
+    let pipeline = Pipeline::builder("rate-change", Tally(handled.clone()))
+        .producer(producer)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
-        .rate_limit(RateLimit::new(100, Duration::from_secs(1)));
-    let ingress = builder.ingress(100);
-    let pipeline = builder.start().unwrap();
-    // The ingress is asked for 100 under the old limit, and waits.
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)))
+        .start()
+        .unwrap();
+    // The producer is asked for 100 under the old limit, and waits in `produce`.
     tokio::time::sleep(Duration::from_millis(500)).await;
     pipeline
         .set_rate_limit(Some(RateLimit::new(10, Duration::from_secs(1))))
         .unwrap();
+    let acknowledger: Arc<dyn Acknowledger<u64>> = recorder.clone();
     for n in 0..100u64 {
-        ingress.try_push(n).unwrap();
+        tx.send(Message::new(n).with_acknowledger(acknowledger.clone()))
+            .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // It answers with all 100 at once; 10 go through in each window.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(handled.load(Ordering::SeqCst), 10);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(handled.load(Ordering::SeqCst), 20);
     // At the drain deadline, what waits for the rate limit fails.
-    let completion = ingress.try_push_tracked(100u64).unwrap();
     assert!(pipeline.drain(Duration::from_secs(2)).await.forced);
     assert_eq!(handled.load(Ordering::SeqCst), 40);
-    assert!(matches!(completion.await, Outcome::Failed(reason) if reason.contains("deadline")));
+    recorder.assert_exactly_once(100);
+    let failed = recorder.failed();
+    assert_eq!(failed.len(), 60);
+    assert!(failed.values().all(|reason| reason.contains("deadline")));
 }
 
 #[tokio::test(start_paused = true)]
