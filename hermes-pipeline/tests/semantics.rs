@@ -487,22 +487,25 @@ fn only_produced_messages_count_as_in_flight() {
             .unwrap();
         runtime.block_on(async {
             let (handler, _, gate) = Collect::gated();
-            let mut builder = Pipeline::builder("in-flight", handler)
+            let (tx, producer) = WaitsInProduce::new();
+            let pipeline = Pipeline::builder("in-flight", handler)
+                .producer(producer)
                 .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
                 .batcher(
                     "default",
                     BatcherOptions::new()
                         .batch_size(3)
                         .batch_timeout(Duration::from_millis(1)),
-                );
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+                )
+                .start()
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
-            // The idle ingress holds slots while it waits: none is a message.
+            // The producer waits in `produce`, holding the 10 slots it was
+            // asked with: none is a message.
             assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 0));
             assert_eq!(gauge(), 0.0);
             for n in 0..3u64 {
-                ingress.try_push(n).unwrap();
+                tx.send(Message::new(n)).unwrap();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
             assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (3, 3));
