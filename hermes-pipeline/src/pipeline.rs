@@ -125,8 +125,10 @@ impl<H: Handler> Pipeline<H> {
     }
 
     /// Messages in flight: produced and not yet acknowledged. The slots a
-    /// producer holds while it is asked (up to `max_demand`, which an idle
-    /// ingress holds while it waits) count against `max_in_flight` but not here.
+    /// producer holds while it is asked (up to `max_demand`, held for as long
+    /// as it waits inside `produce`; none while it waits in
+    /// [`ready`](crate::Producer::ready)) count against `max_in_flight` but
+    /// not here.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.current()
     }
