@@ -940,6 +940,38 @@ async fn idle_ingresses_leave_their_slots_to_other_producers() {
         .expect("the pipeline ends once its producers are done");
 }
 
+#[tokio::test(start_paused = true)]
+async fn idle_streams_leave_their_slots_to_other_producers() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let recorder = Recorder::new();
+    let (first_tx, first) = futures::channel::mpsc::unbounded::<u64>();
+    let (second_tx, second) = futures::channel::mpsc::unbounded::<u64>();
+    let producer = Numbered::new(1000, 150, recorder.clone(), |id| id);
+    let violations = producer.violations.clone();
+    // Were they asked while empty, these two streams would hold all 150 slots.
+    let pipeline = Pipeline::builder("idle-streams", Tally(handled.clone()))
+        .producer(StreamProducer::from_data(first))
+        .producer(StreamProducer::from_data(second))
+        .producer(producer)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
+        .max_in_flight(150)
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(recorder.acked(), 1000);
+    assert!(violations.lock().unwrap().is_empty());
+    for tx in [&first_tx, &second_tx] {
+        tx.unbounded_send(7).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 1002);
+    // Once the streams end, so does the pipeline.
+    drop((first_tx, second_tx));
+    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the pipeline ends once its producers are done");
+}
+
 /// Holds every message until let through, counting the processors busy at once
 /// and the indices they run under.
 struct Turnstile(Arc<Counts>);
