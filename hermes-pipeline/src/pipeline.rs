@@ -169,8 +169,10 @@ impl<H: Handler> Pipeline<H> {
     }
 
     /// Replaces the producers' rate limit (`None` lifts it). Takes effect at
-    /// once, for messages already produced and waiting for room too: a new
-    /// window starts.
+    /// once, for messages already produced and waiting for room too. The
+    /// window in progress goes on: what it let through counts against the new
+    /// limit (see [`RateLimit`]), so setting a limit again, as a controller
+    /// re-applying it on a timer would, lets nothing more through.
     pub fn set_rate_limit(&self, limit: Option<RateLimit>) -> Result<(), ConfigError> {
         RateLimit::validate(limit)?;
         self.shared.rate_limiter.set(limit);

@@ -24,6 +24,16 @@ use crate::pipeline::ConfigError;
 /// answers (several producers asked at once, or one answering in a later
 /// window) waits for the following windows, and is acknowledged as failed if
 /// the drain deadline passes first.
+///
+/// A limit set while running ([`Pipeline::set_rate_limit`]) keeps the window
+/// in progress: what it let through counts against the new limit, and it ends
+/// when it would have, or one new interval after the change if that is
+/// sooner. So no window lets through more than the largest limit in force
+/// during it allows, however often a limit is set (re-applying the same one
+/// changes nothing). Lifting the limit ends the window: one set later starts
+/// afresh.
+///
+/// [`Pipeline::set_rate_limit`]: crate::Pipeline::set_rate_limit
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
     /// Messages allowed per interval (at least 1).
@@ -59,8 +69,8 @@ impl RateLimit {
 struct Window {
     limit: Option<RateLimit>,
     ends: Instant,
-    /// What the current window still lets through.
-    remaining: usize,
+    /// What the current window let through so far.
+    admitted: usize,
 }
 
 /// The shared fixed-window limiter. Messages are charged to the window in
@@ -78,7 +88,7 @@ impl RateLimiter {
             window: Mutex::new(Window {
                 limit,
                 ends: Instant::now(),
-                remaining: 0,
+                admitted: 0,
             }),
             changed: Notify::new(),
         }
@@ -116,12 +126,13 @@ impl RateLimiter {
                 let now = Instant::now();
                 if now >= window.ends {
                     window.ends = now + limit.interval;
-                    window.remaining = limit.allowed;
+                    window.admitted = 0;
                 }
-                if window.remaining > 0 {
-                    let taken = want.min(window.remaining);
+                let room = limit.allowed.saturating_sub(window.admitted);
+                if room > 0 {
+                    let taken = want.min(room);
                     if charge {
-                        window.remaining -= taken;
+                        window.admitted += taken;
                     }
                     return taken;
                 }
@@ -134,14 +145,21 @@ impl RateLimiter {
         }
     }
 
-    /// Replaces the limit (`None` lifts it); a new window starts now, which
-    /// also charges messages already produced and not yet admitted.
+    /// Replaces the limit (`None` lifts it), for messages already produced
+    /// and not yet admitted too. The window in progress keeps what it
+    /// admitted, which the new limit's `allowed` is charged with, and ends no
+    /// later than before, nor than one new interval from now: it admits at
+    /// most the larger of the two limits' `allowed`. Lifting the limit ends
+    /// it (nothing is counted while there is none).
     pub(crate) fn set(&self, limit: Option<RateLimit>) {
         {
             let mut window = self.lock();
+            let now = Instant::now();
+            window.ends = match limit {
+                Some(limit) => window.ends.min(now + limit.interval),
+                None => now,
+            };
             window.limit = limit;
-            window.ends = Instant::now() + limit.map_or(Duration::ZERO, |limit| limit.interval);
-            window.remaining = limit.map_or(0, |limit| limit.allowed);
         }
         self.changed.notify_waiters();
     }

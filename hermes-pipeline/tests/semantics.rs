@@ -915,6 +915,33 @@ async fn a_new_rate_limit_applies_to_a_producer_already_asked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn setting_a_rate_limit_mid_window_keeps_what_the_window_let_through() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let recorder = Recorder::new();
+    let pipeline = Pipeline::builder("rate-reapply", Tally(handled.clone()))
+        .producer(Numbered::new(1_000_000, 1000, recorder.clone(), |id| id))
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(100))
+        .rate_limit(RateLimit::new(100, Duration::from_secs(1)))
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 100);
+    // The same limit again (a controller re-applying it on a timer), then
+    // lowered and raised back: the first window lets nothing more through.
+    for allowed in [100, 10, 100] {
+        pipeline
+            .set_rate_limit(Some(RateLimit::new(allowed, Duration::from_secs(1))))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(handled.load(Ordering::SeqCst), 100, "after {allowed}/s");
+    }
+    // The next window starts when the first would have ended.
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 200);
+    pipeline.drain(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn idle_ingresses_leave_their_slots_to_other_producers() {
     let handled = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
