@@ -308,7 +308,8 @@ impl<H: Handler> Batching<H> {
 
     /// Sends a closed batch to a batch processor: the same one for every batch of a
     /// key, so a key is handled serially; the least busy one for the default key.
-    /// Gives back the batch's messages, failed, if that batch processor is gone.
+    /// A batch processor found stopped is restarted first; gives back the
+    /// batch's messages, failed, if the restarted one refuses it too.
     fn dispatch(
         &mut self,
         key: BatchKey,
@@ -320,36 +321,58 @@ impl<H: Handler> Batching<H> {
         } else {
             self.route(&key)
         };
-        self.outstanding[index].count.fetch_add(1, Ordering::AcqRel);
-        self.outstanding[index]
-            .messages
-            .fetch_add(batch.messages.len(), Ordering::AcqRel);
         let batch = Batch {
             messages: batch.messages,
             key,
             trigger,
             opened: batch.opened,
         };
-        match self.processors[index].send(batch) {
-            Ok(()) => Vec::new(),
-            // Batch processors contain handler panics and only stop when their
-            // sender is dropped, which this batcher does only after waiting for
-            // them to be idle; should one stop anyway, its batch fails.
-            Err(mpsc::error::SendError(batch)) => {
-                let mut messages = batch.messages;
-                self.outstanding[index].count.fetch_sub(1, Ordering::AcqRel);
-                self.outstanding[index]
-                    .messages
-                    .fetch_sub(messages.len(), Ordering::AcqRel);
-                tracing::error!(failed = messages.len(), "batch processor stopped early");
-                let reason = format!(
-                    "batch processor {index} of batcher {:?} is not running",
-                    self.stage.spawner.batcher
-                );
-                Message::fail_all(&mut messages, reason);
-                messages
-            }
-        }
+        // Batch processors contain handler and acknowledger panics, and stop
+        // when their sender is dropped, which this batcher does only after
+        // waiting for them to be idle. One that stopped anyway (a panic
+        // elsewhere, such as in a metrics recorder) took its batches with it,
+        // and its outstanding counts never return to zero: a new one with
+        // fresh counts takes its place, in the same slot so keys keep their
+        // batch processor.
+        let Err(batch) = self.send(index, batch) else {
+            return Vec::new();
+        };
+        tracing::error!(
+            batch_processor = index,
+            "batch processor stopped early: restarting it"
+        );
+        (self.processors[index], self.outstanding[index]) = self.start(index);
+        let Err(batch) = self.send(index, batch) else {
+            return Vec::new();
+        };
+        let mut messages = batch.messages;
+        tracing::error!(
+            batch_processor = index,
+            failed = messages.len(),
+            "restarted batch processor stopped at once"
+        );
+        let reason = format!(
+            "batch processor {index} of batcher {:?} is not running",
+            self.stage.spawner.batcher
+        );
+        Message::fail_all(&mut messages, reason);
+        messages
+    }
+
+    /// Sends a batch to batch processor `index`, counting it as outstanding
+    /// there; gives it back if that batch processor stopped.
+    fn send(&self, index: usize, batch: Batch<H::Data>) -> Result<(), Batch<H::Data>> {
+        let outstanding = &self.outstanding[index];
+        let size = batch.messages.len();
+        outstanding.count.fetch_add(1, Ordering::AcqRel);
+        outstanding.messages.fetch_add(size, Ordering::AcqRel);
+        self.processors[index]
+            .send(batch)
+            .map_err(|mpsc::error::SendError(batch)| {
+                outstanding.count.fetch_sub(1, Ordering::AcqRel);
+                outstanding.messages.fetch_sub(size, Ordering::AcqRel);
+                batch
+            })
     }
 
     /// The batch processor of a non-default key.
@@ -370,14 +393,20 @@ impl<H: Handler> Batching<H> {
 
     fn grow_to(&mut self, concurrency: usize) {
         while self.processors.len() < concurrency {
-            let outstanding = Outstanding::default();
-            let tx = self
-                .stage
-                .spawner
-                .spawn(self.processors.len(), &outstanding, &self.any_idle);
+            let (tx, outstanding) = self.start(self.processors.len());
             self.processors.push(tx);
             self.outstanding.push(outstanding);
         }
+    }
+
+    /// Starts batch processor `index`, with its own outstanding counts.
+    fn start(&self, index: usize) -> (mpsc::UnboundedSender<Batch<H::Data>>, Outstanding) {
+        let outstanding = Outstanding::default();
+        let tx = self
+            .stage
+            .spawner
+            .spawn(index, &outstanding, &self.any_idle);
+        (tx, outstanding)
     }
 
     /// Changes the number of batch processors. Keyed batches are routed by the

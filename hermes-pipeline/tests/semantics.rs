@@ -519,6 +519,104 @@ fn only_produced_messages_count_as_in_flight() {
     });
 }
 
+/// A metrics recorder whose batch-size histogram panics on batches of 3 or
+/// more: the batch processor recording one stops (batch processors contain
+/// panics in handlers and acknowledgers, not elsewhere).
+struct BatchesOfThreePanic;
+
+impl metrics::HistogramFn for BatchesOfThreePanic {
+    fn record(&self, size: f64) {
+        assert!(size < 3.0, "no batch of 3");
+    }
+}
+
+impl metrics::Recorder for BatchesOfThreePanic {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() == telemetry::BATCH_SIZE {
+            metrics::Histogram::from_arc(Arc::new(BatchesOfThreePanic))
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+#[test]
+fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
+    metrics::with_local_recorder(&BatchesOfThreePanic, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (handler, batches) = Collect::new();
+            let mut builder = Pipeline::builder("restart", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .batcher(
+                    "default",
+                    BatcherOptions::new()
+                        .batch_size(3)
+                        .batch_timeout(Duration::from_millis(1)),
+                );
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            // The only batch processor stops, dropping its batch.
+            for outcome in ingress.test_batch([1u64, 2, 3]).await {
+                assert!(
+                    matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
+                    "{outcome:?}"
+                );
+            }
+            // The next batch goes to a new one, and resizing does not wait
+            // for the one that stopped.
+            assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                pipeline.set_batcher_concurrency("default", 2),
+            )
+            .await
+            .expect("the resize returned")
+            .unwrap();
+            assert_eq!(batches.seen.lock().unwrap().len(), 1);
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+        });
+    });
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
     let (handler, _, gate) = Collect::gated();
