@@ -411,9 +411,11 @@ impl<H: Handler> Batching<H> {
 
     /// Changes the number of batch processors. Keyed batches are routed by the
     /// processor count, so first wait until every batch processor is idle: no
-    /// batch of a key can then overtake an earlier one.
+    /// batch of a key can then overtake an earlier one. One that stopped (see
+    /// `dispatch`) is never idle again, and its batches went with it: it is
+    /// not waited for.
     async fn resize(&mut self, resize: Resize) {
-        for outstanding in &self.outstanding {
+        for (outstanding, processor) in self.outstanding.iter().zip(&self.processors) {
             loop {
                 let idle = outstanding.idle.notified();
                 tokio::pin!(idle);
@@ -421,7 +423,10 @@ impl<H: Handler> Batching<H> {
                 if outstanding.count.load(Ordering::Acquire) == 0 {
                     break;
                 }
-                idle.await;
+                tokio::select! {
+                    () = idle => {}
+                    () = processor.closed() => break,
+                }
             }
         }
         self.processors.truncate(resize.concurrency);

@@ -611,7 +611,18 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             .await
             .expect("the resize returned")
             .unwrap();
-            assert_eq!(batches.seen.lock().unwrap().len(), 1);
+            // One stops again: resizing right away does not wait for it either.
+            let lost = ingress.test_batch([5u64, 6, 7]).await;
+            assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                pipeline.set_batcher_concurrency("default", 1),
+            )
+            .await
+            .expect("the resize returned")
+            .unwrap();
+            assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
+            assert_eq!(batches.seen.lock().unwrap().len(), 2);
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
         });
     });
