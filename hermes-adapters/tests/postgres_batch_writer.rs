@@ -268,8 +268,22 @@ async fn a_poison_row_is_rejected_and_the_rest_stored(mode: Mode) {
 
 async fn several_bad_rows_of_different_kinds_are_isolated(mode: Mode) {
     let pool = setup().await;
+    // A trigger that refuses a row: P0001 raise_exception.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_42() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.amount = 42 THEN RAISE EXCEPTION 'no 42'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_42 BEFORE INSERT ON events
+             FOR EACH ROW EXECUTE FUNCTION refuse_42();",
+    )
+    .execute(&pool)
+    .await
+    .expect("create the trigger");
     let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
     let mut rows = events(0..64);
+    rows[50].amount = 42;
     rows[0].amount = -5;
     rows[20].payload = "{not json".into(); // 22P02 when cast to jsonb
     // Deeper than Postgres's JSON parser recurses: 54001 statement_too_complex.
@@ -290,10 +304,11 @@ async fn several_bad_rows_of_different_kinds_are_isolated(mode: Mode) {
             (0, "23514".to_owned()),
             (20, "22P02".to_owned()),
             (40, "54001".to_owned()),
+            (50, "P0001".to_owned()),
             (63, "23514".to_owned())
         ]
     );
-    assert_eq!(count(&pool).await, 60);
+    assert_eq!(count(&pool).await, 59);
 }
 
 /// Wraps the events insert; in its first `fail_times` executions it does

@@ -288,7 +288,7 @@ impl<S: BatchStatement> BatchWriter<S> {
             .filter(|&index| written_for[index] == index)
             .collect();
         let unique_rows: Vec<&S::Row> = unique.iter().map(|&index| &rows[index]).collect();
-        let unique_outcomes = self.write_unique(&unique_rows).await?;
+        let unique_outcomes = self.write_unique(&unique_rows, &unique).await?;
 
         let mut outcome_of: Vec<Option<RowOutcome>> = vec![None; rows.len()];
         for (&index, outcome) in unique.iter().zip(unique_outcomes) {
@@ -310,13 +310,20 @@ impl<S: BatchStatement> BatchWriter<S> {
         Ok(outcomes)
     }
 
-    /// Writes rows with distinct keys, isolating rejected rows by bisection.
-    async fn write_unique(&self, rows: &[&S::Row]) -> Result<Vec<RowOutcome>, WriteError> {
+    /// Writes rows with distinct keys (`positions`: each one's position in
+    /// the caller's batch), isolating rejected rows by bisection. The retry
+    /// policy's time limit counts from the first attempt of the whole batch.
+    async fn write_unique(
+        &self,
+        rows: &[&S::Row],
+        positions: &[usize],
+    ) -> Result<Vec<RowOutcome>, WriteError> {
+        let started = tokio::time::Instant::now();
         let mut outcomes: Vec<RowOutcome> = vec![RowOutcome::Duplicate; rows.len()];
         // Ranges still to write, the next one last; left halves go first.
         let mut pending: Vec<(usize, usize)> = vec![(0, rows.len())];
         while let Some((start, end)) = pending.pop() {
-            match self.write_range(&rows[start..end]).await {
+            match self.write_range(&rows[start..end], started).await {
                 Ok(written) => {
                     for (slot, w) in outcomes[start..end].iter_mut().zip(written) {
                         *slot = match w {
@@ -334,7 +341,8 @@ impl<S: BatchStatement> BatchWriter<S> {
                         Some(db) => Rejection::from_database_error(db),
                         None => Rejection::from_client_error(&error),
                     };
-                    tracing::warn!(row = start, reason = %rejection, "row rejected");
+                    let row = positions.get(start).copied().unwrap_or(start);
+                    tracing::warn!(row, reason = %rejection, "row rejected");
                     outcomes[start] = RowOutcome::Rejected(rejection);
                 }
                 Err(RangeError::Row(error)) => {
@@ -353,10 +361,15 @@ impl<S: BatchStatement> BatchWriter<S> {
         Ok(outcomes)
     }
 
-    /// Writes `rows` in one transaction, retrying transient errors.
-    async fn write_range(&self, rows: &[&S::Row]) -> Result<Vec<Written>, RangeError> {
+    /// Writes `rows` in one transaction, retrying transient errors until the
+    /// policy's attempts are spent or its time limit, counted from `started`
+    /// (the batch's first attempt), would pass.
+    async fn write_range(
+        &self,
+        rows: &[&S::Row],
+        started: tokio::time::Instant,
+    ) -> Result<Vec<Written>, RangeError> {
         let mut attempt = 1;
-        let started = tokio::time::Instant::now();
         loop {
             let error = match self.attempt(rows).await {
                 Ok(written) => return Ok(written),

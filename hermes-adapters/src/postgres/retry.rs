@@ -17,10 +17,11 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// Total attempts, the first one included (`1` means no retry).
     pub attempts: u32,
-    /// No retry starts once this much time has passed since the first
-    /// attempt began, or would pass during the wait before it: bounds how
-    /// long a batch's callers wait when every attempt is slow to fail (say,
-    /// on a stalled database, each waiting for a connection).
+    /// No retry starts once this much time has passed since the batch's
+    /// first attempt began, or would pass during the wait before it (also
+    /// while its rows are split to isolate a rejected one): bounds how long a
+    /// batch's callers wait when every attempt is slow to fail (say, on a
+    /// stalled database, each waiting for a connection).
     pub give_up_after: Duration,
 }
 
@@ -91,7 +92,8 @@ pub enum ErrorClass {
     /// The data of some row violates a type or a constraint (SQLSTATE class
     /// 22 or 23, `21000` cardinality violation, class 54 program limits such
     /// as an index row too large or a JSON value nested deeper than the
-    /// server's stack allows), or the client could not encode some value.
+    /// server's stack allows, class P0 a trigger's `RAISE`), or the client
+    /// could not encode some value.
     /// Retrying the same rows fails again; smaller batches tell which rows
     /// are at fault.
     Row,
@@ -135,7 +137,13 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         "08P01" => ErrorClass::Fatal,
         c if c.starts_with("08") => ErrorClass::Transient,
         "21000" => ErrorClass::Row,
-        c if c.starts_with("22") || c.starts_with("23") || c.starts_with("54") => ErrorClass::Row,
+        // Class P0: a PL/pgSQL RAISE, as a trigger that refuses a row does.
+        c if ["22", "23", "54", "P0"]
+            .iter()
+            .any(|class| c.starts_with(class)) =>
+        {
+            ErrorClass::Row
+        }
         _ => ErrorClass::Fatal,
     }
 }
@@ -153,7 +161,7 @@ mod tests {
             assert_eq!(classify_sqlstate(code), ErrorClass::Transient, "{code}");
         }
         for code in [
-            "22001", "22P02", "23505", "23514", "23502", "21000", "54000", "54001",
+            "22001", "22P02", "23505", "23514", "23502", "21000", "54000", "54001", "P0001",
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Row, "{code}");
         }
