@@ -6,8 +6,9 @@
 //!   (scheme through query string);
 //! - for an `application/x-www-form-urlencoded` POST, every body parameter
 //!   is appended as name followed by value, no delimiters, sorted by name
-//!   (case-sensitive byte order; repeated names by value) after form
-//!   decoding;
+//!   (case-sensitive byte order; repeated names by value, an identical
+//!   name and value once, as the helpers' `sorted(set(values))` does) after
+//!   form decoding;
 //! - for a JSON (or any other non-form) body, Twilio adds a `bodySHA256`
 //!   query parameter to the URL, the lower-case hex SHA-256 of the body; the
 //!   signature then covers the URL alone and the body is bound to it by that
@@ -128,12 +129,14 @@ fn mac(key: &Secret, url: &str, params: &[(String, String)]) -> [u8; 20] {
     hmac_sha1(key, &parts)
 }
 
-/// Form-decoded `name=value` pairs of a body, sorted by name, then value.
+/// Form-decoded `name=value` pairs of a body, sorted by name, then value,
+/// each distinct pair once.
 fn form_params(body: &[u8]) -> Vec<(String, String)> {
     let mut params: Vec<_> = form_urlencoded::parse(body)
         .map(|(name, value)| (name.into_owned(), value.into_owned()))
         .collect();
     params.sort();
+    params.dedup();
     params
 }
 
@@ -258,6 +261,17 @@ mod tests {
         let body = b"Sid=CA123&SidAccount=AC123&Digits=5678&Digits=1234";
         let headers = form_request("IK+Dwps556ElfBT0I3Rgjkr1wJU=");
         assert!(check(&verifier, &headers, body, DOC_URL, now()).is_ok());
+    }
+
+    /// The helpers sign each distinct value of a name once
+    /// (`sorted(set(values))`): a repeated identical pair counts once.
+    #[test]
+    fn an_identical_repeated_parameter_counts_once() {
+        let verifier = verifier(Scheme::Twilio, &[TOKEN]);
+        let once = b"CallSid=CA1&Digits=1234";
+        let headers = verifier.sign(once, DOC_URL, "ignored", now());
+        let twice = b"CallSid=CA1&Digits=1234&Digits=1234";
+        assert!(check(&verifier, &headers, twice, DOC_URL, now()).is_ok());
     }
 
     /// test_validation_of_body_succeeds of twilio-python: a JSON body bound
