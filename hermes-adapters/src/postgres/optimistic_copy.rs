@@ -6,9 +6,10 @@
 //! then stores nothing. [`OptimisticCopy::write`] then runs the caller's
 //! regular, idempotent statement instead: after an integrity error the next
 //! 1, 2, 4… up to 64 batches skip the `COPY`, so streams of redeliveries
-//! do not pay twice, and so after any other error but a format error (a
-//! binary format the column does not take), which switches the `COPY` off
-//! for good.
+//! do not pay twice, and so after any other error about the rows but a
+//! format error (a binary format the column does not take), which switches
+//! the `COPY` off for good. A transient error (a lost connection, a timeout)
+//! fails the attempt, which the writer retries, `COPY` first.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
@@ -148,11 +149,11 @@ impl OptimisticCopy {
     }
 
     /// Reports that the regular statement stored the batch whose `COPY`
-    /// failed with `error`. A format error (the binary data is not what the
-    /// columns take) will fail every time: stop trying. Anything else (an
-    /// existing key, a constraint the statement's conflict clause resolved, a
-    /// timeout, a lock) was about these rows or this moment: back off for a
-    /// while.
+    /// failed with `error` (not a transient one: those abort the attempt). A
+    /// format error (the binary data is not what the columns take) will fail
+    /// every time: stop trying. Anything else (an existing key, a constraint
+    /// the statement's conflict clause resolved) was about these rows: back
+    /// off for a while.
     fn resolved_by_fallback(&self, error: &sqlx::Error) {
         if is_format_error(error) {
             if !self.disabled.swap(true, Ordering::Relaxed) {

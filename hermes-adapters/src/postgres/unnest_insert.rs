@@ -50,6 +50,10 @@ const MAX_COLUMNS: usize = 1600;
 /// The name of the ordinal column the statement adds to its input.
 const ORDINAL: &str = "hermes_ord";
 
+/// The statement's own column telling an upsert's inserted rows from its
+/// updated ones: reserved too.
+const INSERTED: &str = "hermes_inserted";
+
 struct Column<R> {
     name: String,
     sql_type: String,
@@ -81,7 +85,8 @@ pub enum UnnestInsertError {
     /// No column was declared with [`UnnestInsertBuilder::key_column`].
     #[error("an UnnestInsert needs at least one key column")]
     NoKeyColumn,
-    /// Two columns share a name, or a column uses the reserved name `hermes_ord`.
+    /// Two columns share a name, or a column uses a reserved name
+    /// (`hermes_ord`, `hermes_inserted`).
     #[error("column {0:?} is declared twice or uses a reserved name")]
     DuplicateColumn(String),
     /// An empty table or column name or SQL type.
@@ -104,7 +109,11 @@ pub enum UnnestInsertError {
 ///
 /// The key columns must be `NOT NULL` and covered by a unique index or
 /// constraint (the `ON CONFLICT` target), and the Rust key `K` must identify
-/// rows the way that index does.
+/// rows the way that index does. A key is stored as sent: each key column's
+/// `sql_type` must be the column's exact type (a `numeric(12,2)` declared as
+/// `numeric` rounds `1.005` on the way in), and no trigger may rewrite a
+/// key, or an inserted row would be reported a duplicate (rows are matched
+/// back to their outcomes by key).
 pub struct UnnestInsert<R, K> {
     key: Box<dyn Fn(&R) -> K + Send + Sync>,
     columns: Vec<Column<R>>,
@@ -278,7 +287,9 @@ where
         }
         let mut names = HashSet::new();
         for column in &self.columns {
-            if column.name == ORDINAL || !names.insert(column.name.as_str()) {
+            if [ORDINAL, INSERTED].contains(&column.name.as_str())
+                || !names.insert(column.name.as_str())
+            {
                 return Err(UnnestInsertError::DuplicateColumn(column.name.clone()));
             }
         }
@@ -363,8 +374,8 @@ where
                     .unwrap_or_default();
                 (
                     format!("DO UPDATE SET {set}{condition}"),
-                    format!("{keys}, (xmax = 0) AS hermes_inserted"),
-                    "ins.hermes_inserted".to_owned(),
+                    format!("{keys}, (xmax = 0) AS {INSERTED}"),
+                    format!("ins.{INSERTED}"),
                 )
             }
         };
@@ -546,6 +557,15 @@ mod tests {
             .column("id", "text", |e: &Event| e.id.clone())
             .build();
         assert!(matches!(twice, Err(UnnestInsertError::DuplicateColumn(_))));
+        for reserved in ["hermes_ord", "hermes_inserted"] {
+            let built = UnnestInsert::builder("t", |e: &Event| e.id.clone())
+                .key_column(reserved, "text", |e: &Event| e.id.clone())
+                .build();
+            assert!(
+                matches!(built, Err(UnnestInsertError::DuplicateColumn(_))),
+                "{reserved}"
+            );
+        }
         let update_key = UnnestInsert::builder("t", |e: &Event| e.id.clone())
             .key_column("id", "text", |e: &Event| e.id.clone())
             .on_conflict_update(&["id"])
