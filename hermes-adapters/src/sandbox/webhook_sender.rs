@@ -247,6 +247,10 @@ pub async fn run(
                     Some(ticker) => Some(ticker.tick().await.into_std()),
                     None => None,
                 };
+                // The wait for the tick may have outlasted the run.
+                if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 send_one(&mut transport, &config, &stats, n, due).await;
             }
@@ -340,10 +344,13 @@ impl Transport {
                 }
             }
             Transport::Reqwest(client) => {
+                let mut headers = headers;
+                headers
+                    .entry(CONTENT_TYPE)
+                    .or_insert(HeaderValue::from_static("application/json"));
                 let response = client
                     .post(url)
                     .headers(headers)
-                    .header(CONTENT_TYPE, "application/json")
                     .body(body)
                     .send()
                     .await
@@ -380,7 +387,10 @@ async fn exchange(
     *request.headers_mut() = headers;
     let request_headers = request.headers_mut();
     request_headers.insert(HOST, target.host.clone());
-    request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // JSON unless the signed headers say otherwise (Twilio's form, say).
+    request_headers
+        .entry(CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
