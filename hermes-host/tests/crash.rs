@@ -17,7 +17,7 @@
 mod child;
 mod common;
 
-use child::{send_signal, silent_database, tmp_dir};
+use child::{send_signal, silent_database, tmp_dir, wait_for_output};
 use common::{lock_events, lock_waiters};
 
 use std::collections::{HashMap, HashSet};
@@ -173,28 +173,19 @@ impl Host {
 
     /// Waits until the log has the line `needle` is in, complete.
     async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(line) = self
-                .log_text()
-                .split_inclusive('\n')
-                .find(|line| line.ends_with('\n') && line.contains(needle))
-            {
-                return line.trim_end().to_owned();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "hermes exited ({status}) before logging {needle:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} logged in {limit:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let log = &self.log;
+        wait_for_output(
+            &mut self.child,
+            limit,
+            &format!("{needle:?} logged"),
+            || std::fs::read_to_string(log).unwrap_or_default(),
+            |text| {
+                text.split_inclusive('\n')
+                    .find(|line| line.ends_with('\n') && line.contains(needle))
+                    .map(|line| line.trim_end().to_owned())
+            },
+        )
+        .await
     }
 
     /// Reads the address from `hermes: listening on http://… (Postgres: …)`,

@@ -6,11 +6,11 @@
 
 mod child;
 
-use child::{send_signal, silent_database, tmp_dir};
+use child::{send_signal, silent_database, tmp_dir, wait_for_output};
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -74,25 +74,15 @@ impl Hermes {
 
     /// Waits until `stream` (stdout or stderr) contains `needle`.
     async fn wait_for(&mut self, stderr: bool, needle: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let text = if stderr { self.stderr() } else { self.stdout() };
-            if text.contains(needle) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "hermes exited ({status}) before {needle:?}:\n{}",
-                    self.output()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in {limit:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let stream = if stderr { &self.stderr } else { &self.stdout };
+        wait_for_output(
+            &mut self.child,
+            limit,
+            &format!("{needle:?}"),
+            || stream.lock().expect("output").clone(),
+            |text| text.contains(needle).then_some(()),
+        )
+        .await;
     }
 
     /// Sends `signal` (`libc::SIGINT`, `libc::SIGTERM`).

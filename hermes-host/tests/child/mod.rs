@@ -1,7 +1,9 @@
 //! Shared by the tests that run the `hermes` binary as a child process: its
-//! working directory, signals, and a database that never answers.
+//! working directory, signals, waiting on its output, and a database that
+//! never answers.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
@@ -42,4 +44,31 @@ pub async fn silent_database() -> (String, tokio::task::JoinHandle<()>) {
         }
     });
     (format!("postgres://hermes@{address}/hermes"), silent)
+}
+
+/// Polls `text()` (the child's output so far) every 20 ms until `find` finds
+/// something in it, and returns that. Panics, showing the output, if `child`
+/// exits first or `limit` passes; `what` names what was awaited.
+pub async fn wait_for_output<T>(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+    text: impl Fn() -> String,
+    find: impl Fn(&str) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let output = text();
+        if let Some(found) = find(&output) {
+            return found;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("hermes exited ({status}) before {what}:\n{output}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in {limit:?}:\n{output}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
