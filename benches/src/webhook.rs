@@ -150,7 +150,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "host_peak_rss_mb": round3(peak_rss_mb_of(server.pid())),
                 "cpu_us_per_event": used.per_event_us(accepted),
                 "busy_cores": round3(used.machine.busy / secs),
-            "steal_cores": round3(used.machine.steal / secs),
+                "steal_cores": round3(used.machine.steal / secs),
             }));
             limit_before = limit_after;
         }

@@ -533,74 +533,70 @@ impl Config {
 
     fn validate_sizes(&self) -> Result<(), ConfigError> {
         let w = &self.webhooks;
-        let positive = [
-            ("webhooks.ingest_capacity", w.ingest_capacity),
-            ("webhooks.processors", w.processors),
-            ("webhooks.max_demand", w.max_demand),
-            ("webhooks.batch_size", w.batch_size),
-            ("webhooks.batch_concurrency", w.batch_concurrency),
-            ("webhooks.batch_timeout_ms", w.batch_timeout_ms as usize),
-            ("webhooks.retry_after_secs", w.retry_after_secs as usize),
+        let (db, to) = (&self.database, |n: usize| n as u64);
+        // Each setting from 1 to its bound (`max_in_flight` only when set).
+        let ranges = [
+            (
+                "webhooks.ingest_capacity",
+                Some(to(w.ingest_capacity)),
+                MAX_EVENTS,
+            ),
+            ("webhooks.max_demand", Some(to(w.max_demand)), MAX_EVENTS),
+            ("webhooks.batch_size", Some(to(w.batch_size)), MAX_EVENTS),
+            (
+                "webhooks.max_in_flight",
+                w.max_in_flight.map(to),
+                MAX_EVENTS,
+            ),
+            ("webhooks.processors", Some(to(w.processors)), MAX_TASKS),
+            (
+                "webhooks.batch_concurrency",
+                Some(to(w.batch_concurrency)),
+                MAX_TASKS,
+            ),
+            (
+                "webhooks.batch_timeout_ms",
+                Some(w.batch_timeout_ms),
+                HOUR_MS,
+            ),
+            (
+                "webhooks.retry_after_secs",
+                Some(w.retry_after_secs),
+                DAY_SECS,
+            ),
             (
                 "database.max_connections",
-                self.database.max_connections as usize,
+                Some(u64::from(db.max_connections)),
+                u64::MAX,
             ),
             (
                 "database.acquire_timeout_ms",
-                self.database.acquire_timeout_ms as usize,
-            ),
-            (
-                "database.statement_timeout_ms",
-                self.database.statement_timeout_ms as usize,
-            ),
-            (
-                "shutdown.drain_timeout_ms",
-                self.shutdown.drain_timeout_ms as usize,
-            ),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
-            }
-        }
-        let bounded = [
-            (
-                "webhooks.ingest_capacity",
-                w.ingest_capacity as u64,
-                MAX_EVENTS,
-            ),
-            ("webhooks.max_demand", w.max_demand as u64, MAX_EVENTS),
-            ("webhooks.batch_size", w.batch_size as u64, MAX_EVENTS),
-            (
-                "webhooks.max_in_flight",
-                w.max_in_flight.unwrap_or(0) as u64,
-                MAX_EVENTS,
-            ),
-            ("webhooks.processors", w.processors as u64, MAX_TASKS),
-            (
-                "webhooks.batch_concurrency",
-                w.batch_concurrency as u64,
-                MAX_TASKS,
-            ),
-            ("webhooks.batch_timeout_ms", w.batch_timeout_ms, HOUR_MS),
-            ("webhooks.retry_after_secs", w.retry_after_secs, DAY_SECS),
-            (
-                "shutdown.drain_timeout_ms",
-                self.shutdown.drain_timeout_ms,
-                HOUR_MS,
+                Some(db.acquire_timeout_ms),
+                u64::MAX,
             ),
             // Postgres takes an `int` of milliseconds.
             (
                 "database.statement_timeout_ms",
-                self.database.statement_timeout_ms,
+                Some(db.statement_timeout_ms),
                 i32::MAX as u64,
             ),
+            (
+                "shutdown.drain_timeout_ms",
+                Some(self.shutdown.drain_timeout_ms),
+                HOUR_MS,
+            ),
         ];
-        for (name, value, max) in bounded {
-            if value > max {
-                return Err(ConfigError::Invalid(format!(
-                    "{name} must be at most {max}"
-                )));
+        for (name, value, max) in ranges {
+            match value {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+                }
+                Some(value) if value > max => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} must be at most {max}"
+                    )));
+                }
+                _ => {}
             }
         }
         if let Some(max) = w.max_in_flight

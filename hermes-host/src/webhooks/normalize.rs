@@ -159,8 +159,9 @@ pub fn normalize_text(
     if rule == Normalize::None {
         return Ok(None);
     }
-    if !text.trim_start().starts_with('{') {
-        let kind = match text.trim_start().as_bytes().first() {
+    let first = text.trim_start().as_bytes().first();
+    if first != Some(&b'{') {
+        let kind = match first {
             Some(b'[') => "an array",
             Some(b'"') => "a string",
             Some(b't' | b'f') => "a boolean",

@@ -72,15 +72,10 @@ impl Source {
                     verifier.scheme().name()
                 )));
             }
-            if tolerance == 0 {
-                return Err(error(
-                    "tolerance_secs must be at least 1 (0 would refuse nearly every delivery)"
-                        .into(),
-                ));
-            }
-            if tolerance > DAY_SECS {
+            // 0 would refuse nearly every delivery; over a day is no protection.
+            if !(1..=DAY_SECS).contains(&tolerance) {
                 return Err(error(format!(
-                    "tolerance_secs must be at most {DAY_SECS} (a longer replay window is no protection)"
+                    "tolerance_secs must be between 1 and {DAY_SECS}"
                 )));
             }
             verifier = verifier.with_tolerance(Duration::from_secs(tolerance));
