@@ -1004,10 +1004,14 @@ struct Runner {
 impl Runner {
     /// The binaries for the cluster in `data_dir` (see [`find_bindir`]), run
     /// as the `postgres` user when we are root. Binaries of another major
-    /// version than an existing cluster's are an error.
+    /// version than an existing cluster's are an error: asked of those not
+    /// found as the install of its version.
     fn detect(data_dir: &Path) -> Result<Self, LocalPostgresError> {
         let cluster = cluster_version(data_dir);
-        let bindir = find_bindir(cluster.as_deref()).ok_or(LocalPostgresError::BinariesNotFound)?;
+        let Bindir {
+            dir: bindir,
+            of_cluster_version,
+        } = find_bindir(cluster.as_deref()).ok_or(LocalPostgresError::BinariesNotFound)?;
         let mut id = Command::new("id");
         id.arg("-u");
         let uid = run_stdout(id)?;
@@ -1017,7 +1021,9 @@ impl Runner {
             None
         };
         let runner = Runner { bindir, run_as };
-        if let Some(cluster) = cluster {
+        if let Some(cluster) = cluster
+            && !of_cluster_version
+        {
             runner.check_version(data_dir, &cluster)?;
         }
         Ok(runner)
@@ -1173,14 +1179,25 @@ fn has_server_binaries(dir: &Path) -> bool {
         .all(|b| dir.join(b).is_file())
 }
 
+/// A directory of server binaries, and whether it was found as the install
+/// of the cluster's major version (so of that version, by its name).
+#[derive(Debug, PartialEq, Eq)]
+struct Bindir {
+    dir: PathBuf,
+    of_cluster_version: bool,
+}
+
 /// `$HERMES_PG_BINDIR`, else the choice of [`choose_bindir`] among the
 /// versioned installs and `PATH`, for a cluster of major version `cluster`
 /// (`None`: a new cluster).
-fn find_bindir(cluster: Option<&[u32]>) -> Option<PathBuf> {
+fn find_bindir(cluster: Option<&[u32]>) -> Option<Bindir> {
     if let Some(dir) = std::env::var_os(BINDIR_ENV) {
         let dir = PathBuf::from(dir);
         if has_server_binaries(&dir) {
-            return Some(dir);
+            return Some(Bindir {
+                dir,
+                of_cluster_version: false,
+            });
         }
         tracing::warn!(dir = %dir.display(), "{BINDIR_ENV} does not hold initdb, pg_ctl and postgres; ignoring it");
     }
@@ -1196,13 +1213,20 @@ fn choose_bindir(
     cluster: Option<&[u32]>,
     mut installs: Vec<(Vec<u32>, PathBuf)>,
     on_path: Option<PathBuf>,
-) -> Option<PathBuf> {
+) -> Option<Bindir> {
     if let Some(i) = cluster.and_then(|major| installs.iter().position(|(v, _)| v == major)) {
-        return Some(installs.swap_remove(i).1);
+        return Some(Bindir {
+            dir: installs.swap_remove(i).1,
+            of_cluster_version: true,
+        });
     }
-    on_path.or_else(|| {
+    let dir = on_path.or_else(|| {
         installs.sort();
         installs.pop().map(|(_, dir)| dir)
+    })?;
+    Some(Bindir {
+        dir,
+        of_cluster_version: false,
     })
 }
 
@@ -1522,12 +1546,21 @@ mod tests {
             ]
         };
         let on_path = || Some(PathBuf::from("/usr/local/bin"));
-        let chosen = |cluster: Option<&[u32]>, on_path| choose_bindir(cluster, installs(), on_path);
+        let chosen = |cluster: Option<&[u32]>, on_path| {
+            choose_bindir(cluster, installs(), on_path).map(|bindir| bindir.dir)
+        };
 
         assert_eq!(
             chosen(Some(&[15]), on_path()),
             Some("/usr/lib/postgresql/15/bin".into())
         );
+        // Only an install named for the cluster's version is known to be of it.
+        let of_version = |cluster: Option<&[u32]>| {
+            choose_bindir(cluster, installs(), on_path()).map(|bindir| bindir.of_cluster_version)
+        };
+        assert_eq!(of_version(Some(&[15])), Some(true));
+        assert_eq!(of_version(Some(&[14])), Some(false));
+        assert_eq!(of_version(None), Some(false));
         assert_eq!(
             chosen(Some(&[9, 6]), None),
             Some("/usr/pgsql-9.6/bin".into())
