@@ -18,14 +18,12 @@ use sqlx::{Connection, PgConnection};
 async fn both_paths_insert_events_in_bytewise_order_whatever_the_collation() {
     let url = test_database().await;
     let mut admin = PgConnection::connect(&url).await.unwrap();
-    let base: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
+    let (base, version): (String, i32) = sqlx::query_as(
+        "SELECT current_database()::text, current_setting('server_version_num')::int",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
     assert!(
         version >= 150_000,
         "an ICU default collation needs PostgreSQL 15 or later; the test cluster runs {version}: \

@@ -17,11 +17,11 @@
 mod child;
 mod common;
 
-use child::{send_signal, silent_database, tmp_dir, wait_for_output};
+use child::{exit_within, send_signal, silent_database, tmp_dir, wait_for_output};
 use common::{lock_events, lock_waiters};
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,12 +163,8 @@ impl Host {
 
     /// How the process exited, within `limit`.
     async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("hermes still running after {limit:?}:\n{}", self.log_text())
-            })
-            .expect("wait for hermes")
+        let log = &self.log;
+        exit_within(&mut self.child, limit, || read_log(log)).await
     }
 
     /// Waits until the log has the line `needle` is in, complete.
@@ -178,7 +174,7 @@ impl Host {
             &mut self.child,
             limit,
             &format!("{needle:?} logged"),
-            || std::fs::read_to_string(log).unwrap_or_default(),
+            || read_log(log),
             |text| {
                 text.split_inclusive('\n')
                     .find(|line| line.ends_with('\n') && line.contains(needle))
@@ -232,8 +228,13 @@ impl Host {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
+}
+
+/// The host's log so far (empty before it exists).
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// Sends `event` once, signed now.

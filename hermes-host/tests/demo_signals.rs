@@ -6,7 +6,7 @@
 
 mod child;
 
-use child::{send_signal, silent_database, tmp_dir, wait_for_output};
+use child::{exit_within, send_signal, silent_database, tmp_dir, wait_for_output};
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -69,7 +69,7 @@ impl Hermes {
     }
 
     fn output(&self) -> String {
-        format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
+        both_streams(&self.stdout, &self.stderr)
     }
 
     /// Waits until `stream` (stdout or stderr) contains `needle`.
@@ -92,15 +92,19 @@ impl Hermes {
 
     /// How the process exited, within `limit`; its output is complete then.
     async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let status = match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => status.expect("wait for hermes"),
-            Err(_) => panic!("hermes still running after {limit:?}:\n{}", self.output()),
-        };
+        let (stdout, stderr) = (&self.stdout, &self.stderr);
+        let status = exit_within(&mut self.child, limit, || both_streams(stdout, stderr)).await;
         for reader in self.readers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
         status
     }
+}
+
+/// What a process wrote to `stdout` and `stderr` so far, labelled.
+fn both_streams(stdout: &Mutex<String>, stderr: &Mutex<String>) -> String {
+    let text = |stream: &Mutex<String>| stream.lock().expect("output").clone();
+    format!("stdout:\n{}\nstderr:\n{}", text(stdout), text(stderr))
 }
 
 /// Appends every line of `stream` to `into`.

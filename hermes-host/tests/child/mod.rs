@@ -72,3 +72,16 @@ pub async fn wait_for_output<T>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How `child` exited, within `limit`; panics showing `output()` if it is
+/// still running then.
+pub async fn exit_within(
+    child: &mut Child,
+    limit: Duration,
+    output: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => status.expect("wait for hermes"),
+        Err(_) => panic!("hermes still running after {limit:?}:\n{}", output()),
+    }
+}
