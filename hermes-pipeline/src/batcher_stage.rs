@@ -94,6 +94,8 @@ pub(crate) struct BatcherStage<H: Handler> {
     pub(crate) inbox: mpsc::UnboundedReceiver<Vec<Message<H::Data>>>,
     pub(crate) control: mpsc::UnboundedReceiver<Resize>,
     pub(crate) concurrency: Arc<AtomicUsize>,
+    /// Cancelled when the pipeline starts draining.
+    pub(crate) shutdown: CancellationToken,
     pub(crate) spawner: BatchProcessorSpawner<H>,
     pub(crate) metrics: StageMetrics,
 }
@@ -135,14 +137,28 @@ impl<H: Handler> Batching<H> {
         // a new one (and its removal) every time round the loop.
         let any_idle = self.any_idle.clone();
         let mut idle = std::pin::pin!(any_idle.notified());
+        let shutdown = self.stage.shutdown.clone();
+        let mut drain_starts = std::pin::pin!(shutdown.cancelled());
+        // While draining, no batch waits for more messages: the producers
+        // may need the slots its messages hold to learn that they are done.
+        let mut draining = false;
         loop {
             tokio::select! {
                 biased;
+                () = drain_starts.as_mut(), if !draining => {
+                    draining = true;
+                    let failed = self.flush_all();
+                    self.stage.spawner.acknowledge(failed).await;
+                }
                 chunk = self.stage.inbox.recv() => match chunk {
                     Some(chunk) => {
                         let mut failed = self.add(chunk);
                         if self.stage.inbox.is_empty() {
-                            failed.extend(self.flush_idle());
+                            failed.extend(if draining {
+                                self.flush_all()
+                            } else {
+                                self.flush_idle()
+                            });
                         }
                         self.stage.spawner.acknowledge(failed).await;
                     }
@@ -164,15 +180,20 @@ impl<H: Handler> Batching<H> {
             }
         }
         // Input closed: the pipeline is draining. Flush every partial batch.
-        let mut failed = Vec::new();
-        if let Some(batch) = self.default.take() {
-            failed.extend(self.dispatch(BatchKey::Default, batch, BatchTrigger::Flush));
-        }
-        for (key, batch) in std::mem::take(&mut self.keyed) {
-            failed.extend(self.dispatch(key, batch, BatchTrigger::Flush));
-        }
+        let failed = self.flush_all();
         self.stage.spawner.acknowledge(failed).await;
         tracing::debug!("batcher stopped");
+    }
+
+    /// Closes every open batch (the pipeline is draining) and dispatches it;
+    /// gives back, failed, the messages of batches no batch processor could take.
+    fn flush_all(&mut self) -> Vec<Message<H::Data>> {
+        let mut failed = self.close(BatchKey::Default, BatchTrigger::Flush);
+        let keys: Vec<BatchKey> = self.keyed.keys().cloned().collect();
+        for key in keys {
+            failed.extend(self.close(key, BatchTrigger::Flush));
+        }
+        failed
     }
 
     /// Adds a chunk to its open batches; gives back, failed, the messages

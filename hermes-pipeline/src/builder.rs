@@ -288,6 +288,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 inbox,
                 control,
                 concurrency,
+                shutdown: shutdown.clone(),
                 spawner: BatchProcessorSpawner {
                     pipeline: name.clone(),
                     batcher: batcher_name.clone(),

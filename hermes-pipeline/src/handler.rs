@@ -27,7 +27,8 @@ pub enum BatchTrigger {
     /// A batch processor was idle, no more messages were waiting, and no
     /// larger batch was being handled (`BatcherOptions::flush_when_idle`).
     Idle,
-    /// The pipeline is draining: partial batches are flushed.
+    /// The pipeline is draining: partial batches are flushed when the drain
+    /// starts, and after that whenever no more messages are waiting.
     Flush,
 }
 

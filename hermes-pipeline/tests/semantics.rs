@@ -748,6 +748,81 @@ async fn drain_flushes_partial_batches_without_waiting_for_their_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_drain_flushes_a_partial_batch_holding_the_slots_its_producer_waits_for() {
+    let (handler, batches) = Collect::new();
+    // The producer is asked again only once 2 slots are free.
+    let mut builder = Pipeline::builder("drain-stall", handler)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(4))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(4)
+                .batch_timeout(Duration::from_secs(3600)),
+        )
+        .max_in_flight(4);
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let completions: Vec<Completion> = (0..3u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Three slots held by the open batch, one free.
+    assert_eq!(pipeline.in_flight(), 3);
+
+    let started = Instant::now();
+    assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    let seen = batches.seen.lock().unwrap();
+    assert_eq!(
+        (seen.len(), seen[0].2, seen[0].3.clone()),
+        (1, BatchTrigger::Flush, vec![0, 1, 2])
+    );
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn partial_batches_flush_when_the_drain_starts_not_when_producers_end() {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder("flush-at-start", handler)
+        .producer(NeverFinishes)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(10)
+                .batch_timeout(Duration::from_secs(3600)),
+        );
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let completions: Vec<Completion> = (0..3u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    // The other producer keeps the drain going until its deadline, but the
+    // open batch goes at once.
+    let drain = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.drain(Duration::from_secs(5)).await }
+    });
+    let started = Instant::now();
+    for completion in completions {
+        assert_eq!(completion.await, Outcome::Succeeded);
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(pipeline.is_running());
+    assert!(drain.await.unwrap().forced);
+    let seen = batches.seen.lock().unwrap();
+    assert_eq!(
+        (seen.len(), seen[0].2, seen[0].3.clone()),
+        (1, BatchTrigger::Flush, vec![0, 1, 2])
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn at_the_drain_deadline_what_remains_is_acknowledged_as_failed() {
     let recorder = Recorder::new();
     let pipeline = Pipeline::builder("deadline", Stuck)
