@@ -55,7 +55,8 @@ impl<T> ProcessorOptions<T> {
     }
 
     /// A producer is asked again once `max_demand - min_demand` slots are free
-    /// (default `max_demand / 2`; must be below `max_demand`).
+    /// (default `max_demand / 2`; must be below `max_demand`); while the
+    /// pipeline drains, as soon as one is.
     pub fn min_demand(mut self, min_demand: usize) -> Self {
         self.min_demand = Some(min_demand);
         self

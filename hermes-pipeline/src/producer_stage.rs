@@ -110,7 +110,8 @@ impl<T> Dispatch<T> {
 pub(crate) struct DemandSettings {
     /// The most a producer is asked for at once.
     pub(crate) max_demand: usize,
-    /// A producer is asked again once this many slots are free (`max_demand - min_demand`).
+    /// A producer is asked again once this many slots are free (`max_demand -
+    /// min_demand`); while draining, once any is.
     pub(crate) refill: usize,
 }
 
@@ -178,7 +179,7 @@ where
                     break;
                 }
             }
-            let Some(demand) = unless(stop, stage.acquire_demand()).await else {
+            let Some(demand) = unless(stop, stage.acquire_demand(draining)).await else {
                 continue;
             };
             let produce = catch_panic(|| producer.produce(demand.asked));
@@ -212,12 +213,14 @@ where
 }
 
 impl<H: Handler> ProducerParts<H> {
-    /// Free in-flight slots, cut down to what the rate limit allows.
-    async fn acquire_demand(&self) -> Demand {
+    /// Free in-flight slots, cut down to what the rate limit allows: at
+    /// least `refill`, or while draining at least one, since the slots a
+    /// drain waits for may only free up once this producer's backlog (or its
+    /// `Finished`) went through.
+    async fn acquire_demand(&self, draining: bool) -> Demand {
         let in_flight = &self.terminator.in_flight;
-        let slots = in_flight
-            .acquire(self.demand.refill, self.demand.max_demand)
-            .await;
+        let at_least = if draining { 1 } else { self.demand.refill };
+        let slots = in_flight.acquire(at_least, self.demand.max_demand).await;
         // Dropped mid-wait (shutdown), the slots must not leak.
         let guard = SlotsGuard { in_flight, slots };
         let asked = self.rate_limiter.room(slots).await;

@@ -822,6 +822,64 @@ async fn partial_batches_flush_when_the_drain_starts_not_when_producers_end() {
     );
 }
 
+/// Takes ten seconds over the batch holding message 0, no time over others.
+struct SlowOverZero;
+
+impl Handler for SlowOverZero {
+    type Data = u64;
+
+    async fn handle_message(&self, _: &mut Message<u64>, _: &ProcessorContext) {}
+
+    async fn handle_batch(&self, batch: &mut [Message<u64>], _: &BatchInfo) {
+        if batch.iter().any(|message| message.data == 0) {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_producer_is_asked_as_soon_as_one_slot_is_free() {
+    // Running, the producer is asked again only once 2 slots are free.
+    let mut builder = Pipeline::builder("drain-any-slot", SlowOverZero)
+        .processors(ProcessorOptions::new().concurrency(1).max_demand(4))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(3)
+                .concurrency(2)
+                .batch_timeout(Duration::from_secs(3600)),
+        )
+        .max_in_flight(4);
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let slow: Vec<Completion> = (0..3u64)
+        .map(|n| ingress.try_push_tracked(n).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let last = ingress.try_push_tracked(3u64).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The slow batch holds 3 slots: the free one is too few to ask the ingress.
+    assert_eq!(pipeline.in_flight(), 3);
+
+    let drain = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.drain(Duration::from_secs(5)).await }
+    });
+    let started = Instant::now();
+    assert_eq!(last.await, Outcome::Succeeded);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    // The slow batch outlasts the deadline.
+    assert!(drain.await.unwrap().forced);
+    for completion in slow {
+        let outcome = completion.await;
+        assert!(
+            matches!(&outcome, Outcome::Failed(reason) if reason.contains("deadline")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn at_the_drain_deadline_what_remains_is_acknowledged_as_failed() {
     let recorder = Recorder::new();
