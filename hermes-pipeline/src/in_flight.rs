@@ -71,7 +71,8 @@ impl InFlight {
         }
     }
 
-    /// `n` messages in flight were acknowledged: frees their slots.
+    /// `n` messages in flight were acknowledged, or lost with a stage that
+    /// stopped: frees their slots.
     pub(crate) fn release(&self, n: usize) {
         if n > 0 {
             self.gauge.decrement(n as f64);

@@ -601,8 +601,8 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
                     "{outcome:?}"
                 );
             }
-            // The next batch goes to a new one, and resizing does not wait
-            // for the one that stopped.
+            // The next batch goes to a new one, which frees the slots of the
+            // lost messages, and resizing does not wait for the one that stopped.
             assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
             tokio::time::timeout(
                 Duration::from_secs(10),
@@ -611,7 +611,10 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             .await
             .expect("the resize returned")
             .unwrap();
-            // One stops again: resizing right away does not wait for it either.
+            assert_eq!(pipeline.in_flight(), 0);
+            // Round robin among idle ones: 40 goes to the first, and the
+            // second stops. Shrinking drops it, and frees its slots.
+            assert_eq!(ingress.test_message(40u64).await, Outcome::Succeeded);
             let lost = ingress.test_batch([5u64, 6, 7]).await;
             assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
             tokio::time::timeout(
@@ -621,9 +624,15 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             .await
             .expect("the resize returned")
             .unwrap();
+            assert_eq!(pipeline.in_flight(), 0);
             assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
-            assert_eq!(batches.seen.lock().unwrap().len(), 2);
+            assert_eq!(batches.seen.lock().unwrap().len(), 3);
+            // One that stopped is not restarted by the drain: its slots are
+            // freed when the batcher stops.
+            let lost = ingress.test_batch([9u64, 10, 11]).await;
+            assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            assert_eq!(pipeline.in_flight(), 0);
         });
     });
 }
