@@ -41,10 +41,11 @@ impl Completion {
 }
 
 /// Reason reported when a message was dropped without being acknowledged: the
-/// runtime running the pipeline was shut down under it, the producer holding
-/// it panicked, or a handler replaced its completion
+/// runtime running the pipeline was shut down under it, the producer or stage
+/// holding it panicked outside the handlers (say, in a metrics recorder), or a
+/// handler replaced its completion
 /// ([`Message::attach_completion`](crate::Message::attach_completion)).
-const DROPPED: &str = "message dropped before acknowledgement (runtime shut down, its producer panicked, or its completion was replaced)";
+const DROPPED: &str = "message dropped before acknowledgement (runtime shut down, its producer or a stage panicked outside the handlers, or its completion was replaced)";
 
 impl Future for Completion {
     type Output = Outcome;

@@ -50,9 +50,20 @@ pub(crate) struct ProcessorStage<H: Handler> {
 impl<H: Handler> ProcessorStage<H> {
     pub(crate) async fn run(mut self) {
         while let Some(chunk) = self.next_chunk().await {
-            self.metrics.queue_depth.decrement(chunk.len() as f64);
-            self.metrics.received.increment(chunk.len() as u64);
-            self.handle(chunk).await;
+            // Handlers' panics are contained per message; one elsewhere (say,
+            // in a metrics recorder) loses the messages this processor still
+            // holds, not the processor: it keeps its place (its index, its
+            // partition) and takes the next chunk.
+            let mut held = chunk.len();
+            if let Err(panic) = catch_panic(|| self.handle(chunk, &mut held)).await {
+                tracing::error!(
+                    processor = self.context.processor,
+                    lost = held,
+                    %panic,
+                    "processor panicked outside its handlers: the messages it held are dropped"
+                );
+                self.terminator.in_flight.release(held);
+            }
             if self.retired() {
                 break;
             }
@@ -88,7 +99,11 @@ impl<H: Handler> ProcessorStage<H> {
             .is_some_and(|seat| seat.retire(self.context.processor))
     }
 
-    async fn handle(&self, mut chunk: Vec<Message<H::Data>>) {
+    /// Handles a chunk; `held` counts its messages not yet handed to a
+    /// batcher or acknowledged (whose slots a panic here would leave taken).
+    async fn handle(&self, mut chunk: Vec<Message<H::Data>>, held: &mut usize) {
+        self.metrics.queue_depth.decrement(chunk.len() as f64);
+        self.metrics.received.increment(chunk.len() as u64);
         let started = Instant::now();
         let interrupted = self.deadline.is_cancelled() || {
             tokio::select! {
@@ -103,10 +118,12 @@ impl<H: Handler> ProcessorStage<H> {
         self.metrics
             .duration
             .record(started.elapsed().as_secs_f64());
-        let done = self.route(chunk);
+        let done = self.route(chunk, held);
+        let acknowledged = done.len();
         self.terminator
             .acknowledge(done, FailedIn::Processor, &self.metrics)
             .await;
+        *held -= acknowledged;
     }
 
     async fn run_handlers(&self, chunk: &mut [Message<H::Data>]) {
@@ -146,14 +163,14 @@ impl<H: Handler> ProcessorStage<H> {
 
     /// Sends messages on to their batchers and returns those whose fate is final
     /// here (failed, or successful with no batcher configured).
-    fn route(&self, mut chunk: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
+    fn route(&self, mut chunk: Vec<Message<H::Data>>, held: &mut usize) -> Vec<Message<H::Data>> {
         let mut routes = chunk.iter_mut().map(|message| self.batcher_of(message));
         let first = routes.next().flatten();
         // The common case: the whole chunk goes to one batcher, sent as it is.
         if let Some(index) = first
             && routes.all(|route| route == Some(index))
         {
-            return self.forward(index, chunk);
+            return self.forward(index, chunk, held);
         }
         let mut done = Vec::new();
         let mut outboxes: Vec<Vec<Message<H::Data>>> =
@@ -166,18 +183,25 @@ impl<H: Handler> ProcessorStage<H> {
         }
         for (index, outbox) in outboxes.into_iter().enumerate() {
             if !outbox.is_empty() {
-                done.extend(self.forward(index, outbox));
+                done.extend(self.forward(index, outbox, held));
             }
         }
         done
     }
 
-    /// Hands messages to batcher `index`; gives them back failed if it is gone.
-    fn forward(&self, index: usize, messages: Vec<Message<H::Data>>) -> Vec<Message<H::Data>> {
+    /// Hands messages to batcher `index` (which then holds them); gives them
+    /// back failed if it is gone.
+    fn forward(
+        &self,
+        index: usize,
+        messages: Vec<Message<H::Data>>,
+        held: &mut usize,
+    ) -> Vec<Message<H::Data>> {
         let batcher = &self.batchers[index];
         let len = messages.len();
         match batcher.tx.send(messages) {
             Ok(()) => {
+                *held -= len;
                 batcher.depth.increment(len as f64);
                 self.metrics.succeeded.increment(len as u64);
                 Vec::new()

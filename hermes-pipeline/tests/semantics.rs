@@ -519,9 +519,16 @@ fn only_produced_messages_count_as_in_flight() {
     });
 }
 
-/// A metrics recorder whose batch-size histogram panics on batches of 3 or
-/// more: the batch processor recording one stops (batch processors contain
-/// panics in handlers and acknowledgers, not elsewhere).
+/// A metrics recorder whose histogram `name` runs `record`, which may panic
+/// (every other series is a no-op): the stage recording it stops, unless it
+/// contains panics outside its handlers.
+struct PanickyHistogram<F> {
+    name: &'static str,
+    record: Arc<F>,
+}
+
+/// Panics on batches of 3 or more: the batch processor recording one stops
+/// (batch processors contain panics in handlers and acknowledgers, not elsewhere).
 struct BatchesOfThreePanic;
 
 impl metrics::HistogramFn for BatchesOfThreePanic {
@@ -530,7 +537,17 @@ impl metrics::HistogramFn for BatchesOfThreePanic {
     }
 }
 
-impl metrics::Recorder for BatchesOfThreePanic {
+/// Panics the first time it records.
+#[derive(Default)]
+struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+impl metrics::HistogramFn for PanicsOnce {
+    fn record(&self, _: f64) {
+        assert!(self.0.swap(true, Ordering::SeqCst), "first record");
+    }
+}
+
+impl<F: metrics::HistogramFn + Send + Sync + 'static> metrics::Recorder for PanickyHistogram<F> {
     fn describe_counter(
         &self,
         _: metrics::KeyName,
@@ -566,8 +583,8 @@ impl metrics::Recorder for BatchesOfThreePanic {
         key: &metrics::Key,
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
-        if key.name() == telemetry::BATCH_SIZE {
-            metrics::Histogram::from_arc(Arc::new(BatchesOfThreePanic))
+        if key.name() == self.name {
+            metrics::Histogram::from_arc(self.record.clone())
         } else {
             metrics::Histogram::noop()
         }
@@ -576,7 +593,11 @@ impl metrics::Recorder for BatchesOfThreePanic {
 
 #[test]
 fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
-    metrics::with_local_recorder(&BatchesOfThreePanic, || {
+    let recorder = PanickyHistogram {
+        name: telemetry::BATCH_SIZE,
+        record: Arc::new(BatchesOfThreePanic),
+    };
+    metrics::with_local_recorder(&recorder, || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
@@ -635,6 +656,50 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             assert_eq!(pipeline.in_flight(), 0);
         });
     });
+}
+
+#[test]
+fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slots() {
+    for partitioned in [false, true] {
+        // Only processors time their handlers without batchers.
+        let recorder = PanickyHistogram {
+            name: telemetry::HANDLER_DURATION,
+            record: Arc::new(PanicsOnce::default()),
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (handler, _) = Collect::new();
+                let mut options = ProcessorOptions::new().concurrency(1);
+                if partitioned {
+                    options = options.partition_by(|message| message.data);
+                }
+                let mut builder = Pipeline::builder("processor-panics", handler)
+                    .processors(options)
+                    .max_in_flight(10);
+                let ingress = builder.ingress(10);
+                let pipeline = builder.start().unwrap();
+                let lost = ingress.test_message(1u64).await;
+                assert!(
+                    matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
+                    "{lost:?}"
+                );
+                assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
+                // The same processor takes the next message, with every slot.
+                let outcomes =
+                    tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
+                        .await
+                        .expect("a processor took the messages");
+                assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+                assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+                assert_eq!(pipeline.in_flight(), 0);
+            });
+        });
+    }
 }
 
 #[tokio::test(start_paused = true)]
