@@ -319,6 +319,8 @@ struct Sabotaged {
     mode: Sabotage,
     fail_times: u32,
     executions: AtomicU32,
+    /// Backends stopped by [`Sabotage::FreezeBackend`].
+    frozen: std::sync::Mutex<Vec<i32>>,
 }
 
 #[derive(Clone, Copy)]
@@ -330,6 +332,20 @@ enum Sabotage {
     /// Insert, then drop the last row's outcome (breaking the statement's
     /// one-outcome-per-row contract).
     DropAnOutcome,
+    /// Stop this connection's backend process (SIGSTOP), as a frozen server
+    /// would be, then insert: the statement is never answered.
+    FreezeBackend,
+}
+
+impl Drop for Sabotaged {
+    /// Wakes the frozen backends, which then find their client gone and exit
+    /// (also when a test failed).
+    fn drop(&mut self) {
+        for pid in self.frozen.lock().unwrap().drain(..) {
+            // SAFETY: kill(2) with a pid and a signal number.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
 }
 
 impl BatchStatement for Sabotaged {
@@ -382,6 +398,14 @@ impl BatchStatement for Sabotaged {
                         .execute(&mut *conn)
                         .await?;
                     }
+                    Sabotage::FreezeBackend => {
+                        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                            .fetch_one(&mut *conn)
+                            .await?;
+                        // SAFETY: kill(2) with a pid and a signal number.
+                        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+                        self.frozen.lock().unwrap().push(pid);
+                    }
                     Sabotage::DropAnOutcome => {
                         let mut written = self.inner.execute(conn, rows).await?;
                         written.pop();
@@ -407,6 +431,7 @@ async fn sabotaged_writer(
         mode,
         fail_times,
         executions: AtomicU32::new(0),
+        frozen: Default::default(),
     };
     BatchWriter::new(pool.clone(), statement, retry)
 }
@@ -438,6 +463,35 @@ async fn a_serialization_failure_is_retried(mode: Mode) {
 
 /// The default policy (the host's): 6 attempts, with jittered waits of
 /// 25–50, 50–100, 100–200, 200–400 and 400–800 ms between them.
+async fn a_frozen_server_times_the_attempt_out_and_closes_its_connection(mode: Mode) {
+    let pool = setup().await;
+    let retry = fast_retries().attempt_timeout(Duration::from_millis(500));
+    let writer = sabotaged_writer(&pool, mode, Sabotage::FreezeBackend, 1, retry).await;
+    let rows = events(0..100);
+    // Without the attempt timeout, the write waits for the frozen backend forever.
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), writer.write(&rows))
+        .await
+        .expect("the attempt on the frozen backend must time out")
+        .expect("write on a fresh connection");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
+    assert_eq!(count(&pool).await, 100);
+    // The frozen connection is closed, not held by the pool's ping of a
+    // returned connection (which the frozen backend would never answer).
+    let mut settled = false;
+    for _ in 0..200 {
+        if pool.size() as usize == pool.num_idle() {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        settled,
+        "a connection is still checked out or being returned"
+    );
+}
+
 #[tokio::test]
 async fn a_persistent_transient_error_exhausts_the_default_retries() {
     let pool = setup().await;
@@ -632,6 +686,8 @@ in_both_modes! {
     a_terminated_connection_is_retried => a_terminated_connection_is_retried_unnest, a_terminated_connection_is_retried_copy;
     #[tokio::test]
     a_serialization_failure_is_retried => a_serialization_failure_is_retried_unnest, a_serialization_failure_is_retried_copy;
+    #[tokio::test]
+    a_frozen_server_times_the_attempt_out_and_closes_its_connection => a_frozen_server_times_the_attempt_out_and_closes_its_connection_unnest, a_frozen_server_times_the_attempt_out_and_closes_its_connection_copy;
 }
 
 /// Records whether the statements of one execution share a transaction, then

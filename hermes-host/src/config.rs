@@ -149,11 +149,28 @@ pub struct DatabaseConfig {
     /// How long to wait for a pooled connection, in milliseconds (default 5000).
     pub acquire_timeout_ms: u64,
     /// Postgres's `statement_timeout` for the host's statements, in
-    /// milliseconds (default 10000): a batch stuck behind a lock or a stalled
-    /// server fails (and its events get 503) rather than holding its requests
-    /// without end (1 to 2147483647; it overrides a `statement_timeout` in the
-    /// URL's `options`). Migrations run without it.
+    /// milliseconds (default 10000): a batch stuck behind a lock fails (and
+    /// its events get 503) rather than holding its requests without end (1
+    /// to 2147483647; it overrides a `statement_timeout` in the URL's
+    /// `options`). A batch on a server that stopped answering is cut off by
+    /// the host itself, [`ATTEMPT_MARGIN`] later (see
+    /// [`attempt_timeout`](Self::attempt_timeout)). Migrations run without it.
     pub statement_timeout_ms: u64,
+}
+
+/// How much longer than `statement_timeout_ms` the host waits for a batch
+/// statement before it gives the connection up as hung: room for the
+/// commit, which the server's timeout does not cover, and the round trip.
+pub const ATTEMPT_MARGIN: Duration = Duration::from_secs(2);
+
+impl DatabaseConfig {
+    /// How long one attempt at a batch write may take before the host
+    /// abandons it and its connection (a frozen server, a network dropping
+    /// packets, which no server-side timeout ends) and retries or answers
+    /// 503: `statement_timeout_ms` plus [`ATTEMPT_MARGIN`].
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms) + ATTEMPT_MARGIN
+    }
 }
 
 impl Default for DatabaseConfig {

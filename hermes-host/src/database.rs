@@ -20,6 +20,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// The database of the private cluster.
 pub const LOCAL_DATABASE: &str = "hermes";
 
+/// The `application_name` of the host's connections, unless the URL sets one.
+pub const APPLICATION_NAME: &str = "hermes";
+
 /// A pooled connection idle this long is pinged before it is handed out.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
@@ -77,6 +80,11 @@ impl Database {
             .parse::<PgConnectOptions>()
             .map_err(connect_error)?
             .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
+        // Named in pg_stat_activity, unless the URL names it.
+        let options = match options.get_application_name() {
+            Some(_) => options,
+            None => options.application_name(APPLICATION_NAME),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use hermes_adapters::postgres::RetryPolicy;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -75,12 +76,11 @@ impl Server {
     ) -> Result<RunningServer, StartError> {
         // The recorder first: pipelines register their metrics when they start.
         let metrics = telemetry::metrics_handle();
-        let ingest =
-            IngestPipeline::start(&config.webhooks, database.pool().clone()).map_err(|source| {
-                StartError::Pipeline {
-                    pipeline: crate::webhooks::PIPELINE_NAME,
-                    source,
-                }
+        let retry = RetryPolicy::default().attempt_timeout(config.database.attempt_timeout());
+        let ingest = IngestPipeline::start(&config.webhooks, database.pool().clone(), retry)
+            .map_err(|source| StartError::Pipeline {
+                pipeline: crate::webhooks::PIPELINE_NAME,
+                source,
             })?;
         let upkeep_handle = metrics.clone();
         let upkeep = tokio::spawn(async move {

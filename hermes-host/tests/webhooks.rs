@@ -701,3 +701,70 @@ async fn a_stalled_database_gets_503_not_a_hang() {
     h.assert_committed(&reply).await;
     assert!(!reply.duplicate(), "{reply:?}");
 }
+
+/// Backends stopped with SIGSTOP, as a frozen server would be; woken again
+/// when dropped (also when the test fails), to find their client gone.
+struct FrozenBackends(Vec<i32>);
+
+impl FrozenBackends {
+    fn stop(pids: Vec<i32>) -> Self {
+        for &pid in &pids {
+            // SAFETY: kill(2) takes two integers and touches no memory.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop {pid}");
+        }
+        Self(pids)
+    }
+}
+
+impl Drop for FrozenBackends {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A database server that stops answering in the middle of a batch (the
+/// host's backend frozen by SIGSTOP: no statement timeout can fire in it) is
+/// not waited for without end: the host gives the attempt up after
+/// `statement_timeout_ms` plus its margin, closes that connection, and
+/// stores the event on a fresh one.
+#[tokio::test]
+async fn a_frozen_database_connection_is_given_up_and_the_event_stored_on_another() {
+    use hermes_host::config::ATTEMPT_MARGIN;
+    const STATEMENT_TIMEOUT: Duration = Duration::from_millis(300);
+    // One connection: the frozen one, until the host closes it.
+    let h = start(&format!(
+        "[database]\nmax_connections = 1\nstatement_timeout_ms = {}\n",
+        STATEMENT_TIMEOUT.as_millis()
+    ))
+    .await;
+    let warm = h.deliver("raw", &json!({"n": 0}), "warm").await;
+    h.assert_committed(&warm).await;
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(hermes_host::database::APPLICATION_NAME)
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(pids.len(), 1, "the host's one connection: {pids:?}");
+    let _frozen = FrozenBackends::stop(pids);
+
+    let started = std::time::Instant::now();
+    let reply = h.deliver("raw", &json!({"n": 1}), "frozen").await;
+    let elapsed = started.elapsed();
+    h.assert_committed(&reply).await;
+    let attempt_timeout = STATEMENT_TIMEOUT + ATTEMPT_MARGIN;
+    assert!(
+        elapsed >= attempt_timeout,
+        "202 after {elapsed:?}: the frozen attempt was not waited out"
+    );
+    // The first retry's back-off, a new connection, and a loaded machine.
+    assert!(
+        elapsed < attempt_timeout + Duration::from_secs(5),
+        "202 after {elapsed:?}"
+    );
+}

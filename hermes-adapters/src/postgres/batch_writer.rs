@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use sqlx::PgPool;
 use sqlx::error::DatabaseError;
+use sqlx::{Connection, PgConnection, PgPool};
 
 use super::retry::{ErrorClass, RetryPolicy, classify};
 use super::statement::{BatchStatement, Written};
@@ -413,17 +413,45 @@ impl<S: BatchStatement> BatchWriter<S> {
         }
     }
 
-    /// One transaction: begin, execute, check, commit; or, for a
+    /// One attempt on a pooled connection, within the policy's
+    /// [`attempt_timeout`](RetryPolicy::attempt_timeout) if it has one. A
+    /// connection whose attempt ran out of time may be stuck on a server
+    /// that no longer answers: it is closed, not pooled again (the pool
+    /// would first wait for it to answer a ping).
+    async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(limit) = self.retry.attempt_timeout else {
+            return self.run(&mut conn, rows).await;
+        };
+        match tokio::time::timeout(limit, self.run(&mut conn, rows)).await {
+            Ok(result) => result,
+            Err(_) => {
+                conn.close_on_drop();
+                Err(AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the batch statement did not finish within {} ms",
+                        limit.as_millis()
+                    ),
+                ))))
+            }
+        }
+    }
+
+    /// Begin, execute, check, commit; or, for a
     /// [single statement](Self::single_statement), execute (autocommit) and
     /// check.
-    async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[&S::Row],
+    ) -> Result<Vec<Written>, AttemptError> {
         if self.single_statement {
-            let mut conn = self.pool.acquire().await?;
             // Already committed: a wrong count fails the batch, and writing
             // it again reports its rows as duplicates.
-            return one_outcome_per_row(self.statement.execute(&mut conn, rows).await?, rows);
+            return one_outcome_per_row(self.statement.execute(conn, rows).await?, rows);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         let written = one_outcome_per_row(self.statement.execute(&mut tx, rows).await?, rows)?;
         tx.commit().await?;
         Ok(written)

@@ -23,17 +23,28 @@ pub struct RetryPolicy {
     /// batch's callers wait when every attempt is slow to fail (say, on a
     /// stalled database, each waiting for a connection).
     pub give_up_after: Duration,
+    /// An attempt still running after this long fails as a transient error,
+    /// and its connection is closed instead of going back to the pool. A
+    /// server-side `statement_timeout` cannot end a wait on a server that
+    /// stopped answering (a frozen process or host, a network dropping
+    /// packets); this can. Set it above the longest statement and commit
+    /// expected, such as `statement_timeout` plus a margin: a commit cut
+    /// short may still have happened, and the retry then reports its rows
+    /// [`Duplicate`](super::RowOutcome::Duplicate). `None` (the default):
+    /// no client-side limit.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
     /// 6 attempts, waits from 50 ms doubling up to 5 s (about 1.5 s in total
-    /// before jitter), no retry starting after 10 s.
+    /// before jitter), no retry starting after 10 s, no attempt timeout.
     fn default() -> Self {
         Self {
             base: Duration::from_millis(50),
             max: Duration::from_secs(5),
             attempts: 6,
             give_up_after: Duration::from_secs(10),
+            attempt_timeout: None,
         }
     }
 }
@@ -60,6 +71,15 @@ impl RetryPolicy {
     pub fn give_up_after(self, limit: Duration) -> Self {
         Self {
             give_up_after: limit,
+            ..self
+        }
+    }
+
+    /// The same policy, failing an attempt that runs longer than `limit` (see
+    /// [`attempt_timeout`](Self::attempt_timeout)).
+    pub fn attempt_timeout(self, limit: Duration) -> Self {
+        Self {
+            attempt_timeout: Some(limit),
             ..self
         }
     }

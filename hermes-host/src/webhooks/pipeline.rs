@@ -33,16 +33,12 @@ pub struct IngestHandler {
 }
 
 impl IngestHandler {
-    /// A handler writing batches to `pool`.
-    pub fn new(pool: PgPool) -> Self {
+    /// A handler writing batches to `pool`, retrying per `retry`.
+    pub fn new(pool: PgPool, retry: RetryPolicy) -> Self {
         Self {
-            writer: BatchWriter::new(
-                pool,
-                WebhookBatchStatement::default(),
-                RetryPolicy::default(),
-            )
-            // Each batch is one storing statement: atomic without BEGIN/COMMIT.
-            .single_statement(true),
+            writer: BatchWriter::new(pool, WebhookBatchStatement::default(), retry)
+                // Each batch is one storing statement: atomic without BEGIN/COMMIT.
+                .single_statement(true),
         }
     }
 }
@@ -139,9 +135,14 @@ pub struct IngestPipeline {
 }
 
 impl IngestPipeline {
-    /// Starts the pipeline sized by `config`, writing to `pool`.
-    pub fn start(config: &WebhooksConfig, pool: PgPool) -> Result<Self, ConfigError> {
-        let mut builder = Pipeline::builder(PIPELINE_NAME, IngestHandler::new(pool))
+    /// Starts the pipeline sized by `config`, writing to `pool` and retrying
+    /// transient database errors per `retry`.
+    pub fn start(
+        config: &WebhooksConfig,
+        pool: PgPool,
+        retry: RetryPolicy,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = Pipeline::builder(PIPELINE_NAME, IngestHandler::new(pool, retry))
             .processors(
                 ProcessorOptions::new()
                     .concurrency(config.processors)
@@ -204,7 +205,12 @@ mod tests {
         let pool = PgPoolOptions::new()
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .expect("a lazy pool");
-        let pipeline = IngestPipeline::start(&config.webhooks, pool).expect("starts");
+        let pipeline = IngestPipeline::start(
+            &config.webhooks,
+            pool,
+            hermes_adapters::postgres::RetryPolicy::default(),
+        )
+        .expect("starts");
         pipeline.pipeline().drain(Duration::from_secs(5)).await;
     }
 }
