@@ -69,6 +69,8 @@ pub struct PipelineBuilder<H: Handler> {
     batchers: Vec<(String, BatcherOptions<H::Data>)>,
     rate_limit: Option<RateLimit>,
     max_in_flight: Option<usize>,
+    /// Cancelled when the pipeline starts draining; ingresses refuse pushes from then on.
+    shutdown: CancellationToken,
 }
 
 impl<H: Handler> PipelineBuilder<H> {
@@ -81,6 +83,7 @@ impl<H: Handler> PipelineBuilder<H> {
             batchers: Vec::new(),
             rate_limit: None,
             max_in_flight: None,
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -98,7 +101,7 @@ impl<H: Handler> PipelineBuilder<H> {
     /// the handle of a pipeline that did not start only reports
     /// [`PushError::Closed`](crate::PushError::Closed).
     pub fn ingress(&mut self, capacity: usize) -> Ingress<H::Data> {
-        let (ingress, producer) = Ingress::new(capacity);
+        let (ingress, producer) = Ingress::new(capacity, self.shutdown.clone());
         let name = format!("ingress_{}", self.producers.len());
         self.push_producer(name, Some(capacity), producer);
         ingress
@@ -243,7 +246,7 @@ impl<H: Handler> PipelineBuilder<H> {
 
         let name = self.name.clone();
         let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
+        let shutdown = self.shutdown;
         let deadline = CancellationToken::new();
         let in_flight = Arc::new(InFlight::new(max_in_flight, StageMetrics::in_flight(&name)));
         let terminator = Terminator {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use crate::message::Message;
 use crate::outcome::{Completion, Outcome};
@@ -49,6 +50,9 @@ impl<T> fmt::Debug for PushError<T> {
 /// handle is dropped and the buffer is empty, the ingress counts as a finished producer.
 pub struct Ingress<T> {
     tx: mpsc::Sender<Message<T>>,
+    /// Cancelled when the pipeline starts draining: pushes are refused from
+    /// then on, even before the pipeline closes the buffer (it may be busy).
+    draining: CancellationToken,
     /// Dropped after `tx`, so its signal comes once the sender is gone.
     signal: Signal,
 }
@@ -74,6 +78,7 @@ impl<T> Clone for Ingress<T> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            draining: self.draining.clone(),
             signal: Signal(self.signal.0.clone()),
         }
     }
@@ -93,12 +98,14 @@ pub(crate) const MAX_INGRESS_CAPACITY: usize = tokio::sync::Semaphore::MAX_PERMI
 
 impl<T: Send + 'static> Ingress<T> {
     /// An ingress of `capacity`, brought within `1..=MAX_INGRESS_CAPACITY`
-    /// (the builder refuses to start with a capacity outside it).
-    pub(crate) fn new(capacity: usize) -> (Self, IngressProducer<T>) {
+    /// (the builder refuses to start with a capacity outside it), refusing
+    /// pushes once `draining` is cancelled.
+    pub(crate) fn new(capacity: usize, draining: CancellationToken) -> (Self, IngressProducer<T>) {
         let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_INGRESS_CAPACITY));
         let pushed = Arc::new(Notify::new());
         let ingress = Self {
             tx,
+            draining,
             signal: Signal(pushed.clone()),
         };
         (ingress, IngressProducer { rx, pushed })
@@ -106,8 +113,12 @@ impl<T: Send + 'static> Ingress<T> {
 
     /// Pushes a message if there is room, without waiting.
     pub fn try_push(&self, message: impl Into<Message<T>>) -> Result<(), PushError<T>> {
+        let message = message.into();
+        if self.draining.is_cancelled() {
+            return Err(PushError::Closed(Box::new(message)));
+        }
         self.tx
-            .try_send(message.into())
+            .try_send(message)
             .map(|()| self.signal.notify())
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(message) => PushError::Full(Box::new(message)),
@@ -132,13 +143,25 @@ impl<T: Send + 'static> Ingress<T> {
             })
     }
 
-    /// Pushes a message, waiting for room.
+    /// Pushes a message, waiting for room (or for the pipeline to drain,
+    /// which refuses it).
     pub async fn push(&self, message: impl Into<Message<T>>) -> Result<(), PushError<T>> {
-        self.tx
-            .send(message.into())
-            .await
-            .map(|()| self.signal.notify())
-            .map_err(|mpsc::error::SendError(message)| PushError::Closed(Box::new(message)))
+        let message = message.into();
+        // Waiting for room, not with the message, keeps it if the wait ends
+        // with a refusal.
+        let room = tokio::select! {
+            biased;
+            () = self.draining.cancelled() => None,
+            permit = self.tx.reserve() => permit.ok(),
+        };
+        match room {
+            Some(permit) => {
+                permit.send(message);
+                self.signal.notify();
+                Ok(())
+            }
+            None => Err(PushError::Closed(Box::new(message))),
+        }
     }
 
     /// Test helper (like Broadway's `test_message`): pushes a message, waiting for
@@ -178,7 +201,7 @@ impl<T: Send + 'static> Ingress<T> {
 
     /// Whether the pipeline stopped accepting messages.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.draining.is_cancelled() || self.tx.is_closed()
     }
 }
 

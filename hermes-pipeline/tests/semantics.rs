@@ -1118,6 +1118,56 @@ async fn draining_processes_what_the_ingress_accepted_and_then_refuses() {
     assert!(matches!(ingress.try_push(1u64), Err(PushError::Closed(_))));
 }
 
+/// Takes ten seconds over `handle_failed`.
+struct SlowToFail;
+
+impl Handler for SlowToFail {
+    type Data = u64;
+
+    async fn handle_message(&self, _: &mut Message<u64>, _: &ProcessorContext) {}
+
+    async fn handle_failed(&self, _: &mut [Message<u64>], _: FailedIn) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ingress_refuses_pushes_as_soon_as_the_drain_starts() {
+    // A message partition_by panics on is failed by its producer stage,
+    // which waits for handle_failed: it cannot close its ingress meanwhile.
+    let mut builder = Pipeline::builder("refuse-at-once", SlowToFail).processors(
+        ProcessorOptions::new()
+            .concurrency(1)
+            .partition_by(|message| {
+                assert_ne!(message.data, 13, "no partition for 13");
+                0
+            }),
+    );
+    let ingress = builder.ingress(10);
+    let other = ingress.clone();
+    let pipeline = builder.start().unwrap();
+    let failed = ingress.try_push_tracked(13u64).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The buffer is full: a push waits for room.
+    for n in 0..10u64 {
+        ingress.try_push(n).unwrap();
+    }
+    let waiting = tokio::spawn(async move { other.push(99u64).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    pipeline.shutdown();
+    assert!(ingress.is_closed());
+    let refused = ingress.try_push(100u64).unwrap_err();
+    assert!(matches!(refused, PushError::Closed(_)), "{refused:?}");
+    let refused = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(&refused, PushError::Closed(_)), "{refused:?}");
+    assert_eq!(refused.into_message().data, 99, "handed back");
+    // What was accepted before is still processed.
+    assert!(!failed.await.is_success());
+    pipeline.join().await;
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_rate_limit_holds_and_can_change_while_running() {
     let (handler, _) = Collect::new();
