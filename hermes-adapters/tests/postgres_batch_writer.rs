@@ -862,3 +862,37 @@ async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() 
         assert_eq!(count(&pool).await, if single { 10 } else { 0 });
     }
 }
+
+/// A trigger that skips rows (returns NULL) makes the `COPY` store fewer
+/// rows than it was given: the batch fails rather than report the skipped
+/// rows stored. In a transaction nothing of it is kept.
+#[tokio::test]
+async fn a_copy_that_stores_fewer_rows_than_given_fails_the_batch() {
+    for single in [false, true] {
+        let pool = setup().await;
+        sqlx::raw_sql(
+            "CREATE FUNCTION skip_7() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.amount = 7 THEN RETURN NULL; END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER skip_7 BEFORE INSERT ON events
+                 FOR EACH ROW EXECUTE FUNCTION skip_7();",
+        )
+        .execute(&pool)
+        .await
+        .expect("create the trigger");
+        let writer = BatchWriter::new(pool.clone(), insert_events(Mode::Copy), fast_retries())
+            .single_statement(single);
+        let mut rows = events(0..10);
+        rows[3].amount = 7;
+        let error = writer
+            .write(&rows)
+            .await
+            .expect_err("a skipped row must not be reported stored");
+        assert!(matches!(error, WriteError::Database(_)), "{error}");
+        assert!(error.to_string().contains("stored 9 of 10 rows"), "{error}");
+        // Autocommit: the COPY's rows are committed; in a transaction, rolled back.
+        assert_eq!(count(&pool).await, if single { 9 } else { 0 });
+    }
+}

@@ -21,6 +21,10 @@ use super::retry::{ErrorClass, classify};
 /// The most batches in a row that skip the `COPY` after it met an existing key.
 const MAX_SKIP: u32 = 64;
 
+/// The most a batch's buffer reserves before its rows are written (it grows
+/// as needed beyond).
+const MAX_RESERVE: usize = 8 << 20;
+
 /// A `COPY` statement tried first for each batch, with its back-off.
 #[derive(Debug)]
 pub struct OptimisticCopy {
@@ -88,20 +92,26 @@ impl OptimisticCopy {
                 .is_err()
     }
 
-    /// An empty buffer for `rows` rows, sized like the last batch's.
+    /// An empty buffer for `rows` rows, sized like the last batch's rows,
+    /// but never reserving more than [`MAX_RESERVE`] ahead: one huge row must
+    /// not make the next batch of small ones reserve rows × its size.
     pub fn buffer(&self, rows: usize) -> BinaryCopy {
         let per_row = self.bytes_per_row.load(Ordering::Relaxed).max(16);
-        BinaryCopy::with_capacity(rows * per_row + 64)
+        BinaryCopy::with_capacity(rows.saturating_mul(per_row).min(MAX_RESERVE) + 64)
     }
 
     /// Runs the `COPY` with `data` on `conn`: in a transaction inside a
     /// savepoint it rolls back to on failure, in autocommit on its own (a
     /// failed `COPY` stores nothing). On success every row is stored.
+    ///
+    /// A `COPY` that stores fewer rows than it was given (a trigger or rule
+    /// skipped some) fails with [`CopyFailure::Abort`]: which rows are
+    /// missing cannot be told, so none may be reported stored.
     pub async fn run(&self, conn: &mut PgConnection, data: BinaryCopy) -> Result<(), CopyFailure> {
-        let rows = data.rows().max(1);
+        let rows = data.rows();
         let data = data.finish();
         self.bytes_per_row
-            .store(data.len() / rows + 1, Ordering::Relaxed);
+            .store(data.len() / rows.max(1) + 1, Ordering::Relaxed);
         let savepoint = conn.is_in_transaction();
         if savepoint {
             sqlx::query("SAVEPOINT hermes_copy")
@@ -109,9 +119,18 @@ impl OptimisticCopy {
                 .await
                 .map_err(CopyFailure::Abort)?;
         }
-        let Err(error) = send(conn, &self.sql, data).await else {
-            self.penalty.store(0, Ordering::Relaxed);
-            return Ok(());
+        let error = match send(conn, &self.sql, data).await {
+            Ok(stored) if usize::try_from(stored).is_ok_and(|stored| stored == rows) => {
+                self.penalty.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            Ok(stored) => {
+                return Err(CopyFailure::Abort(sqlx::Error::Protocol(format!(
+                    "COPY stored {stored} of {rows} rows (a trigger or rule on the table \
+                     skipped some); which ones cannot be told, so the batch fails"
+                ))));
+            }
+            Err(error) => error,
         };
         let failure = CopyFailure::of(error);
         if savepoint && matches!(failure, CopyFailure::Fallback(_)) {
@@ -183,12 +202,12 @@ fn is_format_error(error: &sqlx::Error) -> bool {
         if db.code().is_some_and(|code| matches!(&*code, "22P03" | "42804" | "08P01" | "XX000")))
 }
 
-/// Runs `COPY ... FROM STDIN` with `data` as its whole input.
-async fn send(conn: &mut PgConnection, sql: &str, data: Vec<u8>) -> Result<(), sqlx::Error> {
+/// Runs `COPY ... FROM STDIN` with `data` as its whole input; returns how
+/// many rows it stored.
+async fn send(conn: &mut PgConnection, sql: &str, data: Vec<u8>) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(sql).await?;
     // A failed send means a broken connection; dropping `copy` then queues
     // a CopyFail, and the writer discards the connection with the attempt.
     copy.send(data).await?;
-    copy.finish().await?;
-    Ok(())
+    copy.finish().await
 }
