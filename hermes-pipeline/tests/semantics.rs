@@ -308,16 +308,20 @@ async fn a_panic_in_partition_by_or_size_of_fails_that_message_only() {
     assert_eq!(pipeline.in_flight(), 0);
 }
 
-/// Produces three messages, then panics.
+/// Produces three messages, then panics, waking `panicking` first.
 struct PanicsSecondTime {
     recorder: Arc<Recorder>,
     asked: usize,
+    panicking: Arc<tokio::sync::Notify>,
 }
 
 impl Producer<u64> for PanicsSecondTime {
     async fn produce(&mut self, _demand: usize) -> Produced<u64> {
         self.asked += 1;
-        assert_eq!(self.asked, 1, "asked again");
+        if self.asked > 1 {
+            self.panicking.notify_one();
+            panic!("asked again");
+        }
         let acknowledger: Arc<dyn Acknowledger<u64>> = self.recorder.clone();
         Produced::Messages(
             (0..3u64)
@@ -327,22 +331,51 @@ impl Producer<u64> for PanicsSecondTime {
     }
 }
 
+/// Ready once `go` is notified; then records the demand it is asked for, and
+/// finishes.
+struct AskedAfter {
+    go: Arc<tokio::sync::Notify>,
+    asked: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Producer<u64> for AskedAfter {
+    async fn produce(&mut self, demand: usize) -> Produced<u64> {
+        self.asked.lock().unwrap().push(demand);
+        Produced::Finished
+    }
+
+    async fn ready(&mut self) {
+        self.go.notified().await;
+    }
+}
+
 #[tokio::test]
 async fn a_panicking_producer_stops_and_gives_its_slots_back() {
     let (handler, _) = Collect::new();
     let recorder = Recorder::new();
+    let panicking = Arc::new(tokio::sync::Notify::new());
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    // A producer is asked only when all 3 slots are free: the second one, ready
+    // once the first panics, is asked only if the first gave its slots back.
     let pipeline = Pipeline::builder("producer-panics", handler)
         .producer(PanicsSecondTime {
             recorder: recorder.clone(),
             asked: 0,
+            panicking: panicking.clone(),
         })
-        .processors(ProcessorOptions::new().max_demand(3).min_demand(1))
+        .producer(AskedAfter {
+            go: panicking,
+            asked: asked.clone(),
+        })
+        .processors(ProcessorOptions::new().max_demand(3).min_demand(0))
+        .max_in_flight(3)
         .start()
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), pipeline.join())
         .await
-        .expect("the pipeline ends with its only producer");
+        .expect("the pipeline ends with its producers");
     recorder.assert_exactly_once(3);
+    assert_eq!(*asked.lock().unwrap(), vec![3]);
     assert_eq!(pipeline.in_flight(), 0);
 }
 
@@ -402,9 +435,13 @@ async fn acknowledgements_are_grouped_per_acknowledger() {
         .unwrap();
     pipeline.join().await;
     assert_eq!((first.acked(), second.acked()), (20, 20));
+    // One batch of 40, acknowledged with one call per acknowledger.
     assert_eq!(
-        first.calls.load(Ordering::SeqCst),
-        second.calls.load(Ordering::SeqCst)
+        (
+            first.calls.load(Ordering::SeqCst),
+            second.calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
     );
 }
 
