@@ -169,7 +169,7 @@ impl Handler for Checker {
         if let Fate::FailInProcessor | Fate::FailThenHookPanics = item.fate {
             message.fail("failed in processor");
         }
-        if item.id % 3 == 0 {
+        if item.id.is_multiple_of(3) {
             message.put_batcher("thirds");
         }
         if self.keyed_batches {
