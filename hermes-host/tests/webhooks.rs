@@ -606,9 +606,18 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
     let query = signed_url.split_once('?').unwrap().1;
     let (status, reply) = send(query, body, &signed_url, true).await;
     assert_eq!(status, 202, "{reply}");
+    assert_eq!(stored(reply).await, json!({"kind": "status"}));
+    // Without a Content-Type too: bodySHA256 marks the body as not a form,
+    // for its signature check and for how it is stored.
+    let untyped: &[u8] = br#"{"kind":"untyped"}"#;
+    let signed_url = hermes_adapters::webhook::twilio_url_with_body_sha256(configured, untyped);
+    let query = signed_url.split_once('?').unwrap().1;
+    let (status, reply) = send(query, untyped, &signed_url, false).await;
+    assert_eq!(status, 202, "{reply}");
+    assert_eq!(stored(reply).await, json!({"kind": "untyped"}));
 
-    // Without a Content-Type, a Twilio body is read as a form, as its
-    // signature was checked.
+    // Without a Content-Type or bodySHA256, a Twilio body is read as a
+    // form, as its signature was checked.
     let bare: &[u8] = b"From=%2B15550102&Body=no+type";
     let (status, reply) = send("tenant=7", bare, configured, false).await;
     assert_eq!(status, 202, "{reply}");
@@ -621,7 +630,7 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
     let other = "https://hooks.example.com/webhooks/twilio?tenant=8";
     let (status, reply) = send("tenant=7", form, other, true).await;
     assert_eq!(status, 401, "{reply}");
-    assert_eq!(h.count("webhook_events").await, 3);
+    assert_eq!(h.count("webhook_events").await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

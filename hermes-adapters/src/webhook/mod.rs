@@ -117,7 +117,7 @@ pub enum Scheme {
     },
     /// [Standard Webhooks](https://www.standardwebhooks.com/) (also what Svix
     /// sends under the `webhook-` header names), symmetric `v1` signatures.
-    /// Secrets are `whsec_<base64>`.
+    /// Secrets are `whsec_<base64>` (or the bare base64 key).
     StandardWebhooks,
     /// GitHub: `X-Hub-Signature-256`, delivery id in `X-GitHub-Delivery`.
     GitHub,
@@ -191,10 +191,13 @@ impl Scheme {
     }
 
     /// Whether a request's body is a form (`application/x-www-form-urlencoded`),
-    /// as this scheme reads it: Twilio's webhooks are form posts unless their
-    /// `Content-Type` says otherwise; for the others the header must say so.
-    pub fn body_is_form(&self, headers: &HeaderMap) -> bool {
-        common::is_form_urlencoded(headers).unwrap_or(matches!(self, Scheme::Twilio))
+    /// as this scheme reads it: the `Content-Type` says; without one, a
+    /// Twilio webhook is a form post unless its `url` carries `bodySHA256`
+    /// (Twilio's mark of a JSON body, which its signature then covers by
+    /// hash); for the others the header must say so.
+    pub fn body_is_form(&self, headers: &HeaderMap, url: &str) -> bool {
+        common::is_form_urlencoded(headers)
+            .unwrap_or_else(|| matches!(self, Scheme::Twilio) && !twilio::has_body_sha256(url))
     }
 }
 
@@ -262,7 +265,7 @@ impl Verifier {
     /// `secrets`; [`Verifier::sign`] uses the first.
     ///
     /// Fails without secrets, with an empty secret, or (Standard Webhooks)
-    /// with a secret that is not `whsec_<base64>`.
+    /// with a secret that is neither `whsec_<base64>` nor base64.
     pub fn new(scheme: Scheme, secrets: Vec<Secret>) -> Result<Self, ConfigError> {
         if secrets.is_empty() {
             return Err(ConfigError::NoSecrets);

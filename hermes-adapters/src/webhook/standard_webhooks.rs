@@ -31,15 +31,20 @@ const SIGNATURE: &str = "webhook-signature";
 const SECRET_PREFIX: &str = "whsec_";
 const VERSION: &str = "v1";
 
-/// The HMAC key of a `whsec_<base64>` secret. Errors say what is wrong
-/// without repeating the secret.
+/// The HMAC key of a `whsec_<base64>` secret, or of its bare base64 key
+/// (as the official libraries accept it). Errors say what is wrong without
+/// repeating the secret.
 pub(super) fn decode_secret(secret: &Secret) -> Result<Secret, &'static str> {
     let text = std::str::from_utf8(secret.expose()).map_err(|_| "it is not UTF-8 text")?;
     let encoded = text.trim();
-    let encoded = encoded.strip_prefix(SECRET_PREFIX).unwrap_or(encoded);
-    let key = STANDARD
-        .decode(encoded)
-        .map_err(|_| "the part after \"whsec_\" is not valid base64")?;
+    let key = match encoded.strip_prefix(SECRET_PREFIX) {
+        Some(encoded) => STANDARD
+            .decode(encoded)
+            .map_err(|_| "the part after \"whsec_\" is not valid base64")?,
+        None => STANDARD
+            .decode(encoded)
+            .map_err(|_| "it is neither \"whsec_\" and base64 nor base64")?,
+    };
     if key.is_empty() {
         return Err("the decoded key is empty");
     }
@@ -300,5 +305,15 @@ mod tests {
             Verifier::new(Scheme::StandardWebhooks, vec![Secret::from("whsec_")]),
             Err(ConfigError::InvalidStandardWebhooksSecret { position: 1, .. })
         ));
+        // Without the prefix, the error names no prefix the user did not write.
+        let err =
+            Verifier::new(Scheme::StandardWebhooks, vec![Secret::from("not base64!")]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::InvalidStandardWebhooksSecret {
+                position: 1,
+                reason: "it is neither \"whsec_\" and base64 nor base64"
+            }
+        );
     }
 }

@@ -73,7 +73,7 @@ pub(super) fn verify(
     let body_hash = query_param(url, BODY_SHA256);
     let params = if body_hash.is_some() || body.is_empty() {
         Vec::new()
-    } else if Scheme::Twilio.body_is_form(request.headers) {
+    } else if Scheme::Twilio.body_is_form(request.headers, url) {
         form_params(body)
     } else {
         return Err(SignatureError::Malformed(format!(
@@ -138,6 +138,11 @@ fn form_params(body: &[u8]) -> Vec<(String, String)> {
     params.sort();
     params.dedup();
     params
+}
+
+/// Whether `url` carries the `bodySHA256` query parameter.
+pub(super) fn has_body_sha256(url: &str) -> bool {
+    query_param(url, BODY_SHA256).is_some()
 }
 
 /// The value of query parameter `name` in `url`, form-decoded.

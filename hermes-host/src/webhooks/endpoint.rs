@@ -77,7 +77,11 @@ pub async fn receive(
             "the delivery id (the event's idempotency key) is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
-    let text = if source.verifier().scheme().body_is_form(&parts.headers) {
+    let text = if source
+        .verifier()
+        .scheme()
+        .body_is_form(&parts.headers, &url)
+    {
         form_body_json(&body)
     } else {
         String::from_utf8(body)
