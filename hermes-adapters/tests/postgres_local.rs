@@ -1,5 +1,9 @@
 //! The private local cluster: start, reuse, stop, and the per-test databases.
 
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
 use hermes_adapters::postgres::local::{self, Durability, LocalPostgres, LocalPostgresConfig};
 use sqlx::{Connection, PgConnection};
 
@@ -168,4 +172,56 @@ async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
         "hermes_long"
     );
     pg.stop().await.expect("stop");
+}
+
+/// A `postmaster.pid` left by a server that is gone, whose pid now belongs to
+/// another live process of the cluster's owner (as after a restart of the
+/// machine or container without a clean shutdown), is not taken for a running
+/// server: it is removed and the server started.
+#[tokio::test]
+async fn a_stale_postmaster_pid_naming_a_live_process_is_cleared() {
+    let dir = cluster_dir("hermes-pg-stale-pid-test");
+    let config = LocalPostgresConfig::new(&dir, "hermes_stale").durability(Durability::Relaxed);
+    let first = LocalPostgres::start_with(config.clone())
+        .await
+        .expect("start the cluster");
+    let pid_file = dir.join("postmaster.pid");
+    let written = std::fs::read_to_string(&pid_file).expect("read postmaster.pid");
+    first.stop().await.expect("stop");
+    assert!(!pid_file.exists());
+
+    // A live process that is no PostgreSQL server, of the cluster's owner (as
+    // root, the `postgres` user the server runs as), so that `kill(pid, 0)`
+    // from the server's user succeeds.
+    let owner = std::fs::metadata(&dir).expect("stat the data directory");
+    let mut sleep = std::process::Command::new("sleep");
+    sleep.arg("60");
+    if owner.uid()
+        != std::fs::metadata("/proc/self")
+            .expect("stat /proc/self")
+            .uid()
+    {
+        sleep.uid(owner.uid()).gid(owner.gid());
+    }
+    let mut sleeper = sleep.spawn().expect("spawn sleep");
+    let (_, rest) = written.split_once('\n').expect("a pid line");
+    std::fs::write(&pid_file, format!("{}\n{rest}", sleeper.id())).expect("write postmaster.pid");
+    std::os::unix::fs::chown(&pid_file, Some(owner.uid()), Some(owner.gid())).expect("chown");
+
+    let started =
+        tokio::time::timeout(Duration::from_secs(30), LocalPostgres::start_with(config)).await;
+    let untouched = sleeper.try_wait().expect("poll sleep").is_none();
+    sleeper.kill().expect("kill sleep");
+    sleeper.wait().expect("reap sleep");
+    let second = started
+        .expect("the start took the stale pid for a server and waited for it")
+        .expect("start over a stale postmaster.pid");
+    assert!(
+        untouched,
+        "the process named by the stale postmaster.pid exited"
+    );
+    assert!(!second.reused());
+    assert_ne!(second.pid(), sleeper.id());
+    assert_eq!(text_of(&second.url(), "SELECT 'up'::text").await, "up");
+    second.stop().await.expect("stop");
 }

@@ -18,16 +18,19 @@
 //!   into a fresh sibling directory and renames it into place,
 //!   so two processes initialising the same directory cannot trip over a
 //!   half-written cluster;
-//! - if a server for that directory already runs (its `postmaster.pid` is
-//!   alive), reuses it and its port; otherwise starts one with `pg_ctl` on a
+//! - if a server for that directory already runs (its `postmaster.pid` names
+//!   a `postgres` process working in that directory), reuses it and its port;
+//!   a `postmaster.pid` naming any other process (left by a server that was
+//!   not shut down cleanly, its pid maybe reused after a restart) is removed.
+//!   Otherwise starts one with `pg_ctl` on a
 //!   free loopback port, listening on 127.0.0.1 only, and on a Unix socket in
 //!   the data directory when that path fits in a socket address and can be
 //!   written in `unix_socket_directories` as is. The socket
 //!   needs no password (only the directory's owner reaches it); TCP needs the
 //!   superuser's password, kept in [`TCP_PASSWORD_FILE`] (without a socket,
-//!   TCP is trusted, with a warning: every local user can connect). Two
-//!   processes racing to start the same directory are settled by the server's
-//!   own `postmaster.pid` lock: the loser reuses the winner;
+//!   TCP is trusted, with a warning: every local user can connect). Starts of
+//!   the same directory take turns, holding an exclusive `flock` on it: a
+//!   start that waited reuses the server the one before it started;
 //! - waits until the server accepts connections, creates the database if it is
 //!   missing, and hands back its `postgres://` URL: through the Unix socket
 //!   where the server has one (a round trip through it costs both sides less
@@ -50,6 +53,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -435,7 +439,7 @@ impl LocalPostgres {
         let runner = self.runner.clone();
         let data_dir = self.data_dir.clone();
         blocking(move || {
-            if runner.running(&data_dir)?.is_none() {
+            if !matches!(runner.server_state(&data_dir)?, ServerState::Running(_)) {
                 return Ok(());
             }
             let mut cmd = runner.command("pg_ctl");
@@ -584,11 +588,19 @@ fn start_blocking(
         }
     }
 
+    // Held until this start returns: no other start of this directory looks
+    // at its postmaster.pid meanwhile, so a stale one is removed only while
+    // it is the one found stale.
+    let _lock = lock_dir(&data_dir)?;
     let mut last_error = String::new();
     for attempt in 1..=START_ATTEMPTS {
-        if let Some(running) = runner.running(&data_dir)? {
-            tracing::info!(data_dir = %data_dir.display(), port = running.port, "reusing the running private PostgreSQL");
-            return Ok((data_dir, running, true, runner));
+        match runner.server_state(&data_dir)? {
+            ServerState::Running(running) => {
+                tracing::info!(data_dir = %data_dir.display(), port = running.port, "reusing the running private PostgreSQL");
+                return Ok((data_dir, running, true, runner));
+            }
+            ServerState::Stale { pid, port } => remove_stale_pid_file(&data_dir, pid, port)?,
+            ServerState::NotRunning => {}
         }
         let port = free_port().map_err(io_err("choosing a free port for", &data_dir))?;
         write_hermes_conf(&data_dir, port, config, &runner)?;
@@ -604,7 +616,7 @@ fn start_blocking(
             Ok(_) => {
                 // Read the port back from postmaster.pid: if another process
                 // rewrote hermes.conf meanwhile, the server listens on its port.
-                if let Some(running) = runner.running(&data_dir)? {
+                if let ServerState::Running(running) = runner.server_state(&data_dir)? {
                     return Ok((data_dir, running, false, runner));
                 }
                 last_error = "pg_ctl start succeeded but the server is not running".into();
@@ -1084,44 +1096,182 @@ impl Runner {
         cmd
     }
 
-    /// The server running on `data_dir`, if one runs.
-    fn running(&self, data_dir: &Path) -> Result<Option<Running>, LocalPostgresError> {
+    /// What the `postmaster.pid` of `data_dir` says about its server.
+    fn server_state(&self, data_dir: &Path) -> Result<ServerState, LocalPostgresError> {
         let pid_file = data_dir.join("postmaster.pid");
-        if !pid_file.exists() {
-            return Ok(None);
-        }
-        let mut status = self.command("pg_ctl");
-        status.arg("status").arg("-D").arg(data_dir);
-        let running = status
-            .output()
-            .map(|out| out.status.success())
-            .unwrap_or(false);
-        if !running {
-            return Ok(None);
-        }
         // postmaster.pid: pid, data dir, start time, port, socket dir, listen address, ...
         let text = match read_regular_file(&pid_file, SMALL_FILE_LIMIT) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ServerState::NotRunning),
             Err(e) => return Err(io_err("reading", &pid_file)(e)),
         };
-        let lines: Vec<&str> = text.lines().map(str::trim).collect();
-        let (Some(pid), Some(port)) = (
-            lines.first().and_then(|line| line.parse().ok()),
-            lines.get(3).and_then(|line| line.parse().ok()),
-        ) else {
-            return Ok(None);
+        // The pid is whole once the line after it has begun.
+        let Some((pid, rest)) = text.split_once('\n') else {
+            return Ok(ServerState::NotRunning);
+        };
+        let Ok(pid) = pid.trim().parse() else {
+            return Ok(ServerState::NotRunning);
+        };
+        let lines: Vec<&str> = rest.lines().map(str::trim).collect();
+        let port = lines.get(2).and_then(|line| line.parse().ok());
+        if !self.is_server_of(pid, data_dir) {
+            return Ok(ServerState::Stale { pid, port });
+        }
+        let Some(port) = port else {
+            return Ok(ServerState::NotRunning);
         };
         // The first socket directory; empty when the server has no socket.
         let socket_dir = lines
-            .get(4)
+            .get(3)
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from);
-        Ok(Some(Running {
+        Ok(ServerState::Running(Running {
             pid,
             port,
             socket_dir,
         }))
+    }
+
+    /// Whether process `pid` is a PostgreSQL server of `data_dir`. Where
+    /// `/proc` shows processes, it must run the `postgres` executable in
+    /// `data_dir` (a server works in its data directory); when where it
+    /// works cannot be seen (another user's process, to a root without
+    /// `CAP_SYS_PTRACE`), its `-D` argument must name `data_dir`, if it has an
+    /// absolute one. Without `/proc`, any live process will do, as for
+    /// `pg_ctl status`.
+    fn is_server_of(&self, pid: u32, data_dir: &Path) -> bool {
+        if !Path::new("/proc/self").exists() {
+            let mut status = self.command("pg_ctl");
+            status.arg("status").arg("-D").arg(data_dir);
+            return status.output().is_ok_and(|out| out.status.success());
+        }
+        let process = PathBuf::from(format!("/proc/{pid}"));
+        // Empty for a zombie; a thread id shows its process's command line.
+        let Ok(cmdline) = std::fs::read(process.join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<&OsStr> = cmdline
+            .split(|&byte| byte == 0)
+            .map(OsStr::from_bytes)
+            .collect();
+        let runs_postgres = args
+            .first()
+            .and_then(|program| Path::new(program).file_name())
+            .is_some_and(|name| name == "postgres" || name == "postmaster");
+        let Ok(dir) = std::fs::metadata(data_dir) else {
+            return false;
+        };
+        let is_data_dir = |path: &Path| {
+            std::fs::metadata(path).is_ok_and(|m| m.dev() == dir.dev() && m.ino() == dir.ino())
+        };
+        runs_postgres
+            && match std::fs::metadata(process.join("cwd")) {
+                Ok(cwd) => cwd.dev() == dir.dev() && cwd.ino() == dir.ino(),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    match data_dir_argument(&args) {
+                        Some(arg) if arg.is_absolute() => is_data_dir(arg),
+                        _ => true,
+                    }
+                }
+                Err(_) => false,
+            }
+    }
+}
+
+/// The data directory in a `postgres` command line (`-D <dir>` or `-D<dir>`).
+fn data_dir_argument<'a>(args: &[&'a OsStr]) -> Option<&'a Path> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg.as_bytes() == b"-D" {
+            return args.next().map(|arg| Path::new(*arg));
+        }
+        if let Some(dir) = arg.as_bytes().strip_prefix(b"-D") {
+            return Some(Path::new(OsStr::from_bytes(dir)));
+        }
+    }
+    None
+}
+
+/// What the `postmaster.pid` of a data directory says about its server.
+#[derive(Debug)]
+enum ServerState {
+    /// None runs: there is no `postmaster.pid`, or one still being written by
+    /// a server that is starting.
+    NotRunning,
+    /// A server of the directory runs.
+    Running(Running),
+    /// The `postmaster.pid` of a server that is gone: its process has exited,
+    /// or its pid now names another process (after a restart of the machine
+    /// or container without a clean shutdown).
+    Stale {
+        /// The pid it names.
+        pid: u32,
+        /// The port it names, if it got that far.
+        port: Option<u16>,
+    },
+}
+
+/// Removes the stale `postmaster.pid` of `data_dir` (see
+/// [`ServerState::Stale`]), and the lock file of the gone server's socket in
+/// the data directory if it names the same pid: a server finding a live pid in
+/// either takes it for another server of the directory and refuses to start.
+fn remove_stale_pid_file(
+    data_dir: &Path,
+    pid: u32,
+    port: Option<u16>,
+) -> Result<(), LocalPostgresError> {
+    tracing::warn!(
+        data_dir = %data_dir.display(),
+        pid,
+        "postmaster.pid names a process that is not a PostgreSQL server of this directory \
+         (the server was not shut down cleanly): removing it and starting the server"
+    );
+    let pid_file = data_dir.join("postmaster.pid");
+    match std::fs::remove_file(&pid_file) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err("removing", &pid_file)(e));
+        }
+        _ => {}
+    }
+    let Some(port) = port else {
+        return Ok(());
+    };
+    let socket_lock = data_dir.join(format!(".s.PGSQL.{port}.lock"));
+    let names_pid = read_regular_file(&socket_lock, SMALL_FILE_LIMIT).is_ok_and(|bytes| {
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .next()
+            .map(str::trim)
+            == Some(&pid.to_string())
+    });
+    if names_pid {
+        for path in [socket_lock, data_dir.join(format!(".s.PGSQL.{port}"))] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("removing", &path)(e));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes an exclusive `flock` on the directory `dir`, held until the returned
+/// file is dropped (and not passed on to the commands run meanwhile: the file
+/// is close-on-exec). On a file system without `flock`, goes on without it.
+fn lock_dir(dir: &Path) -> Result<Option<File>, LocalPostgresError> {
+    let file = File::open(dir).map_err(io_err("opening", dir))?;
+    loop {
+        // SAFETY: flock only takes a descriptor, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(Some(file));
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            tracing::warn!(dir = %dir.display(), %error, "cannot lock the data directory; starting without the lock");
+            return Ok(None);
+        }
     }
 }
 
@@ -1413,6 +1563,7 @@ async fn drop_abandoned_test_databases(pg: &LocalPostgres) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
 
     /// A fresh empty directory for one test.
     fn scratch_dir() -> PathBuf {
@@ -1534,6 +1685,69 @@ mod tests {
             "port = 1\n"
         );
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn only_a_postgres_process_working_in_the_data_directory_is_its_server() {
+        let dir = scratch_dir();
+        let other = scratch_dir();
+        let runner = unprivileged_runner();
+        // This process (and each of its threads) runs no `postgres`.
+        assert!(!runner.is_server_of(std::process::id(), &dir));
+        assert!(!runner.is_server_of(u32::MAX, &dir), "no such process");
+
+        // A process of the `postgres` program (as its command line names it)
+        // counts, in the data directory only.
+        let sleep = find_on_path("sleep").expect("sleep");
+        let spawn = |program: &str, cwd: &Path| {
+            std::process::Command::new(&sleep)
+                .arg0(program)
+                .arg("30")
+                .current_dir(cwd)
+                .spawn()
+                .expect("spawn sleep")
+        };
+        let postgres = "/usr/lib/postgresql/15/bin/postgres";
+        let mut children = [
+            (spawn(postgres, &dir), true),
+            (spawn(postgres, &other), false),
+            (spawn("sleep", &dir), false),
+        ];
+        for (child, expected) in &children {
+            assert_eq!(runner.is_server_of(child.id(), &dir), *expected);
+        }
+        for (child, _) in &mut children {
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+        }
+        // A zombie runs nothing (its command line is empty).
+        let mut exited = spawn(postgres, &dir);
+        exited.kill().expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read(format!("/proc/{}/cmdline", exited.id())).is_ok_and(|c| !c.is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!runner.is_server_of(exited.id(), &dir));
+        exited.wait().expect("reap");
+
+        fn args(args: &[&'static str]) -> Vec<&'static OsStr> {
+            args.iter().map(|arg| OsStr::new(*arg)).collect()
+        }
+        let pg = "/usr/lib/postgresql/15/bin/postgres";
+        assert_eq!(
+            data_dir_argument(&args(&[pg, "-D", "/srv/pg"])),
+            Some(Path::new("/srv/pg"))
+        );
+        assert_eq!(
+            data_dir_argument(&args(&[pg, "-c", "x=y", "-D/srv/pg"])),
+            Some(Path::new("/srv/pg"))
+        );
+        assert_eq!(data_dir_argument(&args(&[pg])), None);
+        assert_eq!(data_dir_argument(&args(&[pg, "-D"])), None);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        std::fs::remove_dir_all(&other).expect("clean up");
     }
 
     #[test]
