@@ -143,6 +143,8 @@ impl<H: Handler> Batching<H> {
         // may need the slots its messages hold to learn that they are done.
         let mut draining = false;
         loop {
+            // Timers and resizes before the inbox: under sustained inflow it is
+            // never empty, and they would never run.
             tokio::select! {
                 biased;
                 () = drain_starts.as_mut(), if !draining => {
@@ -150,6 +152,14 @@ impl<H: Handler> Batching<H> {
                     let failed = self.flush_all();
                     self.stage.spawner.acknowledge(failed).await;
                 }
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
+                    let key = expired.into_inner();
+                    if let Some(batch) = self.take(&key) {
+                        let failed = self.dispatch(key, batch, BatchTrigger::Timeout);
+                        self.stage.spawner.acknowledge(failed).await;
+                    }
+                }
+                Some(resize) = self.stage.control.recv() => self.resize(resize).await,
                 chunk = self.stage.inbox.recv() => match chunk {
                     Some(chunk) => {
                         let mut failed = self.add(chunk);
@@ -169,14 +179,6 @@ impl<H: Handler> Batching<H> {
                     let failed = self.flush_idle();
                     self.stage.spawner.acknowledge(failed).await;
                 }
-                Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
-                    let key = expired.into_inner();
-                    if let Some(batch) = self.take(&key) {
-                        let failed = self.dispatch(key, batch, BatchTrigger::Timeout);
-                        self.stage.spawner.acknowledge(failed).await;
-                    }
-                }
-                Some(resize) = self.stage.control.recv() => self.resize(resize).await,
             }
         }
         // Input closed: the pipeline is draining. Flush every partial batch.

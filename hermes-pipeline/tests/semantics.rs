@@ -25,6 +25,8 @@ struct Batches {
 struct Collect {
     batches: Arc<Batches>,
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// How long `handle_failed` takes.
+    failing_takes: Duration,
 }
 
 impl Collect {
@@ -34,6 +36,7 @@ impl Collect {
             Self {
                 batches: batches.clone(),
                 gate: None,
+                failing_takes: Duration::ZERO,
             },
             batches,
         )
@@ -74,6 +77,7 @@ impl Handler for Collect {
     }
 
     async fn handle_failed(&self, messages: &mut [Message<u64>], _: FailedIn) {
+        tokio::time::sleep(self.failing_takes).await;
         self.batches
             .failed_hook
             .fetch_add(messages.len(), Ordering::SeqCst);
@@ -171,6 +175,48 @@ async fn batches_close_before_exceeding_max_batch_bytes() {
         .map(|batch| batch.3.clone())
         .collect();
     assert_eq!(seen, vec![vec![4, 4], vec![4], vec![20], vec![1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_timeout_goes_before_messages_waiting_in_the_batcher() {
+    let (mut handler, batches) = Collect::new();
+    // The batcher itself waits for handle_failed on what size_of panics on.
+    handler.failing_takes = Duration::from_millis(20);
+    let mut builder = Pipeline::builder("timeout-first", handler)
+        .processors(ProcessorOptions::new().concurrency(1))
+        .batcher(
+            "default",
+            BatcherOptions::new()
+                .batch_size(10)
+                .batch_timeout(Duration::from_millis(10))
+                .max_batch_bytes(100, |message: &Message<u64>| {
+                    assert_ne!(message.data, 7, "no size for 7");
+                    1
+                }),
+        );
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    let mut completions = Vec::new();
+    for n in [1u64, 7, 2] {
+        completions.push(ingress.try_push_tracked(n).unwrap());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // While the batcher waits, 1's timeout passes and 2 arrives: 1's batch
+    // goes without it.
+    for completion in completions {
+        completion.await;
+    }
+    let seen: Vec<_> = (batches.seen.lock().unwrap().iter())
+        .map(|batch| (batch.2, batch.3.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (BatchTrigger::Timeout, vec![1]),
+            (BatchTrigger::Timeout, vec![2])
+        ]
+    );
+    assert!(!pipeline.drain(Duration::from_secs(1)).await.forced);
 }
 
 #[tokio::test(start_paused = true)]
