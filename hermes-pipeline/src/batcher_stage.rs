@@ -228,8 +228,15 @@ impl<H: Handler> Batching<H> {
             let batch = self.open_or_create(&key);
             batch.bytes = batch.bytes.saturating_add(size.map_or(0, |(_, size)| size));
             batch.messages.push(message);
-            if batch.messages.len() >= self.stage.limits.batch_size {
+            let (len, bytes) = (batch.messages.len(), batch.bytes);
+            if len >= self.stage.limits.batch_size {
                 failed.extend(self.close(key, BatchTrigger::Size));
+            } else if let Some((max, _)) = size
+                && bytes >= max
+            {
+                // Full, or a single message over the limit: no message
+                // (bar an empty one) could join it.
+                failed.extend(self.close(key, BatchTrigger::Bytes));
             }
         }
         failed

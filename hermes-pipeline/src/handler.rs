@@ -20,7 +20,8 @@ pub struct ProcessorContext {
 pub enum BatchTrigger {
     /// The batch reached `batch_size`.
     Size,
-    /// The next message would have taken the batch over `max_batch_bytes`.
+    /// The batch reached `max_batch_bytes` (or a single message is over
+    /// it), or the next message would have taken it over.
     Bytes,
     /// `batch_timeout` passed since the batch's first message arrived.
     Timeout,

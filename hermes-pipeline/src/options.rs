@@ -141,7 +141,8 @@ impl<T> BatcherOptions<T> {
     }
 
     /// Closes a batch before the next message would take it over `max_bytes`, as
-    /// measured by `size_of` (a single larger message makes a batch of its own).
+    /// measured by `size_of`, and as soon as it reaches `max_bytes` (a single
+    /// larger message makes a batch of its own, which goes at once).
     pub fn max_batch_bytes(
         mut self,
         max_bytes: usize,

@@ -167,14 +167,28 @@ async fn batches_close_before_exceeding_max_batch_bytes() {
     let _pipeline = builder.start().unwrap();
 
     ingress.test_batch([4u64, 4, 4, 20, 1]).await;
-    let seen: Vec<Vec<u64>> = batches
+    let seen: Vec<(BatchTrigger, Vec<u64>)> = batches
         .seen
         .lock()
         .unwrap()
         .iter()
-        .map(|batch| batch.3.clone())
+        .map(|batch| (batch.2, batch.3.clone()))
         .collect();
-    assert_eq!(seen, vec![vec![4, 4], vec![4], vec![20], vec![1]]);
+    assert_eq!(
+        seen,
+        vec![
+            (BatchTrigger::Bytes, vec![4, 4]),
+            (BatchTrigger::Bytes, vec![4]),
+            (BatchTrigger::Bytes, vec![20]),
+            (BatchTrigger::Timeout, vec![1])
+        ]
+    );
+    // One that reaches the limit exactly goes at once.
+    let started = Instant::now();
+    assert!(ingress.test_message(10u64).await.is_success());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    let last = batches.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.2, last.3), (BatchTrigger::Bytes, vec![10]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -1993,21 +2007,28 @@ async fn callbacks_panicking_before_their_future_fail_only_their_messages() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_size_of_near_usize_max_closes_batches_without_overflow() {
     let (handler, batches) = Collect::new();
     let mut builder = Pipeline::builder("huge-sizes", handler).batcher(
         "default",
         BatcherOptions::new()
             .batch_size(10)
-            .batch_timeout(Duration::from_millis(5))
+            .batch_timeout(Duration::from_secs(3600))
             .max_batch_bytes(100, |_: &Message<u64>| usize::MAX),
     );
     let ingress = builder.ingress(10);
     let _pipeline = builder.start().unwrap();
+    let started = Instant::now();
     let outcomes = ingress.test_batch([1u64, 2, 4]).await;
     assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
-    // Each message is over the limit on its own: a batch each.
+    // Each message is over the limit on its own: a batch each, sent at once.
+    assert_eq!(started.elapsed(), Duration::ZERO);
     let seen = batches.seen.lock().unwrap();
-    assert!(seen.iter().all(|(.., ids)| ids.len() == 1), "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, _, trigger, ids)| *trigger == BatchTrigger::Bytes && ids.len() == 1),
+        "{seen:?}"
+    );
 }
