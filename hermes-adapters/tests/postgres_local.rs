@@ -225,3 +225,54 @@ async fn a_stale_postmaster_pid_naming_a_live_process_is_cleared() {
     assert_eq!(text_of(&second.url(), "SELECT 'up'::text").await, "up");
     second.stop().await.expect("stop");
 }
+
+/// An existing empty data directory (as a mounted volume, which no rename can
+/// replace) is initialised in place.
+#[tokio::test]
+async fn an_existing_empty_data_directory_is_initialised_in_place() {
+    let dir = cluster_dir(&format!("hermes-pg-in-place-{}", std::process::id()));
+    std::fs::create_dir(&dir).expect("create the data directory");
+    // Held open, so that the inode of a replaced directory is not reused.
+    let opened = std::fs::File::open(&dir).expect("open the data directory");
+    let inode = opened.metadata().expect("stat").ino();
+    let config = LocalPostgresConfig::new(&dir, "hermes_in_place").durability(Durability::Relaxed);
+    let pg = LocalPostgres::start_with(config)
+        .await
+        .expect("start in the empty directory");
+    let meta = std::fs::metadata(&dir).expect("stat");
+    assert_eq!(meta.ino(), inode, "the data directory was replaced");
+    assert_eq!(opened.metadata().expect("stat").nlink(), meta.nlink());
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    assert!(dir.join("PG_VERSION").is_file());
+    assert_eq!(
+        text_of(&pg.url(), "SELECT current_database()::text").await,
+        "hermes_in_place"
+    );
+    pg.stop().await.expect("stop");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+/// A directory that is not empty and holds no cluster (as a fresh volume's
+/// `lost+found`) is refused, with what it holds and what to do, and left alone.
+#[tokio::test]
+async fn a_non_empty_directory_without_a_cluster_is_refused() {
+    let dir = cluster_dir("hermes-pg-lost-found-test");
+    std::fs::create_dir_all(dir.join("lost+found")).expect("create lost+found");
+    let message = LocalPostgres::start(&dir, "hermes")
+        .await
+        .expect_err("a directory holding lost+found")
+        .to_string();
+    for part in [
+        "is not empty and is not a PostgreSQL data directory",
+        "it holds lost+found",
+        "a subdirectory",
+        &format!("{}/pgdata", dir.display()),
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    let entries: Vec<_> = std::fs::read_dir(&dir)
+        .expect("read")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert_eq!(entries, ["lost+found"]);
+}

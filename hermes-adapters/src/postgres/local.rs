@@ -17,7 +17,11 @@
 //! - the first time, runs `initdb` (superuser `postgres`, UTF8, C locale)
 //!   into a fresh sibling directory and renames it into place,
 //!   so two processes initialising the same directory cannot trip over a
-//!   half-written cluster;
+//!   half-written cluster. A directory that exists and is empty (a mounted
+//!   volume, which no rename can replace) is initialised in place instead,
+//!   under the lock on it described below (a crash during that `initdb`
+//!   leaves a partial cluster, to be removed by hand); one that is not empty
+//!   and holds no cluster is an error;
 //! - if a server for that directory already runs (its `postmaster.pid` names
 //!   a `postgres` process working in that directory), reuses it and its port;
 //!   a `postmaster.pid` naming any other process (left by a server that was
@@ -192,8 +196,20 @@ pub enum LocalPostgresError {
     )]
     NoPrivilegeDropTool,
     /// The data directory exists, is not empty, and is not a PostgreSQL cluster.
-    #[error("{0} exists and is not a PostgreSQL data directory (no PG_VERSION); move it away")]
-    NotADataDirectory(PathBuf),
+    #[error(
+        "{} is not empty and is not a PostgreSQL data directory (no PG_VERSION; it holds \
+         {contents}): point the data directory at a missing or empty directory instead (on a \
+         mounted volume, which may hold lost+found, a subdirectory such as {}), or move what it \
+         holds away",
+        path.display(),
+        path.join("pgdata").display()
+    )]
+    NotADataDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What it holds: the first names, in order.
+        contents: String,
+    },
     /// The cluster was made by another major version of PostgreSQL than the
     /// server binaries found.
     #[error(
@@ -575,8 +591,15 @@ fn start_blocking(
         make_traversable(&parent, run_as)?;
     }
 
+    if !data_dir.exists() {
+        init_staged(&runner, &data_dir, &parent)?;
+    }
+    // Held until this start returns: no other start of this directory looks
+    // at it meanwhile, so it sees no cluster half-made in place, and a stale
+    // postmaster.pid is removed only while it is the one found stale.
+    let _lock = lock_dir(&data_dir)?;
     if !data_dir.join("PG_VERSION").exists() {
-        init_cluster(&runner, &data_dir, &parent)?;
+        init_in_place(&runner, &data_dir)?;
     } else if let Some(run_as) = &runner.run_as {
         let meta = std::fs::metadata(&data_dir).map_err(io_err("reading", &data_dir))?;
         if meta.uid() != run_as.uid {
@@ -588,10 +611,6 @@ fn start_blocking(
         }
     }
 
-    // Held until this start returns: no other start of this directory looks
-    // at its postmaster.pid meanwhile, so a stale one is removed only while
-    // it is the one found stale.
-    let _lock = lock_dir(&data_dir)?;
     let mut last_error = String::new();
     for attempt in 1..=START_ATTEMPTS {
         match runner.server_state(&data_dir)? {
@@ -635,27 +654,10 @@ fn start_blocking(
     })
 }
 
-/// Runs initdb into a fresh sibling directory, then renames it to `data_dir`.
-/// If another process got there first, its cluster is kept and ours discarded.
-fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), LocalPostgresError> {
-    if data_dir.exists() {
-        let empty = std::fs::read_dir(data_dir)
-            .map_err(io_err("reading", data_dir))?
-            .next()
-            .is_none();
-        if !empty {
-            // Maybe another process renamed its fresh cluster into place just now.
-            if data_dir.join("PG_VERSION").exists() {
-                return Ok(());
-            }
-            return Err(LocalPostgresError::NotADataDirectory(
-                data_dir.to_path_buf(),
-            ));
-        }
-        // An empty directory: fine to replace (ignore a racing removal).
-        let _ = std::fs::remove_dir(data_dir);
-    }
-
+/// Runs initdb into a fresh sibling directory of `data_dir` (which does not
+/// exist), then renames it to `data_dir`. If another process got there first,
+/// its cluster is kept and ours discarded.
+fn init_staged(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), LocalPostgresError> {
     let name = data_dir
         .file_name()
         .unwrap_or_else(|| OsStr::new("pg"))
@@ -663,34 +665,8 @@ fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), L
         .into_owned();
     let staging = parent.join(format!(".{name}.init-{}", unique_suffix()));
     std::fs::create_dir(&staging).map_err(io_err("creating", &staging))?;
-    let result = (|| {
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("setting permissions of", &staging))?;
-        if let Some(run_as) = &runner.run_as {
-            std::os::unix::fs::chown(&staging, Some(run_as.uid), Some(run_as.gid))
-                .map_err(io_err("changing the owner of", &staging))?;
-        }
-        tracing::info!(data_dir = %data_dir.display(), bindir = %runner.bindir.display(), "initialising a private PostgreSQL cluster");
-        let mut cmd = runner.command("initdb");
-        cmd.arg("-D").arg(&staging).args([
-            "-U",
-            SUPERUSER,
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-locale",
-        ]);
-        run(cmd)?;
-        let conf = staging.join("postgresql.conf");
-        let text = read_regular_file(&conf, SMALL_FILE_LIMIT).map_err(io_err("reading", &conf))?;
-        let mut text = String::from_utf8_lossy(&text).into_owned();
-        text.push_str(&format!(
-            "\n# Settings managed by Hermes (rewritten on every start).\ninclude_if_exists = '{HERMES_CONF}'\n"
-        ));
-        write_owned(&staging, "postgresql.conf", &text, runner)
-    })();
-    if let Err(e) = result {
+    tracing::info!(data_dir = %data_dir.display(), bindir = %runner.bindir.display(), "initialising a private PostgreSQL cluster");
+    if let Err(e) = initdb(runner, &staging) {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }
@@ -703,6 +679,73 @@ fn init_cluster(runner: &Runner, data_dir: &Path, parent: &Path) -> Result<(), L
         return Err(io_err("moving the new cluster to", data_dir)(e));
     }
     Ok(())
+}
+
+/// Runs initdb in `data_dir`, an existing directory, which must be empty (a
+/// mount point cannot be replaced by a rename). The caller holds the
+/// directory's lock ([`lock_dir`]), so no other start sees the cluster
+/// half-made; when the initialisation fails, what it wrote is removed.
+fn init_in_place(runner: &Runner, data_dir: &Path) -> Result<(), LocalPostgresError> {
+    let mut names = std::fs::read_dir(data_dir)
+        .and_then(|entries| {
+            entries
+                .map(|entry| entry.map(|entry| entry.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<_>>>()
+        })
+        .map_err(io_err("reading", data_dir))?;
+    if !names.is_empty() {
+        names.sort();
+        return Err(LocalPostgresError::NotADataDirectory {
+            path: data_dir.to_path_buf(),
+            contents: list_names(&names, 5),
+        });
+    }
+    tracing::info!(data_dir = %data_dir.display(), bindir = %runner.bindir.display(), "initialising a private PostgreSQL cluster in the existing empty directory");
+    let result = initdb(runner, data_dir);
+    if result.is_err()
+        && let Ok(entries) = std::fs::read_dir(data_dir)
+    {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let _ = match entry.file_type() {
+                Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+        }
+    }
+    result
+}
+
+/// The first `count` of `names`, and how many more there are.
+fn list_names(names: &[String], count: usize) -> String {
+    let shown = names[..names.len().min(count)].join(", ");
+    match names.len().saturating_sub(count) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// Makes `dir` (existing and empty) private to the user the server runs as,
+/// runs initdb into it, and has its `postgresql.conf` include [`HERMES_CONF`].
+fn initdb(runner: &Runner, dir: &Path) -> Result<(), LocalPostgresError> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("setting permissions of", dir))?;
+    if let Some(run_as) = &runner.run_as {
+        std::os::unix::fs::chown(dir, Some(run_as.uid), Some(run_as.gid))
+            .map_err(io_err("changing the owner of", dir))?;
+    }
+    let mut cmd = runner.command("initdb");
+    cmd.arg("-D")
+        .arg(dir)
+        .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-locale"]);
+    run(cmd)?;
+    let conf = dir.join("postgresql.conf");
+    let text = read_regular_file(&conf, SMALL_FILE_LIMIT).map_err(io_err("reading", &conf))?;
+    let mut text = String::from_utf8_lossy(&text).into_owned();
+    text.push_str(&format!(
+        "\n# Settings managed by Hermes (rewritten on every start).\ninclude_if_exists = '{HERMES_CONF}'\n"
+    ));
+    write_owned(dir, "postgresql.conf", &text, runner)
 }
 
 /// Writes `hermes.conf` and `pg_hba.conf`.
@@ -1446,7 +1489,8 @@ fn version_text(version: &[u32]) -> String {
 /// test binary of the cargo target directory, in
 /// `<target dir>/tmp/hermes-pg-test` (override with `$HERMES_TEST_PG_DIR`),
 /// with [`Durability::Relaxed`]. Test binaries running at the same time share
-/// it safely: initialisation is atomic (see the [module docs](self)) and every
+/// it safely: no start sees another's cluster half-made (see the
+/// [module docs](self)) and every
 /// call creates its own database named `hermes_test_<pid>_<n>`, so tests never
 /// see each other's rows. Databases left by test processes that have exited
 /// are dropped in the background when a new process first uses the cluster.
@@ -1748,6 +1792,27 @@ mod tests {
         assert_eq!(data_dir_argument(&args(&[pg, "-D"])), None);
         std::fs::remove_dir_all(&dir).expect("clean up");
         std::fs::remove_dir_all(&other).expect("clean up");
+    }
+
+    #[test]
+    fn a_directory_without_a_cluster_is_described_by_its_first_names() {
+        let names =
+            |count: usize| -> Vec<String> { (1..=count).map(|i| format!("f{i}")).collect() };
+        assert_eq!(list_names(&names(1), 5), "f1");
+        assert_eq!(list_names(&names(5), 5), "f1, f2, f3, f4, f5");
+        assert_eq!(list_names(&names(7), 5), "f1, f2, f3, f4, f5 and 2 more");
+        let message = LocalPostgresError::NotADataDirectory {
+            path: "/data/pg".into(),
+            contents: "lost+found".into(),
+        }
+        .to_string();
+        assert_eq!(
+            message,
+            "/data/pg is not empty and is not a PostgreSQL data directory (no PG_VERSION; it \
+             holds lost+found): point the data directory at a missing or empty directory \
+             instead (on a mounted volume, which may hold lost+found, a subdirectory such as \
+             /data/pg/pgdata), or move what it holds away"
+        );
     }
 
     #[test]
