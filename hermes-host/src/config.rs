@@ -123,6 +123,11 @@ pub struct HttpConfig {
     /// for schemes that sign the URL (Twilio). Unset: `http://` plus the
     /// request's `Host` header.
     pub public_url: Option<String>,
+    /// How long a request's headers, and then its body, may take to arrive,
+    /// in milliseconds (default 30000, at most an hour): a connection whose
+    /// headers are late is closed, a body that is late is answered 408. An
+    /// idle keep-alive connection is closed after as long.
+    pub read_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -130,7 +135,15 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: None,
+            read_timeout_ms: 30_000,
         }
+    }
+}
+
+impl HttpConfig {
+    /// `read_timeout_ms` as a duration.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
     }
 }
 
@@ -602,6 +615,11 @@ impl Config {
                 Some(self.shutdown.drain_timeout_ms),
                 HOUR_MS,
             ),
+            (
+                "http.read_timeout_ms",
+                Some(self.http.read_timeout_ms),
+                HOUR_MS,
+            ),
         ];
         for (name, value, max) in ranges {
             match value {
@@ -838,6 +856,8 @@ mod tests {
                 "statement_timeout_ms",
             ),
             (|c| c.shutdown.drain_timeout_ms = 0, "drain_timeout_ms"),
+            (|c| c.http.read_timeout_ms = 0, "read_timeout_ms"),
+            (|c| c.http.read_timeout_ms = HOUR_MS + 1, "read_timeout_ms"),
             (
                 |c| c.shutdown.drain_timeout_ms = 86_400_000,
                 "drain_timeout_ms",

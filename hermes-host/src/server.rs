@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use hermes_adapters::postgres::RetryPolicy;
 
 use tokio::sync::oneshot;
@@ -15,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::database::{Database, DatabaseError};
-use crate::http::{AppState, router};
+use crate::http::{self, AppState, router};
 use crate::shutdown::Signals;
 use crate::telemetry;
 use crate::webhooks::{IngestPipeline, SourceRegistry};
@@ -96,6 +95,7 @@ impl Server {
             database.pool().clone(),
             metrics,
             config.webhooks.retry_after_secs,
+            config.http.read_timeout(),
         );
         let addr = config.http.listen;
         let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -110,16 +110,11 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let (stop, stopped) = oneshot::channel::<()>();
-        // Small responses go out at once, not after the client's delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        });
-        let serve = tokio::spawn(async move { serve.await });
+        let serve =
+            http::serve::serve(listener, router(state), config.http.read_timeout(), async {
+                let _ = stopped.await;
+            });
+        let serve = tokio::spawn(serve);
         tracing::info!(
             addr = %local_addr,
             sources = ?sources.names(),
@@ -146,7 +141,7 @@ pub struct RunningServer {
     sources: Arc<SourceRegistry>,
     ingest: IngestPipeline,
     stop: Option<oneshot::Sender<()>>,
-    serve: JoinHandle<std::io::Result<()>>,
+    serve: JoinHandle<()>,
     upkeep: JoinHandle<()>,
     drain_timeout: Duration,
 }
@@ -207,8 +202,7 @@ impl RunningServer {
             );
         }
         match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, &mut self.serve).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server failed"),
+            Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "the HTTP server task failed"),
             Err(_) => {
                 tracing::warn!("HTTP connections still open after the drain: closing them");

@@ -396,7 +396,7 @@ async fn health_ready_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_body_over_the_limit_is_413_while_reading() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     let h = start("").await;
     let mut stream = tokio::net::TcpStream::connect(h.server().local_addr())
@@ -418,35 +418,82 @@ async fn chunked_body_over_the_limit_is_413_while_reading() {
     let over = format!("3e8\r\n{}", "x".repeat(97));
     stream.write_all(over.as_bytes()).await.unwrap();
     stream.flush().await.unwrap();
-    // Read the head and as much body as it announces (the server may keep
-    // the connection open while the request's body is unfinished).
-    let read_answer = async {
-        let mut answer = Vec::new();
-        let mut buffer = [0; 1024];
-        loop {
-            // A reset ends the answer too: the assertions below say what came.
-            let n = stream.read(&mut buffer).await.unwrap_or(0);
-            answer.extend_from_slice(&buffer[..n]);
-            let text = String::from_utf8_lossy(&answer);
-            let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
-                let length = head.lines().find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                });
-                length.is_some_and(|length| body.len() >= length)
-            });
-            if n == 0 || complete {
-                return text.into_owned();
-            }
-        }
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(5), read_answer)
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut stream))
         .await
         .expect("no answer in 5 s to a body over the limit whose end was never sent");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("4096"), "{answer}");
     assert_nothing_stored(&h).await;
+}
+
+/// Reads an HTTP/1.1 answer from `stream`: its head and as much body as it
+/// announces (the server may keep the connection open while the request's
+/// body is unfinished), or what came before the connection closed.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buffer = [0; 1024];
+    loop {
+        // A reset ends the answer too: the callers' assertions say what came.
+        let n = stream.read(&mut buffer).await.unwrap_or(0);
+        answer.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            });
+            length.is_some_and(|length| body.len() >= length)
+        });
+        if n == 0 || complete {
+            return text.into_owned();
+        }
+    }
+}
+
+/// A body that stops coming is answered 408 once `read_timeout_ms` passes,
+/// and stores nothing; headers that stop coming get the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_bodies_get_408_and_late_headers_a_closed_connection() {
+    use tokio::io::AsyncWriteExt;
+    const READ_TIMEOUT: Duration = Duration::from_millis(300);
+    let h = start(&format!(
+        "[http]\nread_timeout_ms = {}\n",
+        READ_TIMEOUT.as_millis()
+    ))
+    .await;
+    let connect = || tokio::net::TcpStream::connect(h.server().local_addr());
+
+    let mut stream = connect().await.unwrap();
+    let head = "POST /webhooks/raw HTTP/1.1\r\nhost: localhost\r\n\
+                content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"n\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .expect("a late body is answered");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#""error":"the body did not arrive within 300 ms""#),
+        "{answer}"
+    );
+    assert!(started.elapsed() >= READ_TIMEOUT, "{:?}", started.elapsed());
+    assert_nothing_stored(&h).await;
+
+    let mut stream = connect().await.unwrap();
+    stream
+        .write_all(b"POST /webhooks/raw HTTP/1.1\r\nhost: loc")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .expect("a connection whose headers never end is closed");
+    // hyper closes it, with or without a 408 first.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

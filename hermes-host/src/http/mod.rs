@@ -5,6 +5,7 @@ pub mod error;
 pub mod metrics;
 pub mod ops;
 pub mod router;
+pub mod serve;
 pub mod state;
 
 pub use error::ApiError;

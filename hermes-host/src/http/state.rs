@@ -1,6 +1,7 @@
 //! What every HTTP handler shares.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -19,17 +20,20 @@ struct Inner {
     pool: PgPool,
     metrics: PrometheusHandle,
     retry_after_secs: u64,
+    read_timeout: Duration,
 }
 
 impl AppState {
     /// State over the webhook sources, the ingest pipeline, the database pool
-    /// and the metrics recorder's handle.
+    /// and the metrics recorder's handle, answering 503s with
+    /// `retry_after_secs` and 408 to a body not read within `read_timeout`.
     pub fn new(
         sources: Arc<SourceRegistry>,
         ingest: IngestPipeline,
         pool: PgPool,
         metrics: PrometheusHandle,
         retry_after_secs: u64,
+        read_timeout: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -38,6 +42,7 @@ impl AppState {
                 pool,
                 metrics,
                 retry_after_secs,
+                read_timeout,
             }),
         }
     }
@@ -65,5 +70,10 @@ impl AppState {
     /// `Retry-After` of a 503, in seconds.
     pub fn retry_after_secs(&self) -> u64 {
         self.inner.retry_after_secs
+    }
+
+    /// How long a request's body may take to arrive.
+    pub fn read_timeout(&self) -> Duration {
+        self.inner.read_timeout
     }
 }

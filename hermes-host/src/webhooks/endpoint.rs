@@ -65,7 +65,18 @@ pub async fn receive(
     };
     // The parts themselves: the `HeaderMap` and `Uri` extractors would clone them.
     let (parts, body) = request.into_parts();
-    let body = read_body(body, &parts.headers, source.max_body_bytes()).await?;
+    let read_timeout = state.read_timeout();
+    let body = tokio::time::timeout(
+        read_timeout,
+        read_body(body, &parts.headers, source.max_body_bytes()),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::request_timeout(format!(
+            "the body did not arrive within {} ms",
+            read_timeout.as_millis()
+        ))
+    })??;
 
     let url = request_url(&source, &parts.headers, &parts.uri);
     let verified = source
