@@ -957,24 +957,32 @@ fn absolute(path: &Path) -> Result<PathBuf, LocalPostgresError> {
 fn make_traversable(dir: &Path, run_as: &RunAs) -> Result<(), LocalPostgresError> {
     for ancestor in dir.ancestors() {
         let meta = std::fs::metadata(ancestor).map_err(io_err("reading", ancestor))?;
-        let mode = meta.mode();
-        let searchable = if meta.uid() == run_as.uid {
-            mode & 0o100 != 0
-        } else if meta.gid() == run_as.gid {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        };
-        if !searchable {
+        let mode = meta.mode() & 0o7777;
+        let (bit, class) = search_bit(meta.uid(), meta.gid(), run_as);
+        if mode & bit == 0 {
             tracing::warn!(
                 dir = %ancestor.display(),
-                "granting search permission (o+x) so the 'postgres' user can reach the data directory"
+                "granting search permission ({class}+x) so the 'postgres' user can reach the data directory"
             );
-            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | 0o001))
+            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | bit))
                 .map_err(io_err("granting search permission on", ancestor))?;
         }
     }
     Ok(())
+}
+
+/// The permission bit that lets `run_as` search a directory owned by `uid`
+/// and group `gid`, and its class as `chmod` names it: the owner's if it is
+/// the owner, else the group's if it is in the group, else the others' (the
+/// kernel checks the first class that applies, and that class's bit only).
+fn search_bit(uid: u32, gid: u32, run_as: &RunAs) -> (u32, char) {
+    if uid == run_as.uid {
+        (0o100, 'u')
+    } else if run_as.groups.contains(&gid) {
+        (0o010, 'g')
+    } else {
+        (0o001, 'o')
+    }
 }
 
 /// The last lines of the server log, for error messages (none when it is not
@@ -1039,7 +1047,10 @@ fn run_stdout(cmd: Command) -> Result<String, LocalPostgresError> {
 struct RunAs {
     user: String,
     uid: u32,
+    /// Its primary group.
     gid: u32,
+    /// All its groups, the primary one first.
+    groups: Vec<u32>,
     tool: DropTool,
 }
 
@@ -1331,14 +1342,21 @@ struct Running {
 
 fn postgres_user() -> Result<RunAs, LocalPostgresError> {
     let user = "postgres".to_owned();
-    let id = |flag: &str| -> Option<u32> {
+    let ids = |flag: &str| -> Option<Vec<u32>> {
         let out = Command::new("id").arg(flag).arg(&user).output().ok()?;
         if !out.status.success() {
             return None;
         }
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|id| id.parse().ok())
+            .collect()
     };
-    let (Some(uid), Some(gid)) = (id("-u"), id("-g")) else {
+    // `id -G`: the primary group, then the supplementary ones.
+    let (Some(&[uid]), Some(groups)) = (ids("-u").as_deref(), ids("-G")) else {
+        return Err(LocalPostgresError::NoUnprivilegedUser);
+    };
+    let Some(&gid) = groups.first() else {
         return Err(LocalPostgresError::NoUnprivilegedUser);
     };
     let tool = if let Some(path) = find_on_path("runuser") {
@@ -1352,6 +1370,7 @@ fn postgres_user() -> Result<RunAs, LocalPostgresError> {
         user,
         uid,
         gid,
+        groups,
         tool,
     })
 }
@@ -1813,6 +1832,35 @@ mod tests {
              instead (on a mounted volume, which may hold lost+found, a subdirectory such as \
              /data/pg/pgdata), or move what it holds away"
         );
+    }
+
+    #[test]
+    fn search_permission_is_granted_to_the_class_the_server_user_is_in() {
+        let dir = scratch_dir();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let owner = std::fs::metadata(&dir).expect("stat");
+        let run_as = |uid: u32, groups: &[u32]| RunAs {
+            user: "postgres".into(),
+            uid,
+            gid: groups[0],
+            groups: groups.to_vec(),
+            tool: DropTool::Runuser(PathBuf::from("/sbin/runuser")),
+        };
+        make_traversable(&dir, &run_as(owner.uid(), &[owner.gid()])).expect("make traversable");
+        let mode = std::fs::metadata(&dir).expect("stat").mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+
+        // The owner's bit for the owner, whatever its groups; the group's for
+        // a member (primary or supplementary); else the others'.
+        let (uid, gid) = (1000, 2000);
+        assert_eq!(search_bit(uid, gid, &run_as(1000, &[2000])), (0o100, 'u'));
+        assert_eq!(search_bit(uid, gid, &run_as(1001, &[2000])), (0o010, 'g'));
+        assert_eq!(
+            search_bit(uid, gid, &run_as(1001, &[3000, 2000])),
+            (0o010, 'g')
+        );
+        assert_eq!(search_bit(uid, gid, &run_as(1001, &[3000])), (0o001, 'o'));
     }
 
     #[test]
