@@ -419,6 +419,10 @@ pub struct SourceConfig {
     pub url: Option<String>,
     /// Replay window for schemes with a signed timestamp, in seconds (default 300).
     pub tolerance_secs: Option<u64>,
+    /// The verify token of Meta's subscription handshake (`meta` only),
+    /// literal or `env:NAME`: with it, `GET /webhooks/{name}` answers Meta's
+    /// `hub.challenge` when `hub.verify_token` matches.
+    pub verify_token: Option<SecretSetting>,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -440,6 +444,7 @@ impl SourceConfig {
             provider: None,
             url: None,
             tolerance_secs: None,
+            verify_token: None,
         }
     }
 

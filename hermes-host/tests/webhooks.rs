@@ -824,3 +824,66 @@ async fn a_frozen_database_connection_is_given_up_and_the_event_stored_on_anothe
         "202 after {elapsed:?}"
     );
 }
+
+/// Meta verifies a callback URL with a GET before it sends events: a `meta`
+/// source with a `verify_token` echoes `hub.challenge` when the token
+/// matches, and refuses anything else with a JSON error.
+#[tokio::test]
+async fn a_meta_source_answers_the_subscription_handshake() {
+    let h = start(
+        "[[webhooks.sources]]\nname = \"whatsapp\"\nscheme = \"meta\"\n\
+         secrets = [\"app-secret\"]\nverify_token = \"dashboard token\"\n\n\
+         [[webhooks.sources]]\nname = \"messenger\"\nscheme = \"meta\"\n\
+         secrets = [\"app-secret\"]\n",
+    )
+    .await;
+    let response = h
+        .client
+        .get(format!(
+            "{}/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=1158201444\
+             &hub.verify_token=dashboard+token",
+            h.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(response.text().await.unwrap(), "1158201444");
+
+    for (path, status, says) in [
+        (
+            "/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=1&hub.verify_token=guess",
+            403,
+            "does not match",
+        ),
+        (
+            "/webhooks/whatsapp?hub.mode=subscribe&hub.verify_token=dashboard+token",
+            400,
+            "hub.challenge is missing",
+        ),
+        ("/webhooks/whatsapp", 400, "hub.mode is missing"),
+        (
+            "/webhooks/messenger?hub.mode=subscribe&hub.challenge=1&hub.verify_token=x",
+            405,
+            "verify_token",
+        ),
+        (
+            "/webhooks/nope?hub.mode=subscribe&hub.challenge=1&hub.verify_token=x",
+            404,
+            "nope",
+        ),
+    ] {
+        let (got, body) = h.get(path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains(says),
+            "{path}: {body}"
+        );
+    }
+    assert_nothing_stored(&h).await;
+}

@@ -57,6 +57,7 @@ use http::{HeaderMap, HeaderName};
 
 pub use common::{FORM_URLENCODED, body_sha256_hex};
 pub use error::{ConfigError, SignatureError};
+pub use meta::{SubscriptionError, subscription_challenge as meta_subscription_challenge};
 pub use secret::{ENV_PREFIX, Secret};
 pub use twilio::url_with_body_sha256 as twilio_url_with_body_sha256;
 

@@ -8,7 +8,7 @@ use super::error;
 use super::metrics::{RequestSeries, track};
 use super::ops;
 use super::state::AppState;
-use crate::webhooks::endpoint;
+use crate::webhooks::{endpoint, subscription};
 
 /// Every route of the host, with JSON errors and request metrics.
 pub fn router(state: AppState) -> Router {
@@ -16,7 +16,10 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
-        .route("/webhooks/{source}", post(endpoint::receive))
+        .route(
+            "/webhooks/{source}",
+            post(endpoint::receive).get(subscription::answer),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -52,17 +52,7 @@ pub async fn receive(
     request: Request,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let received_at = Utc::now();
-    // A segment that does not decode (`%FF`) names no source either.
-    let Ok(Path(source_name)) = source_name else {
-        return Err(ApiError::not_found(
-            "unknown webhook source: the name is not valid UTF-8",
-        ));
-    };
-    let Some(source) = state.sources().get(&source_name).cloned() else {
-        return Err(ApiError::not_found(format!(
-            "unknown webhook source {source_name:?}"
-        )));
-    };
+    let source = find_source(&state, source_name)?;
     // The parts themselves: the `HeaderMap` and `Uri` extractors would clone them.
     let (parts, body) = request.into_parts();
     let read_timeout = state.read_timeout();
@@ -166,6 +156,24 @@ pub async fn receive(
             "the event was acknowledged without a recorded outcome",
         )),
     }
+}
+
+/// The source the path names, else 404 (also for a segment that does not
+/// decode, such as `%FF`: it names no source either).
+pub(super) fn find_source(
+    state: &AppState,
+    source_name: Result<Path<String>, PathRejection>,
+) -> Result<Arc<Source>, ApiError> {
+    let Ok(Path(source_name)) = source_name else {
+        return Err(ApiError::not_found(
+            "unknown webhook source: the name is not valid UTF-8",
+        ));
+    };
+    state
+        .sources()
+        .get(&source_name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("unknown webhook source {source_name:?}")))
 }
 
 /// Reads the body, refusing (413) as soon as it is known to exceed `max`:

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod raw_store;
 pub mod source;
 pub mod store;
+pub mod subscription;
 
 pub use event::{Fate, WebhookEvent};
 pub use normalize::{Channel, NormalizeError, NormalizedMessage};

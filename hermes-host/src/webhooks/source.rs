@@ -22,6 +22,7 @@ pub struct Source {
     max_body_bytes: usize,
     url: Option<String>,
     verifier: Verifier,
+    verify_token: Option<Secret>,
 }
 
 /// The longest source name: it is stored with every event, part of its
@@ -99,6 +100,22 @@ impl Source {
                 )));
             }
         }
+        let verify_token = match &config.verify_token {
+            None => None,
+            Some(_) if !matches!(verifier.scheme(), Scheme::Meta) => {
+                return Err(error(format!(
+                    "`verify_token` applies to scheme \"meta\" (its subscription handshake); scheme {:?} has none",
+                    verifier.scheme().name()
+                )));
+            }
+            Some(setting) => {
+                let token = Secret::from_config(&setting.0).map_err(|e| error(e.to_string()))?;
+                if token.is_empty() {
+                    return Err(error("verify_token is empty".into()));
+                }
+                Some(token)
+            }
+        };
         let url = config.url.clone().or_else(|| {
             public_url.map(|base| format!("{}/webhooks/{name}", base.trim_end_matches('/')))
         });
@@ -115,6 +132,7 @@ impl Source {
             max_body_bytes: config.max_body_bytes,
             url,
             verifier,
+            verify_token,
         })
     }
 
@@ -151,6 +169,11 @@ impl Source {
     /// The verifier, which can also sign (for the demo, benches and tests).
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
+    }
+
+    /// The verify token of Meta's subscription handshake, when configured.
+    pub fn verify_token(&self) -> Option<&Secret> {
+        self.verify_token.as_ref()
     }
 
     /// Verifies a request's signature at time `now`.
@@ -241,6 +264,27 @@ impl SourceRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verify_token_is_for_meta_sources_only() {
+        let mut config = SourceConfig::new("wa", "meta", &["app-secret"]);
+        config.verify_token = Some("token".into());
+        let source = Source::from_config(&config, None).expect("a meta source takes one");
+        assert!(source.verify_token().is_some());
+        config.verify_token = Some("".into());
+        let error = Source::from_config(&config, None).unwrap_err();
+        assert!(
+            error.to_string().contains("verify_token is empty"),
+            "{error}"
+        );
+        let mut config = SourceConfig::new("gh", "github", &["secret"]);
+        config.verify_token = Some("token".into());
+        let error = Source::from_config(&config, None).unwrap_err();
+        assert!(
+            error.to_string().contains("applies to scheme \"meta\""),
+            "{error}"
+        );
+    }
 
     #[test]
     fn builds_and_verifies() {

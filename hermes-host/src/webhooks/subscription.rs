@@ -1,0 +1,53 @@
+//! `GET /webhooks/{source}`: Meta's subscription handshake. Before it sends
+//! events, Meta verifies the callback URL with
+//! `?hub.mode=subscribe&hub.verify_token=…&hub.challenge=…`; a `meta` source
+//! with a `verify_token` answers 200 with the challenge as plain text when
+//! the token matches.
+//!
+//! | status | when |
+//! |---|---|
+//! | 200 | the token matches: the challenge, `text/plain` |
+//! | 400 | a `hub.*` parameter is missing or not what Meta sends |
+//! | 403 | the token does not match |
+//! | 404 | no source of that name |
+//! | 405 | the source has no handshake: not `meta`, or no `verify_token` |
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use hermes_adapters::webhook::{SubscriptionError, meta_subscription_challenge};
+
+use super::endpoint::find_source;
+use crate::http::{ApiError, AppState};
+
+/// Handles `GET /webhooks/{source}`.
+pub async fn answer(
+    State(state): State<AppState>,
+    source_name: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let source = find_source(&state, source_name)?;
+    let Some(token) = source.verify_token() else {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "GET is Meta's subscription handshake; source {:?} has none (it needs scheme \
+                 \"meta\" and a verify_token): webhooks are POSTed",
+                source.name()
+            ),
+        ));
+    };
+    match meta_subscription_challenge(query.as_deref().unwrap_or_default(), token) {
+        Ok(challenge) => Ok((
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            challenge,
+        )),
+        Err(error @ SubscriptionError::Malformed(_)) => {
+            Err(ApiError::bad_request(error.to_string()))
+        }
+        Err(error @ SubscriptionError::Mismatch) => {
+            Err(ApiError::new(StatusCode::FORBIDDEN, error.to_string()))
+        }
+    }
+}
