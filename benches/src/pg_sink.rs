@@ -274,8 +274,13 @@ fn writer(pool: &PgPool, table: &str, optimistic_copy: bool) -> anyhow::Result<W
 
 /// A method ready to store slices.
 enum Runner {
-    Copy { rows_per_statement: usize },
-    Writer { writer: Writer, concurrency: usize },
+    Copy {
+        rows_per_statement: usize,
+    },
+    Writer {
+        writer: Box<Writer>,
+        concurrency: usize,
+    },
 }
 
 /// One run: rows per second of each of [`METHODS`], interleaved slice by
@@ -297,7 +302,7 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
                 concurrency,
                 ..
             } => Runner::Writer {
-                writer: writer(pool, table, optimistic_copy)?,
+                writer: Box::new(writer(pool, table, optimistic_copy)?),
                 concurrency,
             },
         });
@@ -326,10 +331,9 @@ async fn measure_run(pool: &PgPool, data: &[Row]) -> anyhow::Result<Vec<f64>> {
             },
             Runner::Writer { writer, .. },
         ) = (method, runner)
+            && writer.statement().copy_enabled() != *optimistic_copy
         {
-            if writer.statement().copy_enabled() != *optimistic_copy {
-                bail!("the optimistic COPY switched itself off; see the log");
-            }
+            bail!("the optimistic COPY switched itself off; see the log");
         }
     }
     for table in &tables {
