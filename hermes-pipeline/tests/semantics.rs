@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::stream;
 use hermes_pipeline::*;
-use support::{Numbered, Recorder};
+use support::{Numbered, Recorder, batches_of};
 use tokio::time::Instant;
 
 /// One handled batch: batcher, key, trigger, ids.
@@ -89,12 +89,7 @@ async fn a_partial_batch_flushes_at_batch_timeout() {
     let (handler, batches) = Collect::new();
     let mut builder = Pipeline::builder("timeout", handler)
         .processors(ProcessorOptions::new().concurrency(1))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(10)
-                .batch_timeout(Duration::from_millis(200)),
-        );
+        .batcher("default", batches_of(10, Duration::from_millis(200)));
     let ingress = builder.ingress(10);
     let _pipeline = builder.start().unwrap();
 
@@ -117,18 +112,8 @@ async fn a_full_batch_goes_at_once_and_named_batchers_get_their_messages() {
     let (handler, batches) = Collect::new();
     let mut builder = Pipeline::builder("size", handler)
         .processors(ProcessorOptions::new().concurrency(1))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(2)
-                .batch_timeout(Duration::from_secs(60)),
-        )
-        .batcher(
-            "big",
-            BatcherOptions::new()
-                .batch_size(1)
-                .batch_timeout(Duration::from_secs(60)),
-        );
+        .batcher("default", batches_of(2, Duration::from_secs(60)))
+        .batcher("big", batches_of(1, Duration::from_secs(60)));
     let ingress = builder.ingress(10);
     let _pipeline = builder.start().unwrap();
 
@@ -158,9 +143,7 @@ async fn batches_close_before_exceeding_max_batch_bytes() {
         .processors(ProcessorOptions::new().concurrency(1))
         .batcher(
             "default",
-            BatcherOptions::new()
-                .batch_size(100)
-                .batch_timeout(Duration::from_millis(10))
+            batches_of(100, Duration::from_millis(10))
                 .max_batch_bytes(10, |message: &Message<u64>| message.data as usize),
         );
     let ingress = builder.ingress(10);
@@ -250,10 +233,7 @@ async fn keyed_batches_never_mix_keys() {
     }
     let mut builder = Pipeline::builder("keys", Keyed).batcher(
         "default",
-        BatcherOptions::new()
-            .batch_size(3)
-            .batch_timeout(Duration::from_millis(5))
-            .concurrency(2),
+        batches_of(3, Duration::from_millis(5)).concurrency(2),
     );
     let ingress = builder.ingress(100);
     let _pipeline = builder.start().unwrap();
@@ -264,12 +244,8 @@ async fn keyed_batches_never_mix_keys() {
 #[tokio::test]
 async fn failures_and_panics_fail_only_their_message_and_run_handle_failed() {
     let (handler, batches) = Collect::new();
-    let mut builder = Pipeline::builder("failures", handler).batcher(
-        "default",
-        BatcherOptions::new()
-            .batch_size(5)
-            .batch_timeout(Duration::from_millis(5)),
-    );
+    let mut builder = Pipeline::builder("failures", handler)
+        .batcher("default", batches_of(5, Duration::from_millis(5)));
     let ingress = builder.ingress(10);
     let _pipeline = builder.start().unwrap();
 
@@ -485,12 +461,7 @@ async fn acknowledgements_are_grouped_per_acknowledger() {
     let pipeline = Pipeline::builder("grouped", handler)
         .producer(StreamProducer::new(stream::iter(messages)))
         .processors(ProcessorOptions::new().concurrency(1).max_demand(40))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(40)
-                .batch_timeout(Duration::from_secs(5)),
-        )
+        .batcher("default", batches_of(40, Duration::from_secs(5)))
         .start()
         .unwrap();
     pipeline.join().await;
@@ -588,12 +559,7 @@ fn only_produced_messages_count_as_in_flight() {
             let pipeline = Pipeline::builder("in-flight", handler)
                 .producer(producer)
                 .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
-                .batcher(
-                    "default",
-                    BatcherOptions::new()
-                        .batch_size(3)
-                        .batch_timeout(Duration::from_millis(1)),
-                )
+                .batcher("default", batches_of(3, Duration::from_millis(1)))
                 .start()
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -704,12 +670,7 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             let (handler, batches) = Collect::new();
             let mut builder = Pipeline::builder("restart", handler)
                 .processors(ProcessorOptions::new().concurrency(1))
-                .batcher(
-                    "default",
-                    BatcherOptions::new()
-                        .batch_size(3)
-                        .batch_timeout(Duration::from_millis(1)),
-                );
+                .batcher("default", batches_of(3, Duration::from_millis(1)));
             let ingress = builder.ingress(10);
             let pipeline = builder.start().unwrap();
             // The only batch processor stops, dropping its batch.
@@ -804,12 +765,7 @@ async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
     let (handler, _, gate) = Collect::gated();
     let mut builder = Pipeline::builder("full", handler)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(2))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(2)
-                .batch_timeout(Duration::from_millis(1)),
-        )
+        .batcher("default", batches_of(2, Duration::from_millis(1)))
         .max_in_flight(2);
     let ingress = builder.ingress(3);
     let pipeline = builder.start().unwrap();
@@ -853,12 +809,7 @@ async fn drain_flushes_partial_batches_and_acknowledges_everything() {
     let recorder = Recorder::new();
     let pipeline = Pipeline::builder("drain", handler)
         .producer(Numbered::new(ENDLESS, 500, recorder.clone(), |id| id))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(7)
-                .batch_timeout(Duration::from_secs(3600)),
-        )
+        .batcher("default", batches_of(7, Duration::from_secs(3600)))
         .batcher("big", BatcherOptions::new().batch_size(7))
         .start()
         .unwrap();
@@ -892,12 +843,8 @@ async fn drain_flushes_partial_batches_and_acknowledges_everything() {
 #[tokio::test(start_paused = true)]
 async fn drain_flushes_partial_batches_without_waiting_for_their_timeout() {
     let (handler, batches) = Collect::new();
-    let mut builder = Pipeline::builder("flush", handler).batcher(
-        "default",
-        BatcherOptions::new()
-            .batch_size(10)
-            .batch_timeout(Duration::from_secs(3600)),
-    );
+    let mut builder = Pipeline::builder("flush", handler)
+        .batcher("default", batches_of(10, Duration::from_secs(3600)));
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
     let completions: Vec<Completion> = (0..3u64)
@@ -924,12 +871,7 @@ async fn a_drain_flushes_a_partial_batch_holding_the_slots_its_producer_waits_fo
     // The producer is asked again only once 2 slots are free.
     let mut builder = Pipeline::builder("drain-stall", handler)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(4))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(4)
-                .batch_timeout(Duration::from_secs(3600)),
-        )
+        .batcher("default", batches_of(4, Duration::from_secs(3600)))
         .max_in_flight(4);
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
@@ -960,12 +902,7 @@ async fn partial_batches_flush_when_the_drain_starts_not_when_producers_end() {
     let mut builder = Pipeline::builder("flush-at-start", handler)
         .producer(NeverFinishes)
         .processors(ProcessorOptions::new().concurrency(1))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(10)
-                .batch_timeout(Duration::from_secs(3600)),
-        );
+        .batcher("default", batches_of(10, Duration::from_secs(3600)));
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
     let completions: Vec<Completion> = (0..3u64)
@@ -1015,10 +952,7 @@ async fn a_draining_producer_is_asked_as_soon_as_one_slot_is_free() {
         .processors(ProcessorOptions::new().concurrency(1).max_demand(4))
         .batcher(
             "default",
-            BatcherOptions::new()
-                .batch_size(3)
-                .concurrency(2)
-                .batch_timeout(Duration::from_secs(3600)),
+            batches_of(3, Duration::from_secs(3600)).concurrency(2),
         )
         .max_in_flight(4);
     let ingress = builder.ingress(10);
@@ -1056,12 +990,7 @@ async fn at_the_drain_deadline_what_remains_is_acknowledged_as_failed() {
     let recorder = Recorder::new();
     let pipeline = Pipeline::builder("deadline", Stuck)
         .producer(Numbered::new(50, 100, recorder.clone(), |id| id))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(10)
-                .batch_timeout(Duration::from_millis(1)),
-        )
+        .batcher("default", batches_of(10, Duration::from_millis(1)))
         .start()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1536,10 +1465,7 @@ async fn concurrency_changes_while_running_and_topology_shows_it() {
         )
         .batcher(
             "default",
-            BatcherOptions::new()
-                .batch_size(4)
-                .batch_timeout(Duration::from_millis(5))
-                .concurrency(1),
+            batches_of(4, Duration::from_millis(5)).concurrency(1),
         );
     let ingress = builder.ingress(64);
     let pipeline = builder.start().unwrap();
@@ -1746,12 +1672,8 @@ fn stage_metrics_are_recorded_per_pipeline_and_stage() {
             .unwrap();
         runtime.block_on(async {
             let (handler, _) = Collect::new();
-            let mut builder = Pipeline::builder("metered", handler).batcher(
-                "default",
-                BatcherOptions::new()
-                    .batch_size(2)
-                    .batch_timeout(Duration::from_millis(1)),
-            );
+            let mut builder = Pipeline::builder("metered", handler)
+                .batcher("default", batches_of(2, Duration::from_millis(1)));
             let ingress = builder.ingress(8);
             let pipeline = builder.start().unwrap();
             ingress.test_batch([1u64, 2, 13, 4]).await;
@@ -1839,9 +1761,7 @@ fn gated_group_commit(
         .processors(ProcessorOptions::new().concurrency(1))
         .batcher(
             "default",
-            BatcherOptions::new()
-                .batch_size(100)
-                .batch_timeout(Duration::from_secs(3600))
+            batches_of(100, Duration::from_secs(3600))
                 .concurrency(concurrency)
                 .flush_when_idle(true),
         );
@@ -1976,12 +1896,7 @@ async fn callbacks_panicking_before_their_future_fail_only_their_messages() {
     let acknowledger: Arc<dyn Acknowledger<u64>> = Arc::new(AcksPanicOnSeven(recorder.clone()));
     let mut builder = Pipeline::builder("sync-panics", PanicsBeforeItsFuture)
         .processors(ProcessorOptions::new().concurrency(1).max_demand(1))
-        .batcher(
-            "default",
-            BatcherOptions::new()
-                .batch_size(1)
-                .batch_timeout(Duration::from_millis(1)),
-        );
+        .batcher("default", batches_of(1, Duration::from_millis(1)));
     let ingress = builder.ingress(4);
     let pipeline = builder.start().unwrap();
     for n in 0..12u64 {
@@ -2012,9 +1927,7 @@ async fn a_size_of_near_usize_max_closes_batches_without_overflow() {
     let (handler, batches) = Collect::new();
     let mut builder = Pipeline::builder("huge-sizes", handler).batcher(
         "default",
-        BatcherOptions::new()
-            .batch_size(10)
-            .batch_timeout(Duration::from_secs(3600))
+        batches_of(10, Duration::from_secs(3600))
             .max_batch_bytes(100, |_: &Message<u64>| usize::MAX),
     );
     let ingress = builder.ingress(10);

@@ -1,15 +1,26 @@
-//! Shared test pieces: an acknowledger that records every acknowledgement, and a
+//! Shared test pieces: an acknowledger that records every acknowledgement, a
 //! producer that emits numbered messages on demand, records what it is asked for,
-//! and checks it is never asked for more than the pipeline has room for.
+//! and checks it is never asked for more than the pipeline has room for, and
+//! the batcher options most tests start from.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hermes_pipeline::{Acknowledger, Message, Produced, Producer, Status};
+use hermes_pipeline::{Acknowledger, BatcherOptions, Message, Produced, Producer, Status};
+
+/// Batcher options that close a batch at `batch_size` messages, or
+/// `batch_timeout` after its first one; every other option is the default,
+/// and further ones (concurrency, a byte limit) chain on as usual.
+pub fn batches_of<T>(batch_size: usize, batch_timeout: Duration) -> BatcherOptions<T> {
+    BatcherOptions::new()
+        .batch_size(batch_size)
+        .batch_timeout(batch_timeout)
+}
 
 /// Something with an id, so acknowledgements can be counted per message.
 pub trait Identified {
