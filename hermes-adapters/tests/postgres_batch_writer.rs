@@ -461,8 +461,6 @@ async fn a_serialization_failure_is_retried(mode: Mode) {
     assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
 }
 
-/// The default policy (the host's): 6 attempts, with jittered waits of
-/// 25–50, 50–100, 100–200, 200–400 and 400–800 ms between them.
 async fn a_frozen_server_times_the_attempt_out_and_closes_its_connection(mode: Mode) {
     let pool = setup().await;
     let retry = fast_retries().attempt_timeout(Duration::from_millis(500));
@@ -492,6 +490,8 @@ async fn a_frozen_server_times_the_attempt_out_and_closes_its_connection(mode: M
     );
 }
 
+/// The default policy: 6 attempts, with jittered waits of
+/// 25–50, 50–100, 100–200, 200–400 and 400–800 ms between them.
 #[tokio::test]
 async fn a_persistent_transient_error_exhausts_the_default_retries() {
     let pool = setup().await;

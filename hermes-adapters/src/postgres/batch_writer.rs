@@ -416,8 +416,9 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// One attempt on a pooled connection, within the policy's
     /// [`attempt_timeout`](RetryPolicy::attempt_timeout) if it has one. A
     /// connection whose attempt ran out of time may be stuck on a server
-    /// that no longer answers: it is closed, not pooled again (the pool
-    /// would first wait for it to answer a ping).
+    /// that no longer answers: it leaves the pool and its socket is closed
+    /// at once (pooled again, it would first have to answer a ping; closed
+    /// gracefully, it could wait to send its goodbye).
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
         let mut conn = self.pool.acquire().await?;
         let Some(limit) = self.retry.attempt_timeout else {
@@ -426,7 +427,7 @@ impl<S: BatchStatement> BatchWriter<S> {
         match tokio::time::timeout(limit, self.run(&mut conn, rows)).await {
             Ok(result) => result,
             Err(_) => {
-                conn.close_on_drop();
+                drop(conn.detach());
                 Err(AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(

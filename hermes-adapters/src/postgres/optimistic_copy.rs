@@ -104,8 +104,8 @@ impl OptimisticCopy {
     /// savepoint it rolls back to on failure, in autocommit on its own (a
     /// failed `COPY` stores nothing). On success every row is stored.
     ///
-    /// A `COPY` that stores fewer rows than it was given (a trigger or rule
-    /// skipped some) fails with [`CopyFailure::Abort`]: which rows are
+    /// A `COPY` that stores fewer rows than it was given (a `BEFORE INSERT`
+    /// trigger skipped some) fails with [`CopyFailure::Abort`]: which rows are
     /// missing cannot be told, so none may be reported stored.
     pub async fn run(&self, conn: &mut PgConnection, data: BinaryCopy) -> Result<(), CopyFailure> {
         let rows = data.rows();
@@ -126,8 +126,8 @@ impl OptimisticCopy {
             }
             Ok(stored) => {
                 return Err(CopyFailure::Abort(sqlx::Error::Protocol(format!(
-                    "COPY stored {stored} of {rows} rows (a trigger or rule on the table \
-                     skipped some); which ones cannot be told, so the batch fails"
+                    "COPY stored {stored} of {rows} rows (a trigger on the table skipped \
+                     some); which ones cannot be told, so the batch fails"
                 ))));
             }
             Err(error) => error,

@@ -231,7 +231,7 @@ where
     /// (a key already exists, a constraint, anything), the batch rolls back to
     /// the savepoint and the regular statement runs and decides, so outcomes
     /// and errors are the same as without it, but for one case: a `COPY` that
-    /// stores fewer rows than it was given (a trigger or rule skipped some)
+    /// stores fewer rows than it was given (a trigger skipped some)
     /// fails the batch, since it cannot tell which rows are missing. After a
     /// `COPY` meets an existing
     /// key, the next 1, 2, 4... up to 64 batches skip it, so streams of

@@ -14,6 +14,7 @@
 //! layer's.
 
 use http::HeaderMap;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::common::{HUB_SIGNATURE_256, body_sha256_hex, hub_signature, verify_hub_signature};
@@ -70,7 +71,13 @@ pub fn subscription_challenge(
             "hub.challenge must be 1 to {MAX_CHALLENGE_BYTES} ASCII letters, digits, '-', '_' or '.'"
         )));
     }
-    if !bool::from(verify_token.expose().ct_eq(token.as_bytes())) {
+    // Digests of equal length: a byte compare of the tokens themselves would
+    // end early on a length mismatch, telling the token's length.
+    let (expected, given) = (
+        Sha256::digest(verify_token.expose()),
+        Sha256::digest(token.as_bytes()),
+    );
+    if !bool::from(expected.ct_eq(&given)) {
         return Err(SubscriptionError::Mismatch);
     }
     Ok(challenge.into_owned())
