@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hermes_adapters::postgres::RetryPolicy;
 use serde::Deserialize;
 
 use crate::webhooks::SourceRegistry;
@@ -124,9 +125,11 @@ pub struct HttpConfig {
     /// request's `Host` header.
     pub public_url: Option<String>,
     /// How long a request's headers, and then its body, may take to arrive,
-    /// in milliseconds (default 30000, at most an hour): a connection whose
-    /// headers are late is closed, a body that is late is answered 408. An
-    /// idle keep-alive connection is closed after as long.
+    /// in milliseconds (default 75000, at most an hour): a connection whose
+    /// first request or headers are late is closed, a body that is late is
+    /// answered 408. An idle keep-alive connection is closed after as long,
+    /// so behind a proxy that reuses connections, keep it above the proxy's
+    /// idle timeout (60 s for AWS's load balancers and nginx's upstreams).
     pub read_timeout_ms: u64,
 }
 
@@ -135,7 +138,7 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: None,
-            read_timeout_ms: 30_000,
+            read_timeout_ms: 75_000,
         }
     }
 }
@@ -183,6 +186,17 @@ impl DatabaseConfig {
     /// 503: `statement_timeout_ms` plus [`ATTEMPT_MARGIN`].
     pub fn attempt_timeout(&self) -> Duration {
         Duration::from_millis(self.statement_timeout_ms) + ATTEMPT_MARGIN
+    }
+
+    /// The batch writes' retry policy: [`RetryPolicy::default`] with the
+    /// [`attempt_timeout`](Self::attempt_timeout), and time for at least one
+    /// retry, on a fresh connection, after an attempt that hung to its end.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        let defaults = RetryPolicy::default();
+        let attempt = self.attempt_timeout();
+        defaults
+            .attempt_timeout(attempt)
+            .give_up_after(defaults.give_up_after.max(attempt + ATTEMPT_MARGIN))
     }
 }
 
@@ -674,6 +688,23 @@ mod tests {
         normalize = "sms"
         max_body_bytes = 262144
     "#;
+
+    #[test]
+    fn the_retry_policy_leaves_time_to_retry_after_a_hung_attempt() {
+        let db = DatabaseConfig::default();
+        let policy = db.retry_policy();
+        assert_eq!(policy.attempt_timeout, Some(db.attempt_timeout()));
+        // The first retry starts when an attempt hung to its end.
+        assert!(policy.give_up_after > db.attempt_timeout() + policy.delay(1));
+        let quick = DatabaseConfig {
+            statement_timeout_ms: 300,
+            ..DatabaseConfig::default()
+        };
+        assert_eq!(
+            quick.retry_policy().give_up_after,
+            RetryPolicy::default().give_up_after
+        );
+    }
 
     #[test]
     fn defaults() {

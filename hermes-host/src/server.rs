@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hermes_adapters::postgres::RetryPolicy;
-
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -75,7 +73,7 @@ impl Server {
     ) -> Result<RunningServer, StartError> {
         // The recorder first: pipelines register their metrics when they start.
         let metrics = telemetry::metrics_handle();
-        let retry = RetryPolicy::default().attempt_timeout(config.database.attempt_timeout());
+        let retry = config.database.retry_policy();
         let ingest = IngestPipeline::start(&config.webhooks, database.pool().clone(), retry)
             .map_err(|source| StartError::Pipeline {
                 pipeline: crate::webhooks::PIPELINE_NAME,

@@ -494,6 +494,16 @@ async fn late_bodies_get_408_and_late_headers_a_closed_connection() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
+
+    // Nothing at all, or too little to tell HTTP/1.1 from HTTP/2's preface.
+    for sent in [&b""[..], b"P"] {
+        let mut stream = connect().await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+            .await
+            .expect("a connection that sends no request is closed");
+        assert!(answer.is_empty(), "{answer}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -790,9 +800,12 @@ impl Drop for FrozenBackends {
 async fn a_frozen_database_connection_is_given_up_and_the_event_stored_on_another() {
     use hermes_host::config::ATTEMPT_MARGIN;
     const STATEMENT_TIMEOUT: Duration = Duration::from_millis(300);
-    // One connection: the frozen one, until the host closes it.
+    // One connection: the frozen one, until the host closes it. A long
+    // acquire timeout, so that a ping of the frozen connection before it is
+    // handed out (when it idled a while) cannot end the wait instead.
     let h = start(&format!(
-        "[database]\nmax_connections = 1\nstatement_timeout_ms = {}\n",
+        "[database]\nmax_connections = 1\nacquire_timeout_ms = 60000\n\
+         statement_timeout_ms = {}\n",
         STATEMENT_TIMEOUT.as_millis()
     ))
     .await;
@@ -877,7 +890,17 @@ async fn a_meta_source_answers_the_subscription_handshake() {
             "nope",
         ),
     ] {
-        let (got, body) = h.get(path).await;
+        let response = h
+            .client
+            .get(format!("{}{path}", h.url))
+            .send()
+            .await
+            .unwrap();
+        let got = response.status().as_u16();
+        if got == 405 {
+            assert_eq!(response.headers()["allow"], "POST");
+        }
+        let body = response.text().await.unwrap();
         assert_eq!(got, status, "{path}: {body}");
         let error: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(

@@ -15,7 +15,7 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use hermes_adapters::webhook::{SubscriptionError, meta_subscription_challenge};
 
 use super::endpoint::find_source;
@@ -26,28 +26,33 @@ pub async fn answer(
     State(state): State<AppState>,
     source_name: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
-) -> Result<impl IntoResponse, ApiError> {
-    let source = find_source(&state, source_name)?;
+) -> Response {
+    let source = match find_source(&state, source_name) {
+        Ok(source) => source,
+        Err(error) => return error.into_response(),
+    };
     let Some(token) = source.verify_token() else {
-        return Err(ApiError::new(
+        let error = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!(
                 "GET is Meta's subscription handshake; source {:?} has none (it needs scheme \
                  \"meta\" and a verify_token): webhooks are POSTed",
                 source.name()
             ),
-        ));
+        );
+        return ([(header::ALLOW, "POST")], error).into_response();
     };
     match meta_subscription_challenge(query.as_deref().unwrap_or_default(), token) {
-        Ok(challenge) => Ok((
+        Ok(challenge) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             challenge,
-        )),
+        )
+            .into_response(),
         Err(error @ SubscriptionError::Malformed(_)) => {
-            Err(ApiError::bad_request(error.to_string()))
+            ApiError::bad_request(error.to_string()).into_response()
         }
         Err(error @ SubscriptionError::Mismatch) => {
-            Err(ApiError::new(StatusCode::FORBIDDEN, error.to_string()))
+            ApiError::new(StatusCode::FORBIDDEN, error.to_string()).into_response()
         }
     }
 }
