@@ -15,7 +15,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::Instrument;
 
 use crate::batch_key::BatchKey;
-use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
+use crate::batch_processor_stage::{Batch, BatchProcessorStage, Inbox, Outstanding};
 use crate::handler::{BatchTrigger, FailedIn, Handler};
 use crate::message::Message;
 use crate::panic_message::catch_panic_now;
@@ -61,7 +61,7 @@ impl<H: Handler> BatchProcessorSpawner<H> {
             index,
             pipeline: self.pipeline.clone(),
             batcher: self.batcher.clone(),
-            inbox,
+            inbox: Inbox::new(inbox, self.terminator.in_flight.clone()),
             outstanding: outstanding.clone(),
             any_idle: any_idle.clone(),
             deadline: self.deadline.clone(),
@@ -184,7 +184,6 @@ impl<H: Handler> Batching<H> {
         // Input closed: the pipeline is draining. Flush every partial batch.
         let failed = self.flush_all();
         self.stage.spawner.acknowledge(failed).await;
-        self.release_stopped(0);
         tracing::debug!("batcher stopped");
     }
 
@@ -362,9 +361,9 @@ impl<H: Handler> Batching<H> {
         // when their sender is dropped, which this batcher does only after
         // waiting for them to be idle. One that stopped anyway (a panic
         // elsewhere, such as in a metrics recorder) took its batches with it,
-        // and its outstanding counts never return to zero: their slots are
-        // freed, and a new one with fresh counts takes its place, in the same
-        // slot so keys keep their batch processor.
+        // and freed their slots; its outstanding counts never return to zero:
+        // a new one with fresh counts takes its place, in the same slot so
+        // keys keep their batch processor.
         let Err(batch) = self.send(index, batch) else {
             return Vec::new();
         };
@@ -372,7 +371,6 @@ impl<H: Handler> Batching<H> {
             batch_processor = index,
             "batch processor stopped early: restarting it"
         );
-        self.release_lost(index);
         (self.processors[index], self.outstanding[index]) = self.start(index);
         let Err(batch) = self.send(index, batch) else {
             return Vec::new();
@@ -389,25 +387,6 @@ impl<H: Handler> Batching<H> {
         );
         Message::fail_all(&mut messages, reason);
         messages
-    }
-
-    /// Frees the in-flight slots of the messages that batch processor
-    /// `index`, which stopped, took with it: they are never acknowledged
-    /// (their completions report the drop). It stopped, so its count is
-    /// final, and is taken only once.
-    fn release_lost(&self, index: usize) {
-        let lost = self.outstanding[index].messages.swap(0, Ordering::AcqRel);
-        self.stage.spawner.terminator.in_flight.release(lost);
-    }
-
-    /// Frees the slots lost with every batch processor from `from` on that
-    /// stopped (see `release_lost`).
-    fn release_stopped(&self, from: usize) {
-        for index in from..self.processors.len() {
-            if self.processors[index].is_closed() {
-                self.release_lost(index);
-            }
-        }
     }
 
     /// Sends a batch to batch processor `index`, counting it as outstanding
@@ -464,7 +443,7 @@ impl<H: Handler> Batching<H> {
     /// processor count, so first wait until every batch processor is idle: no
     /// batch of a key can then overtake an earlier one. One that stopped (see
     /// `dispatch`) is never idle again, and its batches went with it: it is
-    /// not waited for, and if it is dropped, the slots of its messages are freed.
+    /// not waited for.
     async fn resize(&mut self, resize: Resize) {
         for (outstanding, processor) in self.outstanding.iter().zip(&self.processors) {
             loop {
@@ -480,7 +459,6 @@ impl<H: Handler> Batching<H> {
                 }
             }
         }
-        self.release_stopped(resize.concurrency);
         self.processors.truncate(resize.concurrency);
         self.outstanding.truncate(resize.concurrency);
         self.grow_to(resize.concurrency);

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use metrics::Gauge;
 use tokio::sync::Semaphore;
 
+use crate::panic_message::catch_panic_now;
+
 pub(crate) struct InFlight {
     /// Free slots.
     slots: Semaphore,
@@ -71,13 +73,30 @@ impl InFlight {
         }
     }
 
-    /// `n` messages in flight were acknowledged, or lost with a stage that
-    /// stopped: frees their slots.
+    /// `n` messages in flight were acknowledged: frees their slots. The gauge
+    /// goes first: if it panics (a metrics recorder may), nothing is freed,
+    /// and the caller, which still holds the slots, frees them with
+    /// `release_lost`.
     pub(crate) fn release(&self, n: usize) {
         if n > 0 {
             self.gauge.decrement(n as f64);
             self.messages.fetch_sub(n, Ordering::AcqRel);
             self.slots.add_permits(n);
+        }
+    }
+
+    /// `n` messages in flight were lost, dropped by a stage that stopped
+    /// holding them (say, on a panic outside its handlers): frees their
+    /// slots. This may run after such a panic, or while it unwinds, and the
+    /// gauge may be what panicked: it goes last, and a panic there is logged,
+    /// not raised.
+    pub(crate) fn release_lost(&self, n: usize) {
+        if n > 0 {
+            self.messages.fetch_sub(n, Ordering::AcqRel);
+            self.slots.add_permits(n);
+            if let Err(panic) = catch_panic_now(|| self.gauge.decrement(n as f64)) {
+                tracing::error!(%panic, "the in-flight gauge panicked");
+            }
         }
     }
 

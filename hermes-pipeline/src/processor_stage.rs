@@ -62,7 +62,7 @@ impl<H: Handler> ProcessorStage<H> {
                     %panic,
                     "processor panicked outside its handlers: the messages it held are dropped"
                 );
-                self.terminator.in_flight.release(held);
+                self.terminator.in_flight.release_lost(held);
             }
             if self.retired() {
                 break;

@@ -582,12 +582,34 @@ fn only_produced_messages_count_as_in_flight() {
     });
 }
 
-/// A metrics recorder whose histogram `name` runs `record`, which may panic
-/// (every other series is a no-op): the stage recording it stops, unless it
-/// contains panics outside its handlers.
-struct PanickyHistogram<F> {
+/// A metrics recorder whose histogram or gauge `name` is the given one,
+/// which may panic (every other series is a no-op): the stage updating it
+/// stops, unless it contains panics outside its handlers.
+struct Panicky {
     name: &'static str,
-    record: Arc<F>,
+    histogram: metrics::Histogram,
+    gauge: metrics::Gauge,
+}
+
+impl Panicky {
+    fn histogram(
+        name: &'static str,
+        record: impl metrics::HistogramFn + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            histogram: metrics::Histogram::from_arc(Arc::new(record)),
+            gauge: metrics::Gauge::noop(),
+        }
+    }
+
+    fn gauge(name: &'static str, gauge: impl metrics::GaugeFn + Send + Sync + 'static) -> Self {
+        Self {
+            name,
+            histogram: metrics::Histogram::noop(),
+            gauge: metrics::Gauge::from_arc(Arc::new(gauge)),
+        }
+    }
 }
 
 /// Panics on batches of 3 or more: the batch processor recording one stops
@@ -610,7 +632,7 @@ impl metrics::HistogramFn for PanicsOnce {
     }
 }
 
-impl<F: metrics::HistogramFn + Send + Sync + 'static> metrics::Recorder for PanickyHistogram<F> {
+impl metrics::Recorder for Panicky {
     fn describe_counter(
         &self,
         _: metrics::KeyName,
@@ -637,8 +659,12 @@ impl<F: metrics::HistogramFn + Send + Sync + 'static> metrics::Recorder for Pani
         metrics::Counter::noop()
     }
 
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if key.name() == self.name {
+            self.gauge.clone()
+        } else {
+            metrics::Gauge::noop()
+        }
     }
 
     fn register_histogram(
@@ -647,7 +673,7 @@ impl<F: metrics::HistogramFn + Send + Sync + 'static> metrics::Recorder for Pani
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
         if key.name() == self.name {
-            metrics::Histogram::from_arc(self.record.clone())
+            self.histogram.clone()
         } else {
             metrics::Histogram::noop()
         }
@@ -656,10 +682,7 @@ impl<F: metrics::HistogramFn + Send + Sync + 'static> metrics::Recorder for Pani
 
 #[test]
 fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
-    let recorder = PanickyHistogram {
-        name: telemetry::BATCH_SIZE,
-        record: Arc::new(BatchesOfThreePanic),
-    };
+    let recorder = Panicky::histogram(telemetry::BATCH_SIZE, BatchesOfThreePanic);
     metrics::with_local_recorder(&recorder, || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -673,15 +696,16 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
                 .batcher("default", batches_of(3, Duration::from_millis(1)));
             let ingress = builder.ingress(10);
             let pipeline = builder.start().unwrap();
-            // The only batch processor stops, dropping its batch.
+            // The only batch processor stops, dropping its batch and freeing
+            // the slots of its messages.
             for outcome in ingress.test_batch([1u64, 2, 3]).await {
                 assert!(
                     matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
                     "{outcome:?}"
                 );
             }
-            // The next batch goes to a new one, which frees the slots of the
-            // lost messages, and resizing does not wait for the one that stopped.
+            // The next batch goes to a new one, and resizing does not wait for
+            // the one that stopped.
             assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
             tokio::time::timeout(
                 Duration::from_secs(10),
@@ -692,7 +716,7 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             .unwrap();
             assert_eq!(pipeline.in_flight(), 0);
             // Round robin among idle ones: 40 goes to the first, and the
-            // second stops. Shrinking drops it, and frees its slots.
+            // second stops. Shrinking drops it.
             assert_eq!(ingress.test_message(40u64).await, Outcome::Succeeded);
             let lost = ingress.test_batch([5u64, 6, 7]).await;
             assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
@@ -706,8 +730,7 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
             assert_eq!(pipeline.in_flight(), 0);
             assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
             assert_eq!(batches.seen.lock().unwrap().len(), 3);
-            // One that stopped is not restarted by the drain: its slots are
-            // freed when the batcher stops.
+            // One that stopped is not restarted by the drain.
             let lost = ingress.test_batch([9u64, 10, 11]).await;
             assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
@@ -720,10 +743,7 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
 fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slots() {
     for partitioned in [false, true] {
         // Only processors time their handlers without batchers.
-        let recorder = PanickyHistogram {
-            name: telemetry::HANDLER_DURATION,
-            record: Arc::new(PanicsOnce::default()),
-        };
+        let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, PanicsOnce::default());
         metrics::with_local_recorder(&recorder, || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -753,6 +773,106 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
                         .await
                         .expect("a processor took the messages");
                 assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+                assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+                assert_eq!(pipeline.in_flight(), 0);
+            });
+        });
+    }
+}
+
+/// Panics on a second or more: only a handler held that long records it.
+struct SlowPanics;
+
+impl metrics::HistogramFn for SlowPanics {
+    fn record(&self, seconds: f64) {
+        assert!(seconds < 1.0, "a handler took a second");
+    }
+}
+
+#[test]
+fn a_batch_processor_stopping_after_its_batcher_frees_the_slots_of_its_batch() {
+    let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, SlowPanics);
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (handler, batches, gate) = Collect::gated();
+            let mut builder = Pipeline::builder("stops-last", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .batcher("default", batches_of(10, Duration::from_secs(3600)));
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            let completions: Vec<_> = (1..=3u64)
+                .map(|n| ingress.try_push_tracked(n).unwrap())
+                .collect();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(pipeline.in_flight(), 3);
+            // The drain flushes the open batch to the only batch processor,
+            // which holds it at the gate while the batcher stops, then stops
+            // itself, timing the batch handler.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                gate.add_permits(1);
+            });
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            for outcome in futures::future::join_all(completions).await {
+                assert!(
+                    matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
+                    "{outcome:?}"
+                );
+            }
+            assert_eq!(batches.seen.lock().unwrap().len(), 1);
+            assert_eq!(pipeline.in_flight(), 0);
+        });
+    });
+}
+
+/// An in-flight gauge that panics whenever it goes down.
+struct DecrementPanics;
+
+impl metrics::GaugeFn for DecrementPanics {
+    fn increment(&self, _: f64) {}
+
+    fn decrement(&self, _: f64) {
+        panic!("the in-flight gauge went down");
+    }
+
+    fn set(&self, _: f64) {}
+}
+
+#[test]
+fn a_panicking_in_flight_gauge_leaks_no_slot() {
+    for batched in [false, true] {
+        let recorder = Panicky::gauge(telemetry::IN_FLIGHT, DecrementPanics);
+        metrics::with_local_recorder(&recorder, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (handler, _) = Collect::new();
+                let mut builder = Pipeline::builder("gauge-panics", handler)
+                    .processors(ProcessorOptions::new().concurrency(1))
+                    .max_in_flight(10);
+                if batched {
+                    builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
+                }
+                let ingress = builder.ingress(10);
+                let pipeline = builder.start().unwrap();
+                // Every acknowledgement panics as it frees the slots, after
+                // the completions resolved; the stage acknowledging frees them
+                // anyway, though the gauge panics again. The second round
+                // needs every slot.
+                for _ in 0..2 {
+                    tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
+                        .await
+                        .expect("every slot was free");
+                    assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
+                }
                 assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
                 assert_eq!(pipeline.in_flight(), 0);
             });
