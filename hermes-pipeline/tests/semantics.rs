@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::stream;
 use hermes_pipeline::*;
-use support::{Numbered, Recorder, batches_of};
+use support::{Numbered, Recorder, batches_of, with_recorder_paused};
 use tokio::time::Instant;
 
 /// One handled batch: batcher, key, trigger, ids.
@@ -547,38 +547,31 @@ fn only_produced_messages_count_as_in_flight() {
                 _ => f64::NAN,
             })
     };
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
+    with_recorder_paused(&recorder, async {
+        let (handler, _, gate) = Collect::gated();
+        let (tx, producer) = WaitsInProduce::new();
+        let pipeline = Pipeline::builder("in-flight", handler)
+            .producer(producer)
+            .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
+            .batcher("default", batches_of(3, Duration::from_millis(1)))
+            .start()
             .unwrap();
-        runtime.block_on(async {
-            let (handler, _, gate) = Collect::gated();
-            let (tx, producer) = WaitsInProduce::new();
-            let pipeline = Pipeline::builder("in-flight", handler)
-                .producer(producer)
-                .processors(ProcessorOptions::new().concurrency(1).max_demand(10))
-                .batcher("default", batches_of(3, Duration::from_millis(1)))
-                .start()
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            // The producer waits in `produce`, holding the 10 slots it was
-            // asked with: none is a message.
-            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 0));
-            assert_eq!(gauge(), 0.0);
-            for n in 0..3u64 {
-                tx.send(Message::new(n)).unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (3, 3));
-            assert_eq!(gauge(), 3.0);
-            gate.add_permits(1);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 3));
-            assert_eq!(gauge(), 0.0);
-            pipeline.drain(Duration::from_secs(1)).await;
-        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The producer waits in `produce`, holding the 10 slots it was
+        // asked with: none is a message.
+        assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 0));
+        assert_eq!(gauge(), 0.0);
+        for n in 0..3u64 {
+            tx.send(Message::new(n)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (3, 3));
+        assert_eq!(gauge(), 3.0);
+        gate.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!((pipeline.in_flight(), pipeline.peak_in_flight()), (0, 3));
+        assert_eq!(gauge(), 0.0);
+        pipeline.drain(Duration::from_secs(1)).await;
     });
 }
 
@@ -683,59 +676,52 @@ impl metrics::Recorder for Panicky {
 #[test]
 fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
     let recorder = Panicky::histogram(telemetry::BATCH_SIZE, BatchesOfThreePanic);
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (handler, batches) = Collect::new();
-            let mut builder = Pipeline::builder("restart", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .batcher("default", batches_of(3, Duration::from_millis(1)));
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
-            // The only batch processor stops, dropping its batch and freeing
-            // the slots of its messages.
-            for outcome in ingress.test_batch([1u64, 2, 3]).await {
-                assert!(
-                    matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
-                    "{outcome:?}"
-                );
-            }
-            // The next batch goes to a new one, and resizing does not wait for
-            // the one that stopped.
-            assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                pipeline.set_batcher_concurrency("default", 2),
-            )
-            .await
-            .expect("the resize returned")
-            .unwrap();
-            assert_eq!(pipeline.in_flight(), 0);
-            // Round robin among idle ones: 40 goes to the first, and the
-            // second stops. Shrinking drops it.
-            assert_eq!(ingress.test_message(40u64).await, Outcome::Succeeded);
-            let lost = ingress.test_batch([5u64, 6, 7]).await;
-            assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                pipeline.set_batcher_concurrency("default", 1),
-            )
-            .await
-            .expect("the resize returned")
-            .unwrap();
-            assert_eq!(pipeline.in_flight(), 0);
-            assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
-            assert_eq!(batches.seen.lock().unwrap().len(), 3);
-            // One that stopped is not restarted by the drain.
-            let lost = ingress.test_batch([9u64, 10, 11]).await;
-            assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
-            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
-            assert_eq!(pipeline.in_flight(), 0);
-        });
+    with_recorder_paused(&recorder, async {
+        let (handler, batches) = Collect::new();
+        let mut builder = Pipeline::builder("restart", handler)
+            .processors(ProcessorOptions::new().concurrency(1))
+            .batcher("default", batches_of(3, Duration::from_millis(1)));
+        let ingress = builder.ingress(10);
+        let pipeline = builder.start().unwrap();
+        // The only batch processor stops, dropping its batch and freeing
+        // the slots of its messages.
+        for outcome in ingress.test_batch([1u64, 2, 3]).await {
+            assert!(
+                matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
+                "{outcome:?}"
+            );
+        }
+        // The next batch goes to a new one, and resizing does not wait for
+        // the one that stopped.
+        assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pipeline.set_batcher_concurrency("default", 2),
+        )
+        .await
+        .expect("the resize returned")
+        .unwrap();
+        assert_eq!(pipeline.in_flight(), 0);
+        // Round robin among idle ones: 40 goes to the first, and the
+        // second stops. Shrinking drops it.
+        assert_eq!(ingress.test_message(40u64).await, Outcome::Succeeded);
+        let lost = ingress.test_batch([5u64, 6, 7]).await;
+        assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pipeline.set_batcher_concurrency("default", 1),
+        )
+        .await
+        .expect("the resize returned")
+        .unwrap();
+        assert_eq!(pipeline.in_flight(), 0);
+        assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
+        assert_eq!(batches.seen.lock().unwrap().len(), 3);
+        // One that stopped is not restarted by the drain.
+        let lost = ingress.test_batch([9u64, 10, 11]).await;
+        assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
+        assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+        assert_eq!(pipeline.in_flight(), 0);
     });
 }
 
@@ -744,38 +730,31 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
     for partitioned in [false, true] {
         // Only processors time their handlers without batchers.
         let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, PanicsOnce::default());
-        metrics::with_local_recorder(&recorder, || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let (handler, _) = Collect::new();
-                let mut options = ProcessorOptions::new().concurrency(1);
-                if partitioned {
-                    options = options.partition_by(|message| message.data);
-                }
-                let mut builder = Pipeline::builder("processor-panics", handler)
-                    .processors(options)
-                    .max_in_flight(10);
-                let ingress = builder.ingress(10);
-                let pipeline = builder.start().unwrap();
-                let lost = ingress.test_message(1u64).await;
-                assert!(
-                    matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
-                    "{lost:?}"
-                );
-                assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
-                // The same processor takes the next message, with every slot.
-                let outcomes =
-                    tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
-                        .await
-                        .expect("a processor took the messages");
-                assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
-                assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
-                assert_eq!(pipeline.in_flight(), 0);
-            });
+        with_recorder_paused(&recorder, async {
+            let (handler, _) = Collect::new();
+            let mut options = ProcessorOptions::new().concurrency(1);
+            if partitioned {
+                options = options.partition_by(|message| message.data);
+            }
+            let mut builder = Pipeline::builder("processor-panics", handler)
+                .processors(options)
+                .max_in_flight(10);
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            let lost = ingress.test_message(1u64).await;
+            assert!(
+                matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
+                "{lost:?}"
+            );
+            assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
+            // The same processor takes the next message, with every slot.
+            let outcomes =
+                tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
+                    .await
+                    .expect("a processor took the messages");
+            assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            assert_eq!(pipeline.in_flight(), 0);
         });
     }
 }
@@ -792,41 +771,34 @@ impl metrics::HistogramFn for SlowPanics {
 #[test]
 fn a_batch_processor_stopping_after_its_batcher_frees_the_slots_of_its_batch() {
     let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, SlowPanics);
-    metrics::with_local_recorder(&recorder, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (handler, batches, gate) = Collect::gated();
-            let mut builder = Pipeline::builder("stops-last", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .batcher("default", batches_of(10, Duration::from_secs(3600)));
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
-            let completions: Vec<_> = (1..=3u64)
-                .map(|n| ingress.try_push_tracked(n).unwrap())
-                .collect();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            assert_eq!(pipeline.in_flight(), 3);
-            // The drain flushes the open batch to the only batch processor,
-            // which holds it at the gate while the batcher stops, then stops
-            // itself, timing the batch handler.
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                gate.add_permits(1);
-            });
-            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
-            for outcome in futures::future::join_all(completions).await {
-                assert!(
-                    matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
-                    "{outcome:?}"
-                );
-            }
-            assert_eq!(batches.seen.lock().unwrap().len(), 1);
-            assert_eq!(pipeline.in_flight(), 0);
+    with_recorder_paused(&recorder, async {
+        let (handler, batches, gate) = Collect::gated();
+        let mut builder = Pipeline::builder("stops-last", handler)
+            .processors(ProcessorOptions::new().concurrency(1))
+            .batcher("default", batches_of(10, Duration::from_secs(3600)));
+        let ingress = builder.ingress(10);
+        let pipeline = builder.start().unwrap();
+        let completions: Vec<_> = (1..=3u64)
+            .map(|n| ingress.try_push_tracked(n).unwrap())
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(pipeline.in_flight(), 3);
+        // The drain flushes the open batch to the only batch processor,
+        // which holds it at the gate while the batcher stops, then stops
+        // itself, timing the batch handler.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            gate.add_permits(1);
         });
+        assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+        for outcome in futures::future::join_all(completions).await {
+            assert!(
+                matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(batches.seen.lock().unwrap().len(), 1);
+        assert_eq!(pipeline.in_flight(), 0);
     });
 }
 
@@ -847,35 +819,28 @@ impl metrics::GaugeFn for DecrementPanics {
 fn a_panicking_in_flight_gauge_leaks_no_slot() {
     for batched in [false, true] {
         let recorder = Panicky::gauge(telemetry::IN_FLIGHT, DecrementPanics);
-        metrics::with_local_recorder(&recorder, || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let (handler, _) = Collect::new();
-                let mut builder = Pipeline::builder("gauge-panics", handler)
-                    .processors(ProcessorOptions::new().concurrency(1))
-                    .max_in_flight(10);
-                if batched {
-                    builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
-                }
-                let ingress = builder.ingress(10);
-                let pipeline = builder.start().unwrap();
-                // Every acknowledgement panics as it frees the slots, after
-                // the completions resolved; the stage acknowledging frees them
-                // anyway, though the gauge panics again. The second round
-                // needs every slot.
-                for _ in 0..2 {
-                    tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
-                        .await
-                        .expect("every slot was free");
-                    assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
-                }
-                assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
-                assert_eq!(pipeline.in_flight(), 0);
-            });
+        with_recorder_paused(&recorder, async {
+            let (handler, _) = Collect::new();
+            let mut builder = Pipeline::builder("gauge-panics", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .max_in_flight(10);
+            if batched {
+                builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
+            }
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            // Every acknowledgement panics as it frees the slots, after
+            // the completions resolved; the stage acknowledging frees them
+            // anyway, though the gauge panics again. The second round
+            // needs every slot.
+            for _ in 0..2 {
+                tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
+                    .await
+                    .expect("every slot was free");
+                assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
+            }
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            assert_eq!(pipeline.in_flight(), 0);
         });
     }
 }

@@ -1,7 +1,8 @@
 //! Shared test pieces: an acknowledger that records every acknowledgement, a
 //! producer that emits numbered messages on demand, records what it is asked for,
-//! and checks it is never asked for more than the pipeline has room for, and
-//! the batcher options most tests start from.
+//! and checks it is never asked for more than the pipeline has room for, the
+//! batcher options most tests start from, and a paused runtime with a
+//! metrics recorder of the test's own.
 
 #![allow(dead_code)]
 
@@ -20,6 +21,23 @@ pub fn batches_of<T>(batch_size: usize, batch_timeout: Duration) -> BatcherOptio
     BatcherOptions::new()
         .batch_size(batch_size)
         .batch_timeout(batch_timeout)
+}
+
+/// Runs `test` to its end on a current-thread runtime with paused time,
+/// with `recorder` as the metrics recorder: a local recorder is the current
+/// thread's, so the pipeline must run on this thread only.
+pub fn with_recorder_paused<F: std::future::Future>(
+    recorder: &dyn metrics::Recorder,
+    test: F,
+) -> F::Output {
+    metrics::with_local_recorder(recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(test)
+    })
 }
 
 /// Something with an id, so acknowledgements can be counted per message.
