@@ -476,18 +476,35 @@ async fn a_frozen_server_times_the_attempt_out_and_closes_its_connection(mode: M
     assert_eq!(count(&pool).await, 100);
     // The frozen connection is closed, not held by the pool's ping of a
     // returned connection (which the frozen backend would never answer).
-    let mut settled = false;
+    assert_pool_settles(&pool).await;
+}
+
+/// Waits until every connection of `pool` is idle: none is checked out or
+/// held by the pool's ping of a returned one (which a frozen backend never
+/// answers).
+async fn assert_pool_settles(pool: &PgPool) {
     for _ in 0..200 {
         if pool.size() as usize == pool.num_idle() {
-            settled = true;
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    panic!("a connection is still checked out or being returned");
+}
+
+/// A write cancelled while its statement waits on a frozen server (its
+/// future dropped, as at a drain deadline) does not leave its connection
+/// held by the pool's ping: the connection leaves the pool.
+async fn a_write_cancelled_on_a_frozen_server_frees_its_connection(mode: Mode) {
+    let pool = setup().await;
+    let writer = sabotaged_writer(&pool, mode, Sabotage::FreezeBackend, 1, fast_retries()).await;
+    let rows = events(0..10);
+    let cut = tokio::time::timeout(Duration::from_millis(500), writer.write(&rows)).await;
     assert!(
-        settled,
-        "a connection is still checked out or being returned"
+        cut.is_err(),
+        "the write on the frozen backend cannot finish"
     );
+    assert_pool_settles(&pool).await;
 }
 
 /// The default policy: 6 attempts, with jittered waits of
@@ -688,6 +705,8 @@ in_both_modes! {
     a_serialization_failure_is_retried => a_serialization_failure_is_retried_unnest, a_serialization_failure_is_retried_copy;
     #[tokio::test]
     a_frozen_server_times_the_attempt_out_and_closes_its_connection => a_frozen_server_times_the_attempt_out_and_closes_its_connection_unnest, a_frozen_server_times_the_attempt_out_and_closes_its_connection_copy;
+    #[tokio::test]
+    a_write_cancelled_on_a_frozen_server_frees_its_connection => a_write_cancelled_on_a_frozen_server_frees_its_connection_unnest, a_write_cancelled_on_a_frozen_server_frees_its_connection_copy;
 }
 
 /// Records whether the statements of one execution share a transaction, then

@@ -8,6 +8,7 @@ use std::fmt;
 use sqlx::error::DatabaseError;
 use sqlx::{Connection, PgConnection, PgPool};
 
+use super::guarded_connection::GuardedConnection;
 use super::retry::{ErrorClass, RetryPolicy, classify};
 use super::statement::{BatchStatement, Written};
 
@@ -415,28 +416,30 @@ impl<S: BatchStatement> BatchWriter<S> {
 
     /// One attempt on a pooled connection, within the policy's
     /// [`attempt_timeout`](RetryPolicy::attempt_timeout) if it has one. A
-    /// connection whose attempt ran out of time may be stuck on a server
-    /// that no longer answers: it leaves the pool and its socket is closed
-    /// at once (pooled again, it would first have to answer a ping; closed
-    /// gracefully, it could wait to send its goodbye).
+    /// connection whose attempt ran out of time, or was cancelled (the
+    /// caller's future dropped, say at a drain deadline), may be stuck on a
+    /// server that no longer answers: it leaves the pool (see
+    /// [`GuardedConnection`]).
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
-        let mut conn = self.pool.acquire().await?;
-        let Some(limit) = self.retry.attempt_timeout else {
-            return self.run(&mut conn, rows).await;
+        let mut conn = GuardedConnection::acquire(&self.pool).await?;
+        let result = match self.retry.attempt_timeout {
+            None => self.run(&mut conn, rows).await,
+            Some(limit) => match tokio::time::timeout(limit, self.run(&mut conn, rows)).await {
+                Ok(result) => result,
+                // Dropped unfinished: out of the pool.
+                Err(_) => {
+                    return Err(AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the batch statement did not finish within {} ms",
+                            limit.as_millis()
+                        ),
+                    ))));
+                }
+            },
         };
-        match tokio::time::timeout(limit, self.run(&mut conn, rows)).await {
-            Ok(result) => result,
-            Err(_) => {
-                drop(conn.detach());
-                Err(AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the batch statement did not finish within {} ms",
-                        limit.as_millis()
-                    ),
-                ))))
-            }
-        }
+        conn.finish();
+        result
     }
 
     /// Begin, execute, check, commit; or, for a

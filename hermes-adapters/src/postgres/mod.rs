@@ -13,9 +13,12 @@
 //!   optimistic binary `COPY` ([`OptimisticCopy`], [`BinaryCopy`]) for
 //!   batches of new rows.
 //! - [`JsonText`]: JSON text bound as `jsonb` without parsing it in Rust.
+//! - [`GuardedConnection`]: a pooled connection that leaves the pool when
+//!   its work is cut short, instead of holding its slot until it answers.
 
 pub mod batch_writer;
 pub mod binary_copy;
+pub mod guarded_connection;
 pub mod json_text;
 pub mod local;
 pub mod optimistic_copy;
@@ -25,6 +28,7 @@ pub mod unnest_insert;
 
 pub use batch_writer::{BatchWriter, InBatchDuplicates, Rejection, RowOutcome, WriteError};
 pub use binary_copy::BinaryCopy;
+pub use guarded_connection::GuardedConnection;
 pub use json_text::JsonText;
 pub use local::{LocalPostgres, LocalPostgresConfig, LocalPostgresError};
 pub use optimistic_copy::{CopyFailure, OptimisticCopy};
