@@ -143,7 +143,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
             server.database().url()
         );
     }
-    let report = server.run_until_signal(&mut signals).await;
+    let report = server.run_until_signal(signals).await;
     if report.forced && text {
         eprintln!("hermes: stopped; the drain deadline passed before everything was committed");
     }

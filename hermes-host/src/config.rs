@@ -127,7 +127,8 @@ pub struct HttpConfig {
     /// How long a request's headers, and then its body, may take to arrive,
     /// in milliseconds (default 75000, at most an hour): a connection whose
     /// first request or headers are late is closed, a body that is late is
-    /// answered 408. An idle keep-alive connection is closed after as long,
+    /// answered 408. An idle HTTP/1.1 keep-alive connection is closed after
+    /// as long (an HTTP/2 one, once it sent a request, is not),
     /// so behind a proxy that reuses connections, keep it above the proxy's
     /// idle timeout (60 s for AWS's load balancers and nginx's upstreams).
     pub read_timeout_ms: u64,
@@ -269,9 +270,13 @@ pub(crate) fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-/// `url` with its password, if any, replaced by `***`: safe to print. The
+/// `url` with its passwords, if any, replaced by `***`: safe to print. A
 /// password may stand in the user info (`user:pw@`) or, as sqlx also reads
-/// it, in the query (`?password=pw`).
+/// it, in the query (`?password=pw`, also percent-encoded, `?pass%77ord=`,
+/// and any other parameter naming a password, such as `sslpassword`).
+/// A string that is not a URL at all, such as libpq's `host=db password=pw`
+/// (which sqlx refuses, printed with the error), has the values of its
+/// password keywords hidden.
 ///
 /// Query passwords go first, each to the next `&`. Then the user info is
 /// taken to end at the last `@`, not at the first `/` or `?` as a URL parser
@@ -280,14 +285,14 @@ pub(crate) fn is_http_url(url: &str) -> bool {
 /// hides more than the password, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return redact_keywords(url);
     };
     let rest = match rest.split_once('?') {
         Some((path, query)) => {
             let query: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    Some((key, _)) if names_a_password(key) => format!("{key}=***"),
                     _ => pair.to_owned(),
                 })
                 .collect();
@@ -302,6 +307,44 @@ pub fn redact_url(url: &str) -> String {
         },
         None => format!("{scheme}://{rest}"),
     }
+}
+
+/// Whether a connection parameter's name, percent-decoded, names a password
+/// (`password`, `sslpassword`, ...).
+fn names_a_password(key: &str) -> bool {
+    percent_encoding::percent_decode_str(key)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase()
+        .contains("pass")
+}
+
+/// libpq's `keyword=value` form with the values of password keywords hidden,
+/// a quoted value (`password='a b'`) to its closing quote.
+fn redact_keywords(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = text.split(' ');
+    while let Some(word) = words.next() {
+        match word.split_once('=') {
+            Some((key, value)) if names_a_password(key) => {
+                out.push(format!("{key}=***"));
+                let mut quoted = value.starts_with('\'');
+                let mut rest = value.get(1..).unwrap_or_default();
+                while quoted && !ends_quote(rest) {
+                    match words.next() {
+                        Some(next) => rest = next,
+                        None => quoted = false,
+                    }
+                }
+            }
+            _ => out.push(word.to_owned()),
+        }
+    }
+    out.join(" ")
+}
+
+/// Whether a piece of a quoted libpq value ends it: a `'` not escaped by `\`.
+fn ends_quote(piece: &str) -> bool {
+    piece.ends_with('\'') && !piece.ends_with("\\'")
 }
 
 /// The most events any `[webhooks]` size may name: a million requests
@@ -864,6 +907,21 @@ mod tests {
             redact_url("postgres://app@db:5432/x?password=p@ss&sslmode=disable"),
             "postgres://app@db:5432/x?password=***&sslmode=disable"
         );
+        // Percent-encoded names, and other passwords.
+        assert_eq!(
+            redact_url("postgres://app@db/x?pass%77ord=s3cret&sslpassword=k3y"),
+            "postgres://app@db/x?pass%77ord=***&sslpassword=***"
+        );
+        // libpq's keyword form, which sqlx refuses and the error prints.
+        assert_eq!(
+            redact_url("host=db user=app password=hunter2 dbname=x"),
+            "host=db user=app password=*** dbname=x"
+        );
+        assert_eq!(
+            redact_url("host=db password='a b\\' c' sslmode=require"),
+            "host=db password=*** sslmode=require"
+        );
+        assert_eq!(redact_url("hooks.example.com/x"), "hooks.example.com/x");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub const LOCAL_DATABASE: &str = "hermes";
 /// The `application_name` of the host's connections, unless the URL sets one.
 pub const APPLICATION_NAME: &str = "hermes";
 
+/// How long closing the pool waits for connections in use.
+pub const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A pooled connection idle this long is pinged before it is handed out.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
@@ -146,8 +149,18 @@ impl Database {
         self.local.as_ref()
     }
 
-    /// Closes the pool, waiting for connections in use to be returned.
+    /// Closes the pool, waiting for connections in use to be returned, at
+    /// most [`POOL_CLOSE_TIMEOUT`]: a connection stuck on a server that
+    /// stopped answering is left behind rather than waited for.
     pub async fn close(&self) {
-        self.pool.close().await;
+        if tokio::time::timeout(POOL_CLOSE_TIMEOUT, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "database connections still in use {} s after the pool closed; not waiting for them",
+                POOL_CLOSE_TIMEOUT.as_secs()
+            );
+        }
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
         server.database().url()
     );
     let demo = send_and_report(&server, &options, &mut signals).await;
+    signals.exit_on_another();
     let report = server.shutdown().await;
     println!(
         "hermes demo: stopped{}",
@@ -170,10 +171,13 @@ fn base64_secret() -> String {
     base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>())
 }
 
-/// Starts the host; if the configured port is taken, on a free one instead.
+/// Starts the host; if the configured port is in use, on a free one instead
+/// (any other failure to listen is an error).
 async fn start(config: Config) -> anyhow::Result<RunningServer> {
     match Server::start(config.clone()).await {
-        Err(StartError::Bind { addr, .. }) => {
+        Err(StartError::Bind { addr, source })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
             println!("hermes demo: {addr} is in use, taking a free port");
             let mut config = config;
             config.http.listen.set_port(0);
@@ -282,6 +286,8 @@ fn accepted(snapshot: &Snapshot) -> u64 {
     snapshot.statuses.get(&202).copied().unwrap_or(0)
 }
 
+/// Counts by status, then requests that got no answer (connection errors,
+/// time-outs), if any: `202:10575 401:5 no answer:3`.
 fn statuses(snapshots: &[Snapshot]) -> String {
     let mut all = std::collections::BTreeMap::<u16, u64>::new();
     for snapshot in snapshots {
@@ -289,10 +295,15 @@ fn statuses(snapshots: &[Snapshot]) -> String {
             *all.entry(*status).or_default() += count;
         }
     }
-    all.iter()
+    let mut counts: Vec<String> = all
+        .iter()
         .map(|(status, count)| format!("{status}:{count}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    let unanswered: u64 = snapshots.iter().map(|snapshot| snapshot.errors).sum();
+    if unanswered > 0 {
+        counts.push(format!("no answer:{unanswered}"));
+    }
+    counts.join(" ")
 }
 
 fn print_progress(

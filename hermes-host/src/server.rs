@@ -179,9 +179,11 @@ impl RunningServer {
         &self.ingest
     }
 
-    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-    pub async fn run_until_signal(self, signals: &mut Signals) -> ShutdownReport {
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully; another
+    /// signal meanwhile ends the process at once.
+    pub async fn run_until_signal(self, mut signals: Signals) -> ShutdownReport {
         signals.received().await;
+        signals.exit_on_another();
         self.shutdown().await
     }
 

@@ -26,4 +26,23 @@ impl Signals {
             _ = self.terminate.recv() => tracing::info!("SIGTERM received: shutting down"),
         }
     }
+
+    /// From now on, another SIGTERM or SIGINT ends the process at once, with
+    /// the status of a death by that signal (128 + its number), for when a
+    /// graceful shutdown takes longer than its user will wait (a database
+    /// that stopped answering, a long drain deadline).
+    pub fn exit_on_another(self) {
+        let Self {
+            mut terminate,
+            mut interrupt,
+        } = self;
+        tokio::spawn(async move {
+            let (name, kind) = tokio::select! {
+                _ = interrupt.recv() => ("SIGINT", SignalKind::interrupt()),
+                _ = terminate.recv() => ("SIGTERM", SignalKind::terminate()),
+            };
+            tracing::warn!("{name} received again: exiting without finishing the shutdown");
+            std::process::exit(128 + kind.as_raw_value());
+        });
+    }
 }

@@ -730,6 +730,57 @@ async fn sigint_with_held_writes_stops_accepting_drains_them_and_exits_0() {
     signal_with_held_writes_drains_them_and_exits_0(libc::SIGINT, "SIGINT").await;
 }
 
+/// A second signal while a graceful shutdown waits (here for a write held by
+/// a lock, with a drain deadline of two minutes) ends the process at once,
+/// with the status of a death by that signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let database_url = hermes_adapters::postgres::local::test_database().await;
+    let (config_path, verifier, _) = setup(
+        "second-signal",
+        "[shutdown]\ndrain_timeout_ms = 120000\n[database]\nstatement_timeout_ms = 120000",
+    );
+    let mut host = Host::start(
+        &config_path,
+        &database_url,
+        "second-signal",
+        "warn,hermes_host=info",
+    )
+    .await;
+    let route = format!("{}/webhooks/sms", host.url());
+    let pool = PgPool::connect(&database_url).await.expect("pool");
+    let lock = lock_events(&pool).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client");
+    let event = Event::new(3_000_000);
+    let held = tokio::spawn(async move { deliver(&client, &route, &verifier, &event.body).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lock_waiters(&pool).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no write waiting for the lock after 60 s:\n{}",
+            host.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    host.signal(libc::SIGTERM);
+    host.wait_for_line("SIGTERM received", Duration::from_secs(30))
+        .await;
+    host.signal(libc::SIGINT);
+    let status = host.exit_status(Duration::from_secs(10)).await;
+    let log = host.log_text();
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}:\n{log}");
+    assert!(log.contains("SIGINT received again"), "{log}");
+    lock.rollback().await.expect("release the lock");
+    // The held request lost its answer with the process: not a 202.
+    let answer = held.await.expect("request task");
+    assert!(!matches!(answer, Answer::Accepted { .. }), "{answer:?}");
+    let _ = std::fs::remove_file(&config_path);
+}
+
 /// SIGTERM amid a steady load, requests arriving while the host closes: it
 /// answers nothing but 202 or 503 (or leaves a request unanswered once it
 /// stops accepting), exits 0 within its drain deadline, and every 202's event

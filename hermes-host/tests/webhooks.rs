@@ -910,3 +910,38 @@ async fn a_meta_source_answers_the_subscription_handshake() {
     }
     assert_nothing_stored(&h).await;
 }
+
+/// A `/ready` check cut off by its timeout on a frozen database connection
+/// does not leave that connection parked in the pool's ping of it: with a
+/// pool of one, the next event is stored on a fresh connection at once.
+#[tokio::test]
+async fn a_ready_check_cut_off_by_a_frozen_connection_frees_it() {
+    let h = start("[database]\nmax_connections = 1\nacquire_timeout_ms = 60000\n").await;
+    let warm = h.deliver("raw", &json!({"n": 0}), "warm").await;
+    h.assert_committed(&warm).await;
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(hermes_host::database::APPLICATION_NAME)
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(pids.len(), 1, "the host's one connection: {pids:?}");
+    let _frozen = FrozenBackends::stop(pids);
+
+    let (status, body) = h.get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("did not answer"), "{body}");
+    // Without the guard, this waits for the pool's one slot, held by a
+    // ping of the frozen connection, until the 60 s acquire timeout.
+    let started = std::time::Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        h.deliver("raw", &json!({"n": 1}), "after-ready"),
+    )
+    .await
+    .expect("the event is stored on a fresh connection");
+    h.assert_committed(&reply).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use hermes_adapters::postgres::GuardedConnection;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
@@ -22,7 +23,16 @@ pub async fn health() -> Json<Value> {
 /// `GET /ready`: 200 when the database answers and every pipeline runs;
 /// otherwise 503 saying which is not.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.pool());
+    // Guarded: a check cut off by the timeout must not park its connection
+    // in the pool's ping of a server that stopped answering.
+    let ping = async {
+        let mut conn = GuardedConnection::acquire(state.pool()).await?;
+        sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut *conn)
+            .await?;
+        conn.finish();
+        Ok::<_, sqlx::Error>(())
+    };
     match tokio::time::timeout(READY_DB_TIMEOUT, ping).await {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => {
