@@ -7,13 +7,16 @@
 //!   measured in the same run (COPY of the same 1 KB jsonb event rows into the
 //!   same table, one connection, no load on the host), just before and just
 //!   after the loop, with `ratio` = accepted_per_sec ÷ their mean. Also the
-//!   CPU each part (host, Postgres, load generator) spent per event and the
-//!   machine's busy cores. `webhook_e2e_bare`: the same loop against the
-//!   bare server ([`bare_webhook`](crate::bare_webhook): signature, JSON
-//!   check, one group-committed `COPY`, nothing else), the floor a
-//!   store-then-202 design has on this machine. `webhook_e2e_normalized`: the
-//!   host again, to an SMS source, whose events also resolve parties,
-//!   conversations and messages.
+//!   CPU each part (host, Postgres, load generator) spent per event, the
+//!   machine's busy cores, and `lost`: 202s whose event is not stored
+//!   (checked after the loop, outside its measured time). `webhook_e2e_bare`:
+//!   the same loop against the bare server
+//!   ([`bare_webhook`](crate::bare_webhook): signature, JSON check, one
+//!   group-committed `COPY`, nothing else), the floor a store-then-202
+//!   design has on this machine; its 202s name no event id, so its `lost`
+//!   goes by delivery id alone. `webhook_e2e_normalized`: the host again, to
+//!   an SMS source, whose events also resolve parties, conversations and
+//!   messages.
 //! - `webhook_e2e_latency`: an open loop at a fraction of the measured
 //!   capacity: p50/p99 of the 202s below saturation, against the target
 //!   `batch_timeout_ms + 25`.
@@ -25,6 +28,11 @@
 //!   with a small ingest buffer: the 503 share, the host's peak RSS (and its
 //!   RSS over time), and `lost`: events answered 202 that are not stored
 //!   under the id their 202 named.
+//!
+//! A command fails (exits non-zero, naming the fault) right after printing a
+//! line that shows one: a request without a usable answer (`errors`), a 202
+//! that said duplicate, a lost event, or a status a loop should not get (the
+//! e2e closed loops expect only 202s, the HTTP-only loop only 404s).
 //!
 //! The host runs as a subprocess — the release binary next to `hermes-bench`
 //! (`target/release/hermes`, built by `cargo build --release -p hermes-host`),
@@ -115,7 +123,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             };
             // Every loop writes into empty tables, as the limit does.
             bench.empty_tables().await?;
-            let (closed, secs, used) = closed_loop(
+            let (closed, stats, secs, used) = closed_loop(
                 server,
                 &cpu,
                 source,
@@ -125,6 +133,9 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             .await?;
             let limit_after = bench.pg_copy_limit().await?;
             let limit = (limit_before + limit_after) / 2.0;
+            let lost = bench
+                .count_not_stored(&stats.accepted(), server.names_event_ids)
+                .await?;
             let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
             let accepted_per_sec = accepted as f64 / secs;
             if bench_name == "webhook_e2e" {
@@ -142,6 +153,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "p99_ms": round3(closed.p99_ms),
                 "statuses": statuses(&closed),
                 "errors": closed.errors,
+                "lost": lost,
                 "pg_copy_rows_per_sec": limit.round(),
                 "pg_copy_rows_per_sec_before": limit_before.round(),
                 "pg_copy_rows_per_sec_after": limit_after.round(),
@@ -152,6 +164,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
                 "busy_cores": round3(used.machine.busy / secs),
                 "steal_cores": round3(used.machine.steal / secs),
             }));
+            check_answers(bench_name, &closed, lost, Some(202))?;
             limit_before = limit_after;
         }
         bare.stop().await;
@@ -185,6 +198,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "statuses": statuses(&open),
             "errors": open.errors,
         }));
+        check_answers("webhook_e2e_latency", &open, 0, None)?;
 
         // The floor under every stored event: the same closed loop to a
         // source the host does not have, answered 404 before the body is
@@ -194,7 +208,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             postmaster: None,
             ..cpu
         };
-        let (floor, secs, used) = closed_loop(
+        let (floor, _, secs, used) = closed_loop(
             &host,
             &http_cpu,
             UNKNOWN_SOURCE,
@@ -214,20 +228,21 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             "busy_cores": round3(used.machine.busy / secs),
             "steal_cores": round3(used.machine.steal / secs),
         }));
+        check_answers("webhook_e2e_http_only", &floor, 0, Some(404))?;
         host.stop().await;
         Ok(())
     })
 }
 
-/// A warm-up, then the measured closed loop on `source`: what it got, how
-/// long it ran, and the CPU it took.
+/// A warm-up, then the measured closed loop on `source`: what it got (and
+/// its 202s), how long it ran, and the CPU it took.
 async fn closed_loop(
     host: &HostProcess,
     cpu: &CpuMeter,
     source: &str,
     options: &Options,
     run: &str,
-) -> anyhow::Result<(Snapshot, f64, CpuUsed)> {
+) -> anyhow::Result<(Snapshot, Arc<Stats>, f64, CpuUsed)> {
     let warmup = format!("{run}-w");
     drive(
         host,
@@ -243,7 +258,7 @@ async fn closed_loop(
     let before = cpu.sample();
     let started = Instant::now();
     let duration = Duration::from_secs(options.secs);
-    let (closed, _) = drive(
+    let (closed, stats) = drive(
         host,
         source,
         options.connections,
@@ -254,7 +269,7 @@ async fn closed_loop(
     )
     .await?;
     let secs = started.elapsed().as_secs_f64();
-    Ok((closed, secs, cpu.sample().since(&before)))
+    Ok((closed, stats, secs, cpu.sample().since(&before)))
 }
 
 /// Samples the CPU time of the parts of an end-to-end run, which share the
@@ -374,7 +389,9 @@ pub fn run_overload(
         let secs = started.elapsed().as_secs_f64();
         let samples = sampler.stop().await;
 
-        let lost = bench.count_not_stored(&stats.accepted()).await?;
+        let lost = bench
+            .count_not_stored(&stats.accepted(), host.names_event_ids)
+            .await?;
         let answered: u64 = overload.statuses.values().sum();
         let unavailable = overload.statuses.get(&503).copied().unwrap_or(0);
         let accepted = overload.statuses.get(&202).copied().unwrap_or(0);
@@ -403,6 +420,7 @@ pub fn run_overload(
             "peak_rss_mb": round3(peak_rss_mb_of(host.pid())),
             "durable": bench.durable,
         }));
+        check_answers("webhook_overload", &overload, lost, None)?;
         host.stop().await;
         Ok(())
     })
@@ -412,6 +430,46 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
+}
+
+/// Fails `bench` if its line shows a fault: a request without a usable
+/// answer, a 202 that said duplicate, `lost` events (0 where not checked), or
+/// a status other than `expected` (when given).
+fn check_answers(
+    bench: &str,
+    snapshot: &Snapshot,
+    lost: u64,
+    expected: Option<u16>,
+) -> anyhow::Result<()> {
+    let mut faults = Vec::new();
+    if snapshot.errors > 0 {
+        faults.push(format!("{} requests got no usable answer", snapshot.errors));
+    }
+    if snapshot.duplicates > 0 {
+        faults.push(format!("{} 202s said duplicate", snapshot.duplicates));
+    }
+    if lost > 0 {
+        faults.push(format!("{lost} events answered 202 are not stored"));
+    }
+    if let Some(expected) = expected {
+        let others: Vec<String> = snapshot
+            .statuses
+            .iter()
+            .filter(|(status, _)| **status != expected)
+            .map(|(status, count)| format!("{count} x {status}"))
+            .collect();
+        if !others.is_empty() {
+            faults.push(format!(
+                "answers other than {expected}: {}",
+                others.join(", ")
+            ));
+        }
+    }
+    if faults.is_empty() {
+        Ok(())
+    } else {
+        bail!("{bench} failed: {}", faults.join("; "))
+    }
 }
 
 /// Status counts as a JSON object keyed by status code.
@@ -520,7 +578,7 @@ impl Bench {
         let mut command = Command::new(&self.hermes_bin);
         command.arg("serve").arg("--config").arg(&config_path);
         let log = self.dir.join(format!("{name}.log"));
-        HostProcess::start(command, &self.database_url, &log).await
+        HostProcess::start(command, &self.database_url, &log, true).await
     }
 
     /// Starts the bare server (`hermes-bare-webhook`, next to this
@@ -534,7 +592,7 @@ impl Bench {
             );
         }
         let log = self.dir.join("bare.log");
-        HostProcess::start(Command::new(bin), &self.database_url, &log).await
+        HostProcess::start(Command::new(bin), &self.database_url, &log, false).await
     }
 
     /// Rows per second that Postgres alone stores of the same 1 KB event rows
@@ -601,25 +659,43 @@ impl Bench {
         Ok(())
     }
 
-    /// How many of the `accepted` events are not stored under the id their
-    /// 202 named: that row must hold the body sent with that delivery id
-    /// (its `provider_message_id`). So a 202 that named another event's row
-    /// counts, not only one whose row is missing.
-    async fn count_not_stored(&self, accepted: &[AcceptedEvent]) -> anyhow::Result<u64> {
+    /// How many of the `accepted` events are not stored. With
+    /// `names_event_ids` (the host), each must be stored under the id its
+    /// 202 named, and that row must hold the body sent with that delivery id
+    /// (its `provider_message_id`): so a 202 that named another event's row
+    /// counts, not only one whose row is missing. Without (the bare server,
+    /// whose 202s name id 0), some row must hold a body with that delivery
+    /// id.
+    async fn count_not_stored(
+        &self,
+        accepted: &[AcceptedEvent],
+        names_event_ids: bool,
+    ) -> anyhow::Result<u64> {
         let (ids, deliveries): (Vec<i64>, Vec<&str>) = accepted
             .iter()
             .map(|event| (event.event_id, event.delivery_id.as_str()))
             .unzip();
         let mut conn = PgConnection::connect(&self.database_url).await?;
-        let stored: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
-             JOIN webhook_events e
-               ON e.id = a.id AND e.body->>'provider_message_id' = a.delivery",
-        )
-        .bind(&ids)
-        .bind(&deliveries)
-        .fetch_one(&mut conn)
-        .await?;
+        let stored: i64 = if names_event_ids {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
+                 JOIN webhook_events e
+                   ON e.id = a.id AND e.body->>'provider_message_id' = a.delivery",
+            )
+            .bind(&ids)
+            .bind(&deliveries)
+            .fetch_one(&mut conn)
+            .await?
+        } else {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::text[]) AS a(delivery)
+                 WHERE EXISTS (SELECT 1 FROM webhook_events e
+                               WHERE e.body->>'provider_message_id' = a.delivery)",
+            )
+            .bind(&deliveries)
+            .fetch_one(&mut conn)
+            .await?
+        };
         conn.close().await?;
         Ok((accepted.len() as u64).saturating_sub(u64::try_from(stored).unwrap_or(0)))
     }
@@ -668,12 +744,21 @@ struct HostProcess {
     child: Child,
     url: String,
     log: PathBuf,
+    /// Whether its 202s name the stored event's id (the bare server's name
+    /// none: id 0).
+    names_event_ids: bool,
 }
 
 impl HostProcess {
     /// Runs `command` on `database_url`, listening on a free port, its
-    /// stderr into `log`, and waits until it is ready.
-    async fn start(mut command: Command, database_url: &str, log: &Path) -> anyhow::Result<Self> {
+    /// stderr into `log`, and waits until it is ready; `names_event_ids`:
+    /// whether its 202s name the stored event's id.
+    async fn start(
+        mut command: Command,
+        database_url: &str,
+        log: &Path,
+        names_event_ids: bool,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -696,6 +781,7 @@ impl HostProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log: log.to_owned(),
+            names_event_ids,
         };
         host.wait_ready().await?;
         Ok(host)
@@ -844,6 +930,39 @@ mod tests {
             rows,
             b"raw\tk1\t{\"a\":\"x\\\\y\\tz\\n\"}\t2023-11-14T22:13:20.123456Z\n"
         );
+    }
+
+    #[test]
+    fn answers_fail_on_errors_duplicates_lost_or_unexpected_statuses() {
+        let clean = Snapshot {
+            statuses: [(202, 10)].into(),
+            ..Snapshot::default()
+        };
+        check_answers("b", &clean, 0, Some(202)).unwrap();
+        check_answers("b", &clean, 0, None).unwrap();
+        let error = check_answers("b", &clean, 2, Some(202)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "b failed: 2 events answered 202 are not stored"
+        );
+        let faulty = Snapshot {
+            statuses: [(202, 10), (401, 1), (503, 3)].into(),
+            errors: 4,
+            duplicates: 5,
+            ..Snapshot::default()
+        };
+        let error = check_answers("b", &faulty, 0, Some(202)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "b failed: 4 requests got no usable answer; 5 202s said duplicate; \
+             answers other than 202: 1 x 401, 3 x 503"
+        );
+        let not_found = Snapshot {
+            statuses: [(404, 7)].into(),
+            ..Snapshot::default()
+        };
+        check_answers("b", &not_found, 0, Some(404)).unwrap();
+        assert!(check_answers("b", &not_found, 0, Some(202)).is_err());
     }
 
     #[test]
