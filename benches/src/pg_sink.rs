@@ -26,7 +26,10 @@
 //! next batch's write). All methods include encoding the rows on the client.
 //! The server is durable (`fsync` on) and a `CHECKPOINT` precedes every run.
 //! The methods are interleaved slice by slice, in a rotating order, so they
-//! share the machine's load alike. Per writer and concurrency, one JSON line:
+//! share the machine's load alike. Per writer and concurrency, one JSON line,
+//! each under its own `bench` name: `pg_sink` (the headline:
+//! `optimistic_copy`, 1 in flight), `pg_sink_unnest`, `pg_sink_x2`
+//! (`optimistic_copy`, 2 in flight) and `pg_sink_unnest_x2`:
 //!
 //! ```text
 //! {"bench":"pg_sink","writer":"optimistic_copy","concurrency":1,"rows":200000,
@@ -34,10 +37,11 @@
 //!  "copy_per_batch_rows_per_sec":...,"ratio_per_batch":...}
 //! ```
 //!
-//! Rates are medians of [`RUNS`] runs; `ratio` is writer ÷ copy and
-//! `ratio_per_batch` writer ÷ copy_per_batch, each the median of the per-run
-//! ratios (each run's methods ran interleaved, so its ratio is a
-//! like-for-like comparison).
+//! The rates printed are medians of [`RUNS`] runs. `ratio` (writer ÷ copy)
+//! and `ratio_per_batch` (writer ÷ copy_per_batch) are not the ratios of
+//! those printed medians: each is the median of the per-run ratios (each
+//! run's methods ran interleaved, so its ratio is a like-for-like
+//! comparison), so it can differ from dividing the printed rates.
 
 use std::time::{Duration, Instant};
 
@@ -73,7 +77,7 @@ struct Row {
     payload: JsonText,
 }
 
-/// Runs the benchmark with `rows` rows and prints its JSON line.
+/// Runs the benchmark with `rows` rows and prints its JSON lines.
 pub async fn run(rows: usize) -> anyhow::Result<()> {
     if rows == 0 {
         bail!("pg-sink needs at least one row");
@@ -119,13 +123,16 @@ pub async fn run(rows: usize) -> anyhow::Result<()> {
     let (copy_rates, per_batch_rates) = (&rates[0], &rates[1]);
     for (method, writer_rates) in METHODS.iter().zip(&rates) {
         let Method::Writer {
-            name, concurrency, ..
+            bench,
+            name,
+            concurrency,
+            ..
         } = method
         else {
             continue;
         };
         emit(&json!({
-            "bench": "pg_sink",
+            "bench": bench,
             "writer": name,
             "concurrency": concurrency,
             "rows": rows,
@@ -151,8 +158,9 @@ enum Method {
         name: &'static str,
         rows_per_statement: usize,
     },
-    /// The batch writer.
+    /// The batch writer; `bench` names its JSON line.
     Writer {
+        bench: &'static str,
         name: &'static str,
         optimistic_copy: bool,
         concurrency: usize,
@@ -185,21 +193,25 @@ const METHODS: [Method; 6] = [
         rows_per_statement: BATCH_SIZE,
     },
     Method::Writer {
+        bench: "pg_sink",
         name: "optimistic_copy",
         optimistic_copy: true,
         concurrency: 1,
     },
     Method::Writer {
+        bench: "pg_sink_unnest",
         name: "unnest",
         optimistic_copy: false,
         concurrency: 1,
     },
     Method::Writer {
+        bench: "pg_sink_x2",
         name: "optimistic_copy",
         optimistic_copy: true,
         concurrency: 2,
     },
     Method::Writer {
+        bench: "pg_sink_unnest_x2",
         name: "unnest",
         optimistic_copy: false,
         concurrency: 2,
@@ -391,6 +403,27 @@ async fn copy_slice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_writer_line_has_its_own_name_the_headline_sequential_optimistic_copy() {
+        let lines: Vec<_> = METHODS
+            .iter()
+            .filter_map(|method| match *method {
+                Method::Writer {
+                    bench,
+                    name,
+                    concurrency,
+                    ..
+                } => Some((bench, name, concurrency)),
+                Method::Copy { .. } => None,
+            })
+            .collect();
+        assert!(lines.contains(&("pg_sink", "optimistic_copy", 1)));
+        let mut names: Vec<_> = lines.iter().map(|(bench, ..)| *bench).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), lines.len());
+    }
 
     #[test]
     fn payloads_are_json_of_about_the_target_size() {
