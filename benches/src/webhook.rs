@@ -507,7 +507,7 @@ async fn drive(
     let stats = Stats::new();
     webhook_sender::run(config, stats.clone(), Arc::new(AtomicBool::new(false)))
         .await
-        .context("the webhook sender failed to start")?;
+        .context("the webhook sender failed")?;
     Ok((stats.snapshot(), stats))
 }
 

@@ -182,17 +182,32 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Why [`run`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SenderError {
+    /// An HTTP client could not be built.
+    #[error("cannot build an HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A worker (one request stream) panicked or was cancelled; the others
+    /// were stopped, so the load did not go on with fewer of them.
+    #[error("a sender worker failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+}
+
 /// Sends webhooks as configured until `config.duration` passes or `stop` is set,
 /// recording into `stats`.
 ///
 /// HTTP/1.1 to an `http://` URL runs on a lean hyper connection per worker
 /// (keep-alive, reconnecting when the server closes it), so the sender spends
 /// little CPU of its own; HTTP/2 and other URLs go through reqwest.
+///
+/// If a worker panics, the others are stopped and the panic is returned as
+/// [`SenderError::Worker`].
 pub async fn run(
     config: SenderConfig,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
-) -> Result<(), reqwest::Error> {
+) -> Result<(), SenderError> {
     let connections = config.connections.max(1);
     let streams = config.streams_per_connection.max(1);
     let http1 = if streams == 1 {
@@ -227,7 +242,8 @@ pub async fn run(
     let interval = config
         .rate_per_sec
         .map(|rate| Duration::from_secs_f64(workers as f64 / rate.max(1) as f64));
-    let workers = (0..workers).map(|worker| {
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..workers {
         let mut transport = match &http1 {
             Some(target) => Transport::Http1 {
                 target: target.clone(),
@@ -237,7 +253,7 @@ pub async fn run(
         };
         let (config, stats, next, stop) =
             (config.clone(), stats.clone(), next.clone(), stop.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut ticker = interval.map(|interval| {
                 let offset = interval.mul_f64(worker as f64 / (connections * streams) as f64);
                 tokio::time::interval_at(tokio::time::Instant::now() + offset, interval)
@@ -254,9 +270,12 @@ pub async fn run(
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 send_one(&mut transport, &config, &stats, n, due).await;
             }
-        })
-    });
-    futures::future::join_all(workers).await;
+        });
+    }
+    while let Some(finished) = tasks.join_next().await {
+        // Returning drops `tasks`, which aborts the workers still running.
+        finished?;
+    }
     Ok(())
 }
 
@@ -534,5 +553,36 @@ mod tests {
         assert_eq!(accepted + snapshot.statuses[&503], served, "{snapshot:?}");
         assert_eq!(stats.accepted().len() as u64, accepted);
         assert!(snapshot.p50_ms > 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_worker_fails_the_run_and_stops_the_others() {
+        let (url, seen) = server().await;
+        let scheme = Scheme::hmac_sha256("x-signature", None, Encoding::Hex).unwrap();
+        let verifier = Verifier::new(scheme, vec![Secret::new("s")]).unwrap();
+        let config = SenderConfig {
+            url,
+            verifier: Arc::new(verifier),
+            connections: 4,
+            streams_per_connection: 1,
+            duration: Duration::from_secs(60),
+            rate_per_sec: None,
+            body: Arc::new(|n| {
+                assert_ne!(n, 7, "body 7 cannot be made");
+                sms_body(n, "test")
+            }),
+        };
+        let started = Instant::now();
+        let result = run(config, Stats::new(), Arc::new(AtomicBool::new(false))).await;
+        let Err(SenderError::Worker(error)) = result else {
+            panic!("expected a worker failure, got {result:?}");
+        };
+        assert!(error.is_panic());
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // The other workers were stopped: nothing more reaches the server.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let served = seen.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(seen.load(Ordering::Relaxed), served);
     }
 }
