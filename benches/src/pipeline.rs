@@ -1,8 +1,14 @@
 //! Library benchmarks: the `pipeline_noop` topology against a plain channel chain,
 //! and against a sink that sleeps 1 ms per batch.
+//!
+//! A pipeline run's timer stops once every message is acknowledged; a run
+//! whose acknowledgements stall (or that does not stop after them) fails
+//! after a generous bound instead of hanging. Once the pipeline has stopped,
+//! outside the timer, the run fails unless each message was acknowledged
+//! successfully exactly once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,8 +27,20 @@ const BATCH_SIZE: usize = 100;
 const BATCH_CONCURRENCY: usize = 2;
 const BATCH_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// How long a pipeline run may wait for its acknowledgements beyond
+/// [`ACK_FLOOR_PER_SEC`]'s allowance, and for the pipeline to stop after them:
+/// past that it counts as hung.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+
+/// The slowest rate, in messages per second, a pipeline run is allowed
+/// before it counts as hung (with [`STUCK_AFTER`] on top).
+const ACK_FLOOR_PER_SEC: f64 = 10_000.0;
+
 /// Runs the three library benchmarks, median of `runs` each.
 pub fn run(messages: u64, sink_messages: u64, runs: usize) -> anyhow::Result<()> {
+    if messages == 0 || sink_messages == 0 {
+        bail!("--messages and --sink-messages must each be at least 1");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -90,7 +108,7 @@ where
     median_by(results, |run| run.secs).context("no run")
 }
 
-/// Emits `1..=total` on demand, each message acknowledged by the shared counter.
+/// Emits `1..=total` on demand, each message acknowledged by the shared [`Tally`].
 struct Counter {
     next: u64,
     total: u64,
@@ -111,23 +129,102 @@ impl Producer<u64> for Counter {
     }
 }
 
-/// Counts acknowledged messages and wakes the timer after the last one.
-#[derive(Default)]
+/// Records each acknowledgement and wakes the timer once every message has
+/// its fate.
 struct Tally {
-    succeeded: AtomicUsize,
-    failed: AtomicUsize,
+    acks: Mutex<Acks>,
     all_done: Notify,
-    expected: AtomicUsize,
+}
+
+/// What the acknowledgements said: one lock per call (a batch), a bit per
+/// message.
+struct Acks {
+    messages: u64,
+    /// Bit `n - 1` is set once message `n` is acknowledged successfully.
+    seen: Vec<u64>,
+    /// Messages acknowledged successfully for the first time.
+    first: u64,
+    /// Successful acknowledgements that were not a message's first, or
+    /// named no message sent.
+    extra: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn new(messages: u64) -> anyhow::Result<Self> {
+        let words = usize::try_from(messages.div_ceil(64)).context("too many messages")?;
+        Ok(Self {
+            acks: Mutex::new(Acks {
+                messages,
+                seen: vec![0; words],
+                first: 0,
+                extra: 0,
+                failed: 0,
+            }),
+            all_done: Notify::new(),
+        })
+    }
+
+    fn acks(&self) -> std::sync::MutexGuard<'_, Acks> {
+        // Counters stay consistent whatever a panicking holder did.
+        self.acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Acks {
+    /// Records a successful acknowledgement of message `n`.
+    fn mark(&mut self, n: u64) {
+        let Some(index) = n.checked_sub(1).filter(|index| *index < self.messages) else {
+            self.extra += 1;
+            return;
+        };
+        let (word, bit) = ((index / 64) as usize, 1 << (index % 64));
+        if self.seen[word] & bit == 0 {
+            self.seen[word] |= bit;
+            self.first += 1;
+        } else {
+            self.extra += 1;
+        }
+    }
+
+    /// Every message has its fate (some may be failed).
+    fn all_done(&self) -> bool {
+        self.first + self.failed >= self.messages
+    }
+
+    /// An error unless each message was acknowledged successfully exactly
+    /// once.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.first != self.messages || self.extra != 0 || self.failed != 0 {
+            bail!(
+                "of {} messages, {} acknowledged, {} failed; {} more acknowledgements \
+                 repeated a message or named none sent",
+                self.messages,
+                self.first,
+                self.failed,
+                self.extra
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Acknowledger<u64> for Tally {
     fn ack(&self, successful: Vec<Message<u64>>, failed: Vec<Message<u64>>) -> BoxFuture<'_, ()> {
-        let done = self
-            .succeeded
-            .fetch_add(successful.len(), Ordering::Relaxed)
-            + successful.len();
-        let failed = self.failed.fetch_add(failed.len(), Ordering::Relaxed) + failed.len();
-        if done + failed >= self.expected.load(Ordering::Relaxed) {
+        let mut acks = self.acks();
+        let was_done = acks.all_done();
+        // The processors doubled each message's number.
+        for message in &successful {
+            if message.data % 2 == 0 {
+                acks.mark(message.data / 2);
+            } else {
+                acks.extra += 1;
+            }
+        }
+        acks.failed += failed.len() as u64;
+        if !was_done && acks.all_done() {
             self.all_done.notify_one();
         }
         Box::pin(async {})
@@ -169,8 +266,7 @@ impl Handler for SumDoubled {
 }
 
 async fn pipeline_run(messages: u64, sleep: Option<Duration>) -> anyhow::Result<Run> {
-    let tally = Arc::new(Tally::default());
-    tally.expected.store(messages as usize, Ordering::Relaxed);
+    let tally = Arc::new(Tally::new(messages)?);
     let sums = Arc::new(Sums::default());
     let all_done = tally.all_done.notified();
     let started = Instant::now();
@@ -195,15 +291,29 @@ async fn pipeline_run(messages: u64, sleep: Option<Duration>) -> anyhow::Result<
             .concurrency(BATCH_CONCURRENCY),
     )
     .start()?;
-    all_done.await;
-    let secs = started.elapsed().as_secs_f64();
-    pipeline.join().await;
-
-    let acked = tally.succeeded.load(Ordering::Relaxed);
-    let failed = tally.failed.load(Ordering::Relaxed);
-    if acked != messages as usize || failed != 0 {
-        bail!("acked {acked} and failed {failed} of {messages} messages");
+    let ack_wait = STUCK_AFTER + Duration::from_secs_f64(messages as f64 / ACK_FLOOR_PER_SEC);
+    if tokio::time::timeout(ack_wait, all_done).await.is_err() {
+        let acks = tally.acks();
+        bail!(
+            "only {} of {messages} messages acknowledged ({} failed) after {} s",
+            acks.first,
+            acks.failed,
+            ack_wait.as_secs()
+        );
     }
+    let secs = started.elapsed().as_secs_f64();
+    if tokio::time::timeout(STUCK_AFTER, pipeline.join())
+        .await
+        .is_err()
+    {
+        bail!(
+            "the pipeline did not stop within {} s of its last acknowledgement",
+            STUCK_AFTER.as_secs()
+        );
+    }
+
+    // After the pipeline stopped, so a late repeat counts.
+    tally.acks().check()?;
     let sum = sums.sum.load(Ordering::Relaxed);
     if sum != messages * (messages + 1) {
         bail!(
@@ -296,4 +406,64 @@ async fn channel_chain(messages: u64) -> anyhow::Result<Run> {
         max_in_flight: 0,
         mean_sleep: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(messages: u64) -> Acks {
+        Tally::new(messages).unwrap().acks.into_inner().unwrap()
+    }
+
+    #[test]
+    fn each_message_acknowledged_once_passes() {
+        let mut acks = fresh(130);
+        for n in (1..=130).rev() {
+            assert!(!acks.all_done());
+            acks.mark(n);
+        }
+        assert!(acks.all_done());
+        acks.check().unwrap();
+    }
+
+    #[test]
+    fn a_repeat_in_place_of_a_missing_message_fails() {
+        let mut acks = fresh(3);
+        for n in [1, 2, 2] {
+            acks.mark(n);
+        }
+        assert!(!acks.all_done());
+        assert_eq!((acks.first, acks.extra), (2, 1));
+        assert!(acks.check().is_err());
+        acks.mark(3);
+        assert!(acks.all_done());
+        assert!(acks.check().is_err());
+    }
+
+    #[test]
+    fn numbers_never_sent_and_failures_fail() {
+        let mut acks = fresh(2);
+        for n in [0, 1, 2, 3] {
+            acks.mark(n);
+        }
+        assert_eq!((acks.first, acks.extra), (2, 2));
+        assert!(acks.check().is_err());
+        let mut acks = fresh(1);
+        acks.failed = 1;
+        assert!(acks.all_done());
+        assert!(acks.check().is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipeline_run_acknowledges_every_message_once() {
+        let run = pipeline_run(1_000, None).await.unwrap();
+        assert_eq!(run.messages, 1_000);
+    }
+
+    #[test]
+    fn no_messages_is_refused() {
+        assert!(run(0, 10, 1).is_err());
+        assert!(run(10, 0, 1).is_err());
+    }
 }
