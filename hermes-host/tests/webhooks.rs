@@ -773,6 +773,23 @@ async fn a_stalled_database_gets_503_not_a_hang() {
 struct FrozenBackends(Vec<i32>);
 
 impl FrozenBackends {
+    /// Stops the backend of a host whose pool holds one connection, after
+    /// one delivery made it open that connection.
+    async fn of_the_hosts_one_connection(h: &Harness) -> Self {
+        let warm = h.deliver("raw", &json!({"n": 0}), "warm").await;
+        h.assert_committed(&warm).await;
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(hermes_host::database::APPLICATION_NAME)
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+        assert_eq!(pids.len(), 1, "the host's one connection: {pids:?}");
+        Self::stop(pids)
+    }
+
     fn stop(pids: Vec<i32>) -> Self {
         for &pid in &pids {
             // SAFETY: kill(2) takes two integers and touches no memory.
@@ -809,18 +826,7 @@ async fn a_frozen_database_connection_is_given_up_and_the_event_stored_on_anothe
         STATEMENT_TIMEOUT.as_millis()
     ))
     .await;
-    let warm = h.deliver("raw", &json!({"n": 0}), "warm").await;
-    h.assert_committed(&warm).await;
-    let pids: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = $1",
-    )
-    .bind(hermes_host::database::APPLICATION_NAME)
-    .fetch_all(&h.pool)
-    .await
-    .unwrap();
-    assert_eq!(pids.len(), 1, "the host's one connection: {pids:?}");
-    let _frozen = FrozenBackends::stop(pids);
+    let _frozen = FrozenBackends::of_the_hosts_one_connection(&h).await;
 
     let started = std::time::Instant::now();
     let reply = h.deliver("raw", &json!({"n": 1}), "frozen").await;
@@ -917,18 +923,7 @@ async fn a_meta_source_answers_the_subscription_handshake() {
 #[tokio::test]
 async fn a_ready_check_cut_off_by_a_frozen_connection_frees_it() {
     let h = start("[database]\nmax_connections = 1\nacquire_timeout_ms = 60000\n").await;
-    let warm = h.deliver("raw", &json!({"n": 0}), "warm").await;
-    h.assert_committed(&warm).await;
-    let pids: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = $1",
-    )
-    .bind(hermes_host::database::APPLICATION_NAME)
-    .fetch_all(&h.pool)
-    .await
-    .unwrap();
-    assert_eq!(pids.len(), 1, "the host's one connection: {pids:?}");
-    let _frozen = FrozenBackends::stop(pids);
+    let _frozen = FrozenBackends::of_the_hosts_one_connection(&h).await;
 
     let (status, body) = h.get("/ready").await;
     assert_eq!(status, 503, "{body}");

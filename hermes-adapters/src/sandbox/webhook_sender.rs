@@ -526,20 +526,29 @@ mod tests {
         (url, seen)
     }
 
-    #[tokio::test]
-    async fn http1_sender_keeps_alive_reconnects_and_counts() {
-        let (url, seen) = server().await;
+    /// A closed loop over 4 connections to `url`, signing with a test secret.
+    fn closed_loop(url: String, duration: Duration, body: BodyFn) -> SenderConfig {
         let scheme = Scheme::hmac_sha256("x-signature", None, Encoding::Hex).unwrap();
         let verifier = Verifier::new(scheme, vec![Secret::new("s")]).unwrap();
-        let config = SenderConfig {
+        SenderConfig {
             url,
             verifier: Arc::new(verifier),
             connections: 4,
             streams_per_connection: 1,
-            duration: Duration::from_millis(300),
+            duration,
             rate_per_sec: None,
-            body: Arc::new(|n| sms_body(n, "test")),
-        };
+            body,
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_sender_keeps_alive_reconnects_and_counts() {
+        let (url, seen) = server().await;
+        let config = closed_loop(
+            url,
+            Duration::from_millis(300),
+            Arc::new(|n| sms_body(n, "test")),
+        );
         let stats = Stats::new();
         run(config, stats.clone(), Arc::new(AtomicBool::new(false)))
             .await
@@ -558,20 +567,14 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_worker_fails_the_run_and_stops_the_others() {
         let (url, seen) = server().await;
-        let scheme = Scheme::hmac_sha256("x-signature", None, Encoding::Hex).unwrap();
-        let verifier = Verifier::new(scheme, vec![Secret::new("s")]).unwrap();
-        let config = SenderConfig {
+        let config = closed_loop(
             url,
-            verifier: Arc::new(verifier),
-            connections: 4,
-            streams_per_connection: 1,
-            duration: Duration::from_secs(60),
-            rate_per_sec: None,
-            body: Arc::new(|n| {
+            Duration::from_secs(60),
+            Arc::new(|n| {
                 assert_ne!(n, 7, "body 7 cannot be made");
                 sms_body(n, "test")
             }),
-        };
+        );
         let started = Instant::now();
         let result = run(config, Stats::new(), Arc::new(AtomicBool::new(false))).await;
         let Err(SenderError::Worker(error)) = result else {
