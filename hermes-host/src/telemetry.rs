@@ -20,12 +20,21 @@ pub enum LogFormat {
 /// such as "relation already exists, skipping".
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx::postgres::notice=warn";
 
+/// sqlx's warning about a connection parameter it does not know prints the
+/// parameter's value, which may be a password (`sslpassword=...`): silenced
+/// whatever `RUST_LOG` says.
+const SILENCED: &str = "sqlx_postgres::options::parse=error";
+
 /// Installs the global `tracing` subscriber: `RUST_LOG` filters (default
-/// [`DEFAULT_LOG_FILTER`]), lines go to stderr. Does nothing if one is
-/// already installed.
+/// [`DEFAULT_LOG_FILTER`]), but never lets [`SILENCED`] through; lines go to
+/// stderr. Does nothing if one is already installed.
 pub fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = match SILENCED.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
