@@ -57,12 +57,18 @@ impl InFlight {
         taken
     }
 
-    /// `n` taken slots now hold produced messages: they are in flight.
+    /// `n` taken slots now hold produced messages: they are in flight. The
+    /// count goes first and the gauge last, and a panic of the gauge (a
+    /// metrics recorder may panic) is logged, not raised: the producer stage
+    /// calling this holds the messages, which would be lost with it, their
+    /// slots never freed.
     pub(crate) fn admit(&self, n: usize) {
         if n > 0 {
-            self.gauge.increment(n as f64);
             let now = self.messages.fetch_add(n, Ordering::AcqRel) + n;
             self.peak.fetch_max(now, Ordering::Relaxed);
+            if let Err(panic) = catch_panic_now(|| self.gauge.increment(n as f64)) {
+                tracing::error!(%panic, "the in-flight gauge panicked");
+            }
         }
     }
 

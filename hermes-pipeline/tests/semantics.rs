@@ -845,6 +845,76 @@ fn a_panicking_in_flight_gauge_leaks_no_slot() {
     }
 }
 
+/// An in-flight gauge that panics whenever it goes up.
+struct IncrementPanics;
+
+impl metrics::GaugeFn for IncrementPanics {
+    fn increment(&self, _: f64) {
+        panic!("the in-flight gauge went up");
+    }
+
+    fn decrement(&self, _: f64) {}
+
+    fn set(&self, _: f64) {}
+}
+
+#[test]
+fn a_panicking_in_flight_gauge_loses_no_produced_message() {
+    for batched in [false, true] {
+        let recorder = Panicky::gauge(telemetry::IN_FLIGHT, IncrementPanics);
+        with_recorder_paused(&recorder, async {
+            let (handler, batches) = Collect::new();
+            let mut builder = Pipeline::builder("gauge-panics-up", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .max_in_flight(10);
+            if batched {
+                builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
+            }
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            let acks = Recorder::new();
+            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
+            // The gauge panics each time the producer stage admits messages
+            // it was handed: they go on all the same, and the second round
+            // needs every slot back.
+            for round in 0..2u64 {
+                // From 20 on: the handler fails 13.
+                let ids = 20 + round * 10..30 + round * 10;
+                let outcomes = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    ingress.test_batch(
+                        ids.map(|id| Message::new(id).with_acknowledger(acknowledger.clone())),
+                    ),
+                )
+                .await
+                .expect("every message was acknowledged");
+                assert!(
+                    outcomes.iter().all(Outcome::is_success),
+                    "batched: {batched}: {outcomes:?}"
+                );
+                assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
+            }
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            let mut acked: Vec<_> = acks.acks().into_iter().collect();
+            acked.sort_unstable_by_key(|(id, _)| *id);
+            let once: Vec<_> = (20..40u64).map(|id| (id, vec![Status::Ok])).collect();
+            assert_eq!(acked, once, "batched: {batched}");
+            if batched {
+                let mut handled: Vec<u64> = batches
+                    .seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|(.., ids)| ids.clone())
+                    .collect();
+                handled.sort_unstable();
+                assert_eq!(handled, (20..40).collect::<Vec<_>>());
+            }
+            assert_eq!(pipeline.in_flight(), 0);
+        });
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_push_reports_full_at_capacity_and_succeeds_once_drained() {
     let (handler, _, gate) = Collect::gated();
