@@ -13,8 +13,9 @@ use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
 use crate::handler::Handler;
 use crate::in_flight::InFlight;
 use crate::ingress::{Ingress, MAX_INGRESS_CAPACITY};
+use crate::liveness::{Alive, ProcessorsAlive};
 use crate::options::{BatcherOptions, MAX_TIMEOUT, ProcessorOptions};
-use crate::pipeline::{BatcherHandle, ConfigError, Pipeline, Shared};
+use crate::pipeline::{BatcherHandle, ConfigError, Pipeline, ProducerHandle, Shared};
 use crate::processor_pool::{ProcessorPool, ProcessorSpawner};
 use crate::processor_stage::BatcherInlet;
 use crate::producer::Producer;
@@ -266,6 +267,7 @@ impl<H: Handler> PipelineBuilder<H> {
             );
             let (tx, inbox) = mpsc::unbounded_channel();
             let (control_tx, control) = mpsc::unbounded_channel();
+            let alive = Alive::default();
             let concurrency = Arc::new(AtomicUsize::new(options.concurrency));
             batcher_handles.push(BatcherHandle {
                 name: batcher_name.to_string(),
@@ -275,6 +277,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 flush_when_idle: options.flush_when_idle,
                 concurrency: concurrency.clone(),
                 control: control_tx,
+                alive: alive.clone(),
             });
             inlets.push(BatcherInlet {
                 name: batcher_name.clone(),
@@ -303,7 +306,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 metrics,
             };
             let span = tracing::info_span!("batcher", pipeline = %name, batcher = %batcher_name);
-            tracker.spawn(stage.run().instrument(span));
+            tracker.spawn(alive.track(stage.run().instrument(span)));
         }
 
         // Processors: one shared queue, or one queue per partition.
@@ -318,6 +321,7 @@ impl<H: Handler> PipelineBuilder<H> {
             terminator: terminator.clone(),
             metrics: processor_metrics.clone(),
             tracker: tracker.clone(),
+            alive: ProcessorsAlive::default(),
         };
         let depth = processor_metrics.queue_depth.clone();
         let (dispatch, processors) = if let Some(partition_by) = options.partition_by.clone() {
@@ -343,7 +347,7 @@ impl<H: Handler> PipelineBuilder<H> {
             refill: max_demand - min_demand,
         };
         let producer_tracker = TaskTracker::new();
-        let mut producer_names = Vec::new();
+        let mut producers = Vec::new();
         for entry in self.producers {
             let producer_name = entry.name;
             let parts = ProducerParts {
@@ -359,8 +363,13 @@ impl<H: Handler> PipelineBuilder<H> {
                 metrics: StageMetrics::new(&name, &producer_name, StageKind::Producer),
             };
             let span = tracing::info_span!("producer", pipeline = %name, producer = %producer_name);
-            tracker.spawn(producer_tracker.track_future((entry.start)(parts).instrument(span)));
-            producer_names.push(producer_name);
+            let alive = Alive::default();
+            let task = alive.track((entry.start)(parts).instrument(span));
+            tracker.spawn(producer_tracker.track_future(task));
+            producers.push(ProducerHandle {
+                name: producer_name,
+                alive,
+            });
         }
         drop(dispatch);
         producer_tracker.close();
@@ -374,7 +383,7 @@ impl<H: Handler> PipelineBuilder<H> {
 
         Ok(Pipeline::from_shared(Shared {
             name,
-            producers: producer_names,
+            producers,
             processors,
             batchers: batcher_handles,
             rate_limiter,

@@ -12,9 +12,10 @@ use crate::batcher_stage::Resize;
 use crate::builder::PipelineBuilder;
 use crate::handler::Handler;
 use crate::in_flight::InFlight;
+use crate::liveness::Alive;
 use crate::processor_pool::ProcessorPool;
 use crate::rate_limiter::{RateLimit, RateLimiter};
-use crate::topology::{BatcherTopology, ProcessorsTopology, Topology};
+use crate::topology::{BatcherTopology, ProcessorsTopology, StoppedStage, Topology};
 
 /// A pipeline that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +69,19 @@ pub(crate) struct BatcherHandle {
     pub(crate) flush_when_idle: bool,
     pub(crate) concurrency: Arc<AtomicUsize>,
     pub(crate) control: mpsc::UnboundedSender<Resize>,
+    /// Whether the batcher's task is alive.
+    pub(crate) alive: Alive,
+}
+
+pub(crate) struct ProducerHandle {
+    pub(crate) name: String,
+    /// Whether the producer stage's task is alive.
+    pub(crate) alive: Alive,
 }
 
 pub(crate) struct Shared<H: Handler> {
     pub(crate) name: Arc<str>,
-    pub(crate) producers: Vec<String>,
+    pub(crate) producers: Vec<ProducerHandle>,
     pub(crate) processors: ProcessorPool<H>,
     pub(crate) batchers: Vec<BatcherHandle>,
     pub(crate) rate_limiter: Arc<RateLimiter>,
@@ -114,9 +123,56 @@ impl<H: Handler> Pipeline<H> {
         &self.shared.name
     }
 
-    /// Whether any stage still runs.
+    /// Whether any task of the pipeline still runs: a producer stage, a
+    /// processor, a batcher, a batch processor, or the task that closes the
+    /// processor pool once every producer is done. `false` once the pipeline
+    /// stopped (drained, or every producer finished and it drained itself).
+    ///
+    /// This is not whether the pipeline works: one stage whose task died (a
+    /// panic outside the calls it contains) leaves the others running, and
+    /// this `true`. See [`is_healthy`](Self::is_healthy).
     pub fn is_running(&self) -> bool {
         !self.shared.tracker.is_empty()
+    }
+
+    /// The stage tasks that should be running and are not: each producer
+    /// stage, each batcher, and the processors of every index below the
+    /// current concurrency (see [`StoppedStage`] for why each may end). Empty
+    /// while every one runs.
+    ///
+    /// Batch processors are not listed: one that stopped (a panic outside its
+    /// handler and acknowledger) is restarted by its batcher, in its place,
+    /// when the next batch goes to it, so a batcher alive can write. Nor are
+    /// processors retiring after a shrink.
+    ///
+    /// A drain stops every stage: this lists them as they end (see
+    /// [`is_draining`](Self::is_draining)).
+    pub fn stopped_stages(&self) -> Vec<StoppedStage> {
+        let shared = &self.shared;
+        let producers = shared
+            .producers
+            .iter()
+            .filter(|producer| !producer.alive.is_alive())
+            .map(|producer| StoppedStage::Producer(producer.name.clone()));
+        let processors = shared
+            .processors
+            .missing()
+            .into_iter()
+            .map(StoppedStage::Processor);
+        let batchers = shared
+            .batchers
+            .iter()
+            .filter(|batcher| !batcher.alive.is_alive())
+            .map(|batcher| StoppedStage::Batcher(batcher.name.clone()));
+        producers.chain(processors).chain(batchers).collect()
+    }
+
+    /// Whether the pipeline takes in and handles work: it is not draining,
+    /// and every stage task that should be running is (none in
+    /// [`stopped_stages`](Self::stopped_stages)). A producer that finished
+    /// makes it unhealthy too: it takes in nothing more.
+    pub fn is_healthy(&self) -> bool {
+        !self.is_draining() && self.stopped_stages().is_empty()
     }
 
     /// Whether the pipeline was asked to drain.
@@ -144,7 +200,11 @@ impl<H: Handler> Pipeline<H> {
         let pool = &shared.processors;
         Topology {
             name: shared.name.to_string(),
-            producers: shared.producers.clone(),
+            producers: shared
+                .producers
+                .iter()
+                .map(|producer| producer.name.clone())
+                .collect(),
             processors: ProcessorsTopology {
                 concurrency: pool.concurrency(),
                 max_demand: pool.max_demand,

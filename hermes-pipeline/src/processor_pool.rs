@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::handler::{Handler, ProcessorContext};
+use crate::liveness::ProcessorsAlive;
 use crate::lock::lock;
 use crate::message::Message;
 use crate::pipeline::ResizeError;
@@ -28,6 +29,7 @@ pub(crate) struct ProcessorSpawner<H: Handler> {
     pub(crate) terminator: Terminator<H>,
     pub(crate) metrics: StageMetrics,
     pub(crate) tracker: TaskTracker,
+    pub(crate) alive: ProcessorsAlive,
 }
 
 impl<H: Handler> ProcessorSpawner<H> {
@@ -46,7 +48,8 @@ impl<H: Handler> ProcessorSpawner<H> {
             metrics: self.metrics.clone(),
         };
         let span = tracing::info_span!("processor", pipeline = %self.pipeline, index);
-        self.tracker.spawn(stage.run().instrument(span));
+        let task = self.alive.track(index, stage.run().instrument(span));
+        self.tracker.spawn(task);
     }
 }
 
@@ -84,6 +87,8 @@ pub(crate) struct ProcessorPool<H: Handler> {
     running: Arc<Mutex<BTreeSet<usize>>>,
     /// Present while processors may still be added (shared queue, producers running).
     spawner: SpawnerSlot<H>,
+    /// The processor tasks alive, by index.
+    alive: ProcessorsAlive,
     pub(crate) partitioned: bool,
     pub(crate) max_demand: usize,
     pub(crate) min_demand: usize,
@@ -105,6 +110,7 @@ impl<H: Handler> ProcessorPool<H> {
             target: watch::Sender::new(concurrency),
             running: Arc::default(),
             spawner: Arc::new(Mutex::new(None)),
+            alive: spawner.alive.clone(),
             partitioned: true,
             max_demand,
             min_demand,
@@ -122,6 +128,7 @@ impl<H: Handler> ProcessorPool<H> {
         let pool = Self {
             target: watch::Sender::new(0),
             running: Arc::default(),
+            alive: spawner.alive.clone(),
             spawner: Arc::new(Mutex::new(Some((spawner, inbox)))),
             partitioned: false,
             max_demand,
@@ -135,6 +142,17 @@ impl<H: Handler> ProcessorPool<H> {
     /// The wanted processor count.
     pub(crate) fn concurrency(&self) -> usize {
         *self.target.borrow()
+    }
+
+    /// The indices below the wanted processor count that no processor task
+    /// alive has: one that ended outside a shrink (a panic outside its
+    /// handlers that it did not contain, or the runtime shutting down), or
+    /// every one once the input closed. A processor retiring after a shrink
+    /// is above the count, and one a grow starts is counted as it starts
+    /// (read under the lock a resize holds).
+    pub(crate) fn missing(&self) -> Vec<usize> {
+        let _resizing = lock(&self.spawner);
+        self.alive.missing(self.concurrency())
     }
 
     /// What closes the pool once producers are done: no processor may be added

@@ -1,5 +1,6 @@
 //! A read-only description of a running pipeline.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::rate_limiter::RateLimit;
@@ -49,4 +50,33 @@ pub struct BatcherTopology {
     pub max_batch_bytes: Option<usize>,
     /// Whether partial batches go to idle batch processors at once.
     pub flush_when_idle: bool,
+}
+
+/// A stage task that should be running and is not, from
+/// [`Pipeline::stopped_stages`](crate::Pipeline::stopped_stages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoppedStage {
+    /// A producer stage that ended: its producer finished or panicked (it is
+    /// not asked again), or its task panicked outside the calls it contains.
+    /// An ingress finishes once every handle is dropped and its buffer is
+    /// empty.
+    Producer(String),
+    /// The processor of this index (below the current concurrency) whose
+    /// task ended: a panic it did not contain, or its input closed once
+    /// every producer was done.
+    Processor(usize),
+    /// A batcher whose task ended: a panic outside the calls it contains
+    /// (such as in a metrics recorder), or its input closed once every
+    /// processor was done. The processors fail what they route to it.
+    Batcher(String),
+}
+
+impl fmt::Display for StoppedStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoppedStage::Producer(name) => write!(f, "producer {name}"),
+            StoppedStage::Processor(index) => write!(f, "processor {index}"),
+            StoppedStage::Batcher(name) => write!(f, "batcher {name:?}"),
+        }
+    }
 }

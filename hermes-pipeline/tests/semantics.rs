@@ -575,11 +575,13 @@ fn only_produced_messages_count_as_in_flight() {
     });
 }
 
-/// A metrics recorder whose histogram or gauge `name` is the given one,
-/// which may panic (every other series is a no-op): the stage updating it
-/// stops, unless it contains panics outside its handlers.
+/// A metrics recorder whose histogram or gauge `name` (of stage `stage`,
+/// if given) is the given one, which may panic (every other series is a
+/// no-op): the stage updating it stops, unless it contains panics outside
+/// its handlers.
 struct Panicky {
     name: &'static str,
+    stage: Option<&'static str>,
     histogram: metrics::Histogram,
     gauge: metrics::Gauge,
 }
@@ -591,6 +593,7 @@ impl Panicky {
     ) -> Self {
         Self {
             name,
+            stage: None,
             histogram: metrics::Histogram::from_arc(Arc::new(record)),
             gauge: metrics::Gauge::noop(),
         }
@@ -599,9 +602,26 @@ impl Panicky {
     fn gauge(name: &'static str, gauge: impl metrics::GaugeFn + Send + Sync + 'static) -> Self {
         Self {
             name,
+            stage: None,
             histogram: metrics::Histogram::noop(),
             gauge: metrics::Gauge::from_arc(Arc::new(gauge)),
         }
+    }
+
+    /// Only the series of stage `stage`.
+    fn of_stage(self, stage: &'static str) -> Self {
+        Self {
+            stage: Some(stage),
+            ..self
+        }
+    }
+
+    fn is_it(&self, key: &metrics::Key) -> bool {
+        key.name() == self.name
+            && self.stage.is_none_or(|stage| {
+                key.labels()
+                    .any(|label| label.key() == "stage" && label.value() == stage)
+            })
     }
 }
 
@@ -653,7 +673,7 @@ impl metrics::Recorder for Panicky {
     }
 
     fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        if key.name() == self.name {
+        if self.is_it(key) {
             self.gauge.clone()
         } else {
             metrics::Gauge::noop()
@@ -665,7 +685,7 @@ impl metrics::Recorder for Panicky {
         key: &metrics::Key,
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
-        if key.name() == self.name {
+        if self.is_it(key) {
             self.histogram.clone()
         } else {
             metrics::Histogram::noop()
@@ -691,6 +711,8 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
                 "{outcome:?}"
             );
         }
+        // Its batcher restarts it with the next batch: the pipeline is healthy.
+        assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
         // The next batch goes to a new one, and resizing does not wait for
         // the one that stopped.
         assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
@@ -913,6 +935,82 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
             assert_eq!(pipeline.in_flight(), 0);
         });
     }
+}
+
+#[test]
+fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
+    // The batcher's queue-depth gauge goes down as it takes a chunk: a
+    // panic there is outside what the batcher contains.
+    let recorder =
+        Panicky::gauge(telemetry::QUEUE_DEPTH, DecrementPanics).of_stage("batcher:default");
+    with_recorder_paused(&recorder, async {
+        let (handler, _) = Collect::new();
+        let mut builder = Pipeline::builder("batcher-dies", handler)
+            .processors(ProcessorOptions::new().concurrency(2))
+            .batcher("default", batches_of(10, Duration::from_millis(1)));
+        let ingress = builder.ingress(10);
+        let pipeline = builder.start().unwrap();
+        assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+        // Resizing the processors keeps every index below the count alive.
+        for concurrency in [4, 1, 3] {
+            pipeline.set_processor_concurrency(concurrency).unwrap();
+            assert_eq!(pipeline.stopped_stages(), vec![], "{concurrency}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert_eq!(pipeline.stopped_stages(), vec![], "{concurrency}");
+        }
+        // The batcher dies with the message it was handed.
+        let lost = ingress.test_message(1u64).await;
+        assert!(
+            matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
+            "{lost:?}"
+        );
+        assert!(!pipeline.is_healthy());
+        assert_eq!(
+            pipeline.stopped_stages(),
+            vec![StoppedStage::Batcher("default".into())]
+        );
+        assert_eq!(
+            StoppedStage::Batcher("default".into()).to_string(),
+            r#"batcher "default""#
+        );
+        // Every other stage runs, and nothing reaches a batch.
+        assert!(pipeline.is_running());
+        let failed = ingress.test_message(2u64).await;
+        assert!(
+            matches!(&failed, Outcome::Failed(reason) if reason.contains("not running")),
+            "{failed:?}"
+        );
+        pipeline.shutdown();
+        assert!(!pipeline.is_healthy(), "draining");
+    });
+}
+
+#[tokio::test]
+async fn a_producer_that_stopped_makes_the_pipeline_unhealthy() {
+    let (handler, _) = Collect::new();
+    let mut builder = Pipeline::builder("producer-stops", handler)
+        .producer(PanicsWhenReady(Arc::default()))
+        .processors(
+            ProcessorOptions::new()
+                .concurrency(2)
+                .partition_by(|m| m.data),
+        );
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let producer = pipeline.topology().producers[0].clone();
+    assert_eq!(
+        pipeline.stopped_stages(),
+        vec![StoppedStage::Producer(producer)]
+    );
+    assert!(!pipeline.is_healthy());
+    // The ingress goes on.
+    assert_eq!(ingress.test_message(1u64).await, Outcome::Succeeded);
+    assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+    assert!(!pipeline.is_running());
+    let stopped = pipeline.stopped_stages();
+    assert!(stopped.contains(&StoppedStage::Processor(1)), "{stopped:?}");
+    assert_eq!(stopped.len(), 4, "{stopped:?}");
 }
 
 #[tokio::test(start_paused = true)]

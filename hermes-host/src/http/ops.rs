@@ -51,9 +51,9 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
             ));
         }
     }
-    if !state.ingest().is_running() {
+    if let Some(why) = state.ingest().not_running() {
         return Err(ApiError::unavailable(
-            "the webhooks pipeline is not running",
+            format!("the webhooks pipeline is not running ({why})"),
             state.retry_after_secs(),
         ));
     }

@@ -176,9 +176,27 @@ impl IngestPipeline {
         &self.ingress
     }
 
-    /// Whether the pipeline runs and accepts events.
+    /// Whether the pipeline accepts events and can store them: it is not
+    /// draining and every stage that should run does (the ingress's
+    /// producer, each processor, the batcher; see
+    /// [`Pipeline::is_healthy`]).
     pub fn is_running(&self) -> bool {
-        self.pipeline.is_running() && !self.pipeline.is_draining()
+        self.not_running().is_none()
+    }
+
+    /// What keeps the pipeline from accepting and storing events, if
+    /// anything: that it is draining, or which stages stopped (a batcher
+    /// that died leaves the processors taking events it never writes).
+    pub fn not_running(&self) -> Option<String> {
+        if self.pipeline.is_draining() {
+            return Some("it is draining".to_owned());
+        }
+        let stopped = self.pipeline.stopped_stages();
+        if stopped.is_empty() {
+            return None;
+        }
+        let stopped: Vec<String> = stopped.iter().map(ToString::to_string).collect();
+        Some(format!("stopped: {}", stopped.join(", ")))
     }
 }
 
