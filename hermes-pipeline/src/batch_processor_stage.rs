@@ -76,23 +76,32 @@ impl<T> Drop for Inbox<T> {
         // Closed first: the batcher can then no longer send a batch, and gets
         // back (and fails) one it tries to, so each batch is counted once,
         // here or there.
-        self.batches.close();
-        let mut lost = self.holding;
-        loop {
-            match self.batches.try_recv() {
-                Ok(batch) => lost += batch.messages.len(),
-                Err(TryRecvError::Disconnected) => break,
-                // A send begun before the close, on another thread, has yet
-                // to land.
-                Err(TryRecvError::Empty) => std::thread::yield_now(),
-            }
-        }
+        let lost = self.holding + close_and_count(&mut self.batches, |batch| batch.messages.len());
         if lost > 0 {
             tracing::error!(
                 lost,
                 "batch processor stopped holding messages: they are dropped"
             );
             self.in_flight.release_lost(lost);
+        }
+    }
+}
+
+/// Closes `inbox`, so that whoever sends to it gets back what it sends, and
+/// drops what it still holds: the number of messages in there, by `count`.
+pub(crate) fn close_and_count<I>(
+    inbox: &mut mpsc::UnboundedReceiver<I>,
+    count: impl Fn(I) -> usize,
+) -> usize {
+    inbox.close();
+    let mut messages = 0;
+    loop {
+        match inbox.try_recv() {
+            Ok(item) => messages += count(item),
+            Err(TryRecvError::Disconnected) => return messages,
+            // A send begun before the close, on another thread, has yet to
+            // land.
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
         }
     }
 }

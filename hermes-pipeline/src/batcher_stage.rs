@@ -15,8 +15,11 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::Instrument;
 
 use crate::batch_key::BatchKey;
-use crate::batch_processor_stage::{Batch, BatchProcessorStage, Inbox, Outstanding};
+use crate::batch_processor_stage::{
+    Batch, BatchProcessorStage, Inbox, Outstanding, close_and_count,
+};
 use crate::handler::{BatchTrigger, FailedIn, Handler};
+use crate::in_flight::InFlight;
 use crate::message::Message;
 use crate::panic_message::catch_panic_now;
 use crate::telemetry::StageMetrics;
@@ -81,6 +84,62 @@ impl<H: Handler> BatchProcessorSpawner<H> {
     }
 }
 
+/// A batcher's inbox, which holds the in-flight slots of the messages it
+/// received until they are handed to a batch processor (whose own inbox then
+/// holds them) or acknowledged. Dropped as the batcher stops, it frees those
+/// of the messages it still holds: none once the pipeline drained, but a
+/// panic outside the calls the batcher contains (say, in a metrics recorder)
+/// loses its open batches, what it had in hand and the chunks waiting (their
+/// completions report the drop).
+pub(crate) struct BatcherInbox<T> {
+    chunks: mpsc::UnboundedReceiver<Vec<Message<T>>>,
+    /// Messages received and not yet handed on or acknowledged.
+    holding: usize,
+    in_flight: Arc<InFlight>,
+}
+
+impl<T> BatcherInbox<T> {
+    pub(crate) fn new(
+        chunks: mpsc::UnboundedReceiver<Vec<Message<T>>>,
+        in_flight: Arc<InFlight>,
+    ) -> Self {
+        Self {
+            chunks,
+            holding: 0,
+            in_flight,
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Vec<Message<T>>> {
+        let chunk = self.chunks.recv().await?;
+        self.holding += chunk.len();
+        Some(chunk)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// `n` messages received were handed to a batch processor, or
+    /// acknowledged (which freed their slots): this batcher no longer holds them.
+    fn handed_on(&mut self, n: usize) {
+        self.holding -= n;
+    }
+}
+
+impl<T> Drop for BatcherInbox<T> {
+    fn drop(&mut self) {
+        // Closed first: a processor can then no longer send a chunk, and gets
+        // back (and fails) one it tries to, so each chunk is counted once,
+        // here or there.
+        let lost = self.holding + close_and_count(&mut self.chunks, |chunk| chunk.len());
+        if lost > 0 {
+            tracing::error!(lost, "batcher stopped holding messages: they are dropped");
+            self.in_flight.release_lost(lost);
+        }
+    }
+}
+
 /// A batch being filled.
 struct OpenBatch<T> {
     messages: Vec<Message<T>>,
@@ -91,7 +150,7 @@ struct OpenBatch<T> {
 
 pub(crate) struct BatcherStage<H: Handler> {
     pub(crate) limits: BatchLimits<H::Data>,
-    pub(crate) inbox: mpsc::UnboundedReceiver<Vec<Message<H::Data>>>,
+    pub(crate) inbox: BatcherInbox<H::Data>,
     pub(crate) control: mpsc::UnboundedReceiver<Resize>,
     pub(crate) concurrency: Arc<AtomicUsize>,
     /// Cancelled when the pipeline starts draining.
@@ -150,13 +209,13 @@ impl<H: Handler> Batching<H> {
                 () = drain_starts.as_mut(), if !draining => {
                     draining = true;
                     let failed = self.flush_all();
-                    self.stage.spawner.acknowledge(failed).await;
+                    self.acknowledge(failed).await;
                 }
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => {
                     let key = expired.into_inner();
                     if let Some(batch) = self.take(&key) {
                         let failed = self.dispatch(key, batch, BatchTrigger::Timeout);
-                        self.stage.spawner.acknowledge(failed).await;
+                        self.acknowledge(failed).await;
                     }
                 }
                 Some(resize) = self.stage.control.recv() => self.resize(resize).await,
@@ -170,21 +229,28 @@ impl<H: Handler> Batching<H> {
                                 self.flush_idle()
                             });
                         }
-                        self.stage.spawner.acknowledge(failed).await;
+                        self.acknowledge(failed).await;
                     }
                     None => break,
                 },
                 () = idle.as_mut(), if self.holds_idle_flushable() => {
                     idle.set(any_idle.notified());
                     let failed = self.flush_idle();
-                    self.stage.spawner.acknowledge(failed).await;
+                    self.acknowledge(failed).await;
                 }
             }
         }
         // Input closed: the pipeline is draining. Flush every partial batch.
         let failed = self.flush_all();
-        self.stage.spawner.acknowledge(failed).await;
+        self.acknowledge(failed).await;
         tracing::debug!("batcher stopped");
+    }
+
+    /// Acknowledges messages that failed in the batcher, freeing their slots.
+    async fn acknowledge(&mut self, failed: Vec<Message<H::Data>>) {
+        let count = failed.len();
+        self.stage.spawner.acknowledge(failed).await;
+        self.stage.inbox.handed_on(count);
     }
 
     /// Closes every open batch (the pipeline is draining) and dispatches it;
@@ -390,8 +456,9 @@ impl<H: Handler> Batching<H> {
     }
 
     /// Sends a batch to batch processor `index`, counting it as outstanding
-    /// there; gives it back if that batch processor stopped.
-    fn send(&self, index: usize, batch: Batch<H::Data>) -> Result<(), Batch<H::Data>> {
+    /// there (and no longer held here); gives it back if that batch processor
+    /// stopped.
+    fn send(&mut self, index: usize, batch: Batch<H::Data>) -> Result<(), Batch<H::Data>> {
         let outstanding = &self.outstanding[index];
         let size = batch.messages.len();
         outstanding.count.fetch_add(1, Ordering::AcqRel);
@@ -402,7 +469,9 @@ impl<H: Handler> Batching<H> {
                 outstanding.count.fetch_sub(1, Ordering::AcqRel);
                 outstanding.messages.fetch_sub(size, Ordering::AcqRel);
                 batch
-            })
+            })?;
+        self.stage.inbox.handed_on(size);
+        Ok(())
     }
 
     /// The batch processor of a non-default key.

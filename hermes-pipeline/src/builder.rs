@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
+use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherInbox, BatcherStage};
 use crate::handler::Handler;
 use crate::in_flight::InFlight;
 use crate::ingress::{Ingress, MAX_INGRESS_CAPACITY};
@@ -291,7 +291,7 @@ impl<H: Handler> PipelineBuilder<H> {
                     max_bytes: options.max_batch_bytes,
                     flush_when_idle: options.flush_when_idle,
                 },
-                inbox,
+                inbox: BatcherInbox::new(inbox, in_flight.clone()),
                 control,
                 concurrency,
                 shutdown: shutdown.clone(),

@@ -982,6 +982,9 @@ fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
         );
         pipeline.shutdown();
         assert!(!pipeline.is_healthy(), "draining");
+        // The slot of the message it died with was freed as it stopped.
+        assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+        assert_eq!(pipeline.in_flight(), 0);
     });
 }
 
