@@ -1212,23 +1212,27 @@ impl Runner {
             .first()
             .and_then(|program| Path::new(program).file_name())
             .is_some_and(|name| name == "postgres" || name == "postmaster");
+        if !runs_postgres {
+            return false;
+        }
         let Ok(dir) = std::fs::metadata(data_dir) else {
             return false;
         };
         let is_data_dir = |path: &Path| {
             std::fs::metadata(path).is_ok_and(|m| m.dev() == dir.dev() && m.ino() == dir.ino())
         };
-        runs_postgres
-            && match std::fs::metadata(process.join("cwd")) {
-                Ok(cwd) => cwd.dev() == dir.dev() && cwd.ino() == dir.ino(),
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    match data_dir_argument(&args) {
-                        Some(arg) if arg.is_absolute() => is_data_dir(arg),
-                        _ => true,
-                    }
+        // Its working directory is its data directory; without the right to
+        // read it (root without CAP_SYS_PTRACE), its `-D`.
+        match std::fs::metadata(process.join("cwd")) {
+            Ok(_) => is_data_dir(&process.join("cwd")),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                match data_dir_argument(&args) {
+                    Some(arg) if arg.is_absolute() => is_data_dir(arg),
+                    _ => true,
                 }
-                Err(_) => false,
             }
+            Err(_) => false,
+        }
     }
 }
 
@@ -1280,13 +1284,7 @@ fn remove_stale_pid_file(
         "postmaster.pid names a process that is not a PostgreSQL server of this directory \
          (the server was not shut down cleanly): removing it and starting the server"
     );
-    let pid_file = data_dir.join("postmaster.pid");
-    match std::fs::remove_file(&pid_file) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(io_err("removing", &pid_file)(e));
-        }
-        _ => {}
-    }
+    remove_if_present(&data_dir.join("postmaster.pid"))?;
     let Some(port) = port else {
         return Ok(());
     };
@@ -1299,16 +1297,18 @@ fn remove_stale_pid_file(
             == Some(&pid.to_string())
     });
     if names_pid {
-        for path in [socket_lock, data_dir.join(format!(".s.PGSQL.{port}"))] {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("removing", &path)(e));
-                }
-                _ => {}
-            }
-        }
+        remove_if_present(&socket_lock)?;
+        remove_if_present(&data_dir.join(format!(".s.PGSQL.{port}")))?;
     }
     Ok(())
+}
+
+/// Removes the file at `path`, if there is one.
+fn remove_if_present(path: &Path) -> Result<(), LocalPostgresError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Takes an exclusive `flock` on the directory `dir`, held until the returned

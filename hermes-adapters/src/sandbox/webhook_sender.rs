@@ -258,12 +258,12 @@ pub async fn run(
                 let offset = interval.mul_f64(worker as f64 / (connections * streams) as f64);
                 tokio::time::interval_at(tokio::time::Instant::now() + offset, interval)
             });
-            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            loop {
                 let due = match &mut ticker {
                     Some(ticker) => Some(ticker.tick().await.into_std()),
                     None => None,
                 };
-                // The wait for the tick may have outlasted the run.
+                // Checked after the tick: its wait may have outlasted the run.
                 if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -363,10 +363,6 @@ impl Transport {
                 }
             }
             Transport::Reqwest(client) => {
-                let mut headers = headers;
-                headers
-                    .entry(CONTENT_TYPE)
-                    .or_insert(HeaderValue::from_static("application/json"));
                 let response = client
                     .post(url)
                     .headers(headers)
@@ -406,10 +402,6 @@ async fn exchange(
     *request.headers_mut() = headers;
     let request_headers = request.headers_mut();
     request_headers.insert(HOST, target.host.clone());
-    // JSON unless the signed headers say otherwise (Twilio's form, say).
-    request_headers
-        .entry(CONTENT_TYPE)
-        .or_insert(HeaderValue::from_static("application/json"));
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
@@ -426,9 +418,13 @@ async fn send_one(
     due: Option<Instant>,
 ) {
     let (id, body) = (config.body)(n);
-    let headers = config
+    let mut headers = config
         .verifier
         .sign(&body, &config.url, &id, SystemTime::now());
+    // JSON unless the signed headers say otherwise (Twilio's form, say).
+    headers
+        .entry(CONTENT_TYPE)
+        .or_insert(HeaderValue::from_static("application/json"));
     stats.sent.fetch_add(1, Ordering::Relaxed);
     let sent = Instant::now();
     let answer = transport.send(&config.url, headers, body).await;

@@ -37,14 +37,11 @@ const VERSION: &str = "v1";
 pub(super) fn decode_secret(secret: &Secret) -> Result<Secret, &'static str> {
     let text = std::str::from_utf8(secret.expose()).map_err(|_| "it is not UTF-8 text")?;
     let encoded = text.trim();
-    let key = match encoded.strip_prefix(SECRET_PREFIX) {
-        Some(encoded) => STANDARD
-            .decode(encoded)
-            .map_err(|_| "the part after \"whsec_\" is not valid base64")?,
-        None => STANDARD
-            .decode(encoded)
-            .map_err(|_| "it is neither \"whsec_\" and base64 nor base64")?,
+    let (encoded, not_base64) = match encoded.strip_prefix(SECRET_PREFIX) {
+        Some(encoded) => (encoded, "the part after \"whsec_\" is not valid base64"),
+        None => (encoded, "it is neither \"whsec_\" and base64 nor base64"),
     };
+    let key = STANDARD.decode(encoded).map_err(|_| not_base64)?;
     if key.is_empty() {
         return Err("the decoded key is empty");
     }

@@ -27,9 +27,10 @@ use http::header::CONTENT_TYPE;
 use subtle::ConstantTimeEq;
 
 use super::common::{
-    FORM_URLENCODED, any_matches, body_sha256_hex, header_value, hmac_sha1, required_header,
+    FORM_URLENCODED, any_matches, body_sha256_hex, header_value, hmac_sha1, is_form_urlencoded,
+    required_header,
 };
-use super::{Scheme, Secret, SignatureError, SignedRequest, Verified};
+use super::{Secret, SignatureError, SignedRequest, Verified};
 
 const SIGNATURE: &str = "X-Twilio-Signature";
 const BODY_SHA256: &str = "bodySHA256";
@@ -73,7 +74,8 @@ pub(super) fn verify(
     let body_hash = query_param(url, BODY_SHA256);
     let params = if body_hash.is_some() || body.is_empty() {
         Vec::new()
-    } else if Scheme::Twilio.body_is_form(request.headers, url) {
+    } else if is_form_urlencoded(request.headers).unwrap_or(true) {
+        // Without bodySHA256, a Twilio body is a form unless its type says otherwise.
         form_params(body)
     } else {
         return Err(SignatureError::Malformed(format!(
