@@ -102,19 +102,6 @@ pub fn report_error(format: LogFormat, error: &anyhow::Error) {
     }
 }
 
-/// `future`'s output, or `None` when SIGTERM or SIGINT comes first (then
-/// `future` is dropped): how a command stops cleanly in the middle of
-/// something, e.g. startup, which may run `initdb` for the private cluster.
-pub(crate) async fn unless_signalled<F: Future>(
-    signals: &mut Signals,
-    future: F,
-) -> Option<F::Output> {
-    tokio::select! {
-        output = future => Some(output),
-        () = signals.received() => None,
-    }
-}
-
 /// The command's own messages on stderr are plain lines for a person in text
 /// mode. In json mode every stderr line must be JSON: they are `tracing`
 /// events instead, or nothing where the server already logs the same (its
@@ -127,7 +114,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     if config.webhooks.sources.is_empty() {
         tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
     }
-    let Some(server) = unless_signalled(&mut signals, Server::start(config)).await else {
+    let Some(server) = signals.unless(Server::start(config)).await else {
         if text {
             eprintln!("hermes: stopped during startup");
         } else {

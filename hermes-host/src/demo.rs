@@ -11,7 +11,6 @@ use hermes_adapters::sandbox::webhook_sender::{self, BodyFn, SenderConfig, Snaps
 use hermes_adapters::webhook::{Secret, Verifier};
 use sqlx::PgPool;
 
-use crate::cli::unless_signalled;
 use crate::config::{Config, Normalize, SourceConfig};
 use crate::server::{RunningServer, Server, StartError};
 use crate::shutdown::Signals;
@@ -47,7 +46,7 @@ pub async fn run(config: Config, options: DemoOptions) -> anyhow::Result<()> {
     let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = with_demo_sources(config);
     check_sources(&config)?;
-    let Some(server) = unless_signalled(&mut signals, start(config)).await else {
+    let Some(server) = signals.unless(start(config)).await else {
         println!("hermes demo: stopped during startup");
         return Ok(());
     };
@@ -83,7 +82,7 @@ async fn send_and_report(
     }
     let traffic = drive(server, options)?;
     let started = Instant::now();
-    let ended = unless_signalled(signals, async {
+    let ended = signals.unless(async {
         match options.duration {
             Some(duration) => tokio::time::sleep(duration).await,
             None => std::future::pending().await,
@@ -189,14 +188,13 @@ async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
 fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffic> {
     let run = format!("demo-{}", hex::encode(rand::random::<[u8; 4]>()));
-    let sms_source = server
-        .sources()
-        .get(SMS_SOURCE)
-        .context("the demo needs a source named \"sms\"")?;
-    let email_source = server
-        .sources()
-        .get(EMAIL_SOURCE)
-        .context("the demo needs a source named \"email\"")?;
+    let source = |name: &str| {
+        server
+            .sources()
+            .get(name)
+            .with_context(|| format!("the demo needs a source named {name:?}"))
+    };
+    let (sms_source, email_source) = (source(SMS_SOURCE)?, source(EMAIL_SOURCE)?);
     let sms_verifier = Arc::new(sms_source.verifier().clone());
     let email_verifier = Arc::new(email_source.verifier().clone());
     let forged_verifier = Arc::new(Verifier::new(

@@ -27,6 +27,17 @@ impl Signals {
         }
     }
 
+    /// `future`'s output, or `None` when SIGTERM or SIGINT comes first (then
+    /// `future` is dropped): how a command stops cleanly in the middle of
+    /// something, e.g. startup, which may run `initdb` for the private
+    /// cluster.
+    pub async fn unless<F: Future>(&mut self, future: F) -> Option<F::Output> {
+        tokio::select! {
+            output = future => Some(output),
+            () = self.received() => None,
+        }
+    }
+
     /// From now on, another SIGTERM or SIGINT ends the process at once, with
     /// the status of a death by that signal (128 + its number), for when a
     /// graceful shutdown takes longer than its user will wait (a database

@@ -181,7 +181,7 @@ impl IngestPipeline {
     /// producer, each processor, the batcher; see
     /// [`Pipeline::is_healthy`]).
     pub fn is_running(&self) -> bool {
-        self.not_running().is_none()
+        self.pipeline.is_healthy()
     }
 
     /// What keeps the pipeline from accepting and storing events, if

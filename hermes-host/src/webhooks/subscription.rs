@@ -26,11 +26,8 @@ pub async fn answer(
     State(state): State<AppState>,
     source_name: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
-) -> Response {
-    let source = match find_source(&state, source_name) {
-        Ok(source) => source,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let source = find_source(&state, source_name)?;
     let Some(token) = source.verify_token() else {
         let error = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -40,19 +37,16 @@ pub async fn answer(
                 source.name()
             ),
         );
-        return ([(header::ALLOW, "POST")], error).into_response();
+        return Ok(([(header::ALLOW, "POST")], error).into_response());
     };
-    match meta_subscription_challenge(query.as_deref().unwrap_or_default(), token) {
-        Ok(challenge) => (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            challenge,
-        )
-            .into_response(),
-        Err(error @ SubscriptionError::Malformed(_)) => {
-            ApiError::bad_request(error.to_string()).into_response()
-        }
-        Err(error @ SubscriptionError::Mismatch) => {
-            ApiError::new(StatusCode::FORBIDDEN, error.to_string()).into_response()
-        }
-    }
+    let challenge = meta_subscription_challenge(query.as_deref().unwrap_or_default(), token)
+        .map_err(|error| match error {
+            SubscriptionError::Malformed(_) => ApiError::bad_request(error.to_string()),
+            SubscriptionError::Mismatch => ApiError::new(StatusCode::FORBIDDEN, error.to_string()),
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        challenge,
+    )
+        .into_response())
 }
