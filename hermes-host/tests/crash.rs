@@ -827,15 +827,8 @@ async fn sigterm_during_startup_exits_0() {
     let (url, silent) = silent_database().await;
     let (config_path, _, _) = setup("startup", "[database]\nacquire_timeout_ms = 60000");
     let mut host = Host::spawn(&config_path, &url, "startup", "info");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !host.log_text().contains("using Postgres") {
-        assert!(
-            Instant::now() < deadline,
-            "no startup:\n{}",
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    host.wait_for_line("using Postgres", Duration::from_secs(30))
+        .await;
     host.signal(libc::SIGTERM);
     let status = host.exit_status(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}:\n{}", host.log_text());

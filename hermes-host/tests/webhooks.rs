@@ -67,13 +67,7 @@ async fn answered_only_after_the_commit(source: &str, payload: serde_json::Value
         .unwrap();
     h.assert_committed(&reply).await;
     assert!(!reply.duplicate(), "{reply:?}");
-    let stored: serde_json::Value =
-        sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
-            .bind(reply.id())
-            .fetch_one(&h.pool)
-            .await
-            .unwrap();
-    assert_eq!(stored, payload, "{source}");
+    assert_eq!(h.stored_body(reply.id()).await, payload, "{source}");
     h
 }
 
@@ -561,13 +555,11 @@ async fn each_202_names_the_row_of_its_own_event() {
         };
         let reply = h.deliver(source, &payload, &format!("d{n}")).await;
         h.assert_committed(&reply).await;
-        let body: serde_json::Value =
-            sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
-                .bind(reply.id())
-                .fetch_one(&h.pool)
-                .await
-                .unwrap();
-        assert_eq!(body, payload, "{source} event {n}");
+        assert_eq!(
+            h.stored_body(reply.id()).await,
+            payload,
+            "{source} event {n}"
+        );
         assert!(ids.insert(reply.id()), "id {} answered twice", reply.id());
         answered.push(reply.id());
     }
@@ -637,18 +629,7 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
             (status, json)
         }
     };
-    let stored = |reply: serde_json::Value| {
-        let pool = h.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, serde_json::Value>(
-                "SELECT body FROM webhook_events WHERE id = $1",
-            )
-            .bind(reply["id"].as_i64().unwrap())
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
+    let stored = |reply: serde_json::Value| h.stored_body(reply["id"].as_i64().unwrap());
 
     let form: &[u8] = b"To=%2B15550100&From=%2B15550101&Body=hello+there&MediaUrl=a&MediaUrl=b";
     let (status, reply) = send("tenant=7", form, configured, true).await;

@@ -183,13 +183,13 @@ async fn a_batch_timeout_goes_before_messages_waiting_in_the_batcher() {
         .processors(ProcessorOptions::new().concurrency(1))
         .batcher(
             "default",
-            BatcherOptions::new()
-                .batch_size(10)
-                .batch_timeout(Duration::from_millis(10))
-                .max_batch_bytes(100, |message: &Message<u64>| {
+            batches_of(10, Duration::from_millis(10)).max_batch_bytes(
+                100,
+                |message: &Message<u64>| {
                     assert_ne!(message.data, 7, "no size for 7");
                     1
-                }),
+                },
+            ),
         );
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();

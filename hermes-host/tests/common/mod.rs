@@ -134,6 +134,15 @@ impl Harness {
         (status, response.text().await.expect("body"))
     }
 
+    /// The stored body of event `id`.
+    pub async fn stored_body(&self, id: i64) -> Value {
+        sqlx::query_scalar("SELECT body FROM webhook_events WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("the event's row")
+    }
+
     /// Rows in `table`.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
