@@ -75,13 +75,6 @@ impl<H: Handler> BatchProcessorSpawner<H> {
         self.tracker.spawn(stage.run().instrument(span));
         tx
     }
-
-    /// Acknowledges messages that failed in the batcher, freeing their slots.
-    async fn acknowledge(&self, failed: Vec<Message<H::Data>>) {
-        self.terminator
-            .acknowledge(failed, FailedIn::Batch, &self.metrics)
-            .await;
-    }
 }
 
 /// A batcher's inbox, which holds the in-flight slots of the messages it
@@ -249,7 +242,11 @@ impl<H: Handler> Batching<H> {
     /// Acknowledges messages that failed in the batcher, freeing their slots.
     async fn acknowledge(&mut self, failed: Vec<Message<H::Data>>) {
         let count = failed.len();
-        self.stage.spawner.acknowledge(failed).await;
+        let spawner = &self.stage.spawner;
+        spawner
+            .terminator
+            .acknowledge(failed, FailedIn::Batch, &spawner.metrics)
+            .await;
         self.stage.inbox.handed_on(count);
     }
 
