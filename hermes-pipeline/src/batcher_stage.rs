@@ -15,11 +15,9 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::Instrument;
 
 use crate::batch_key::BatchKey;
-use crate::batch_processor_stage::{
-    Batch, BatchProcessorStage, Inbox, Outstanding, close_and_count,
-};
+use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
 use crate::handler::{BatchTrigger, FailedIn, Handler};
-use crate::in_flight::InFlight;
+use crate::holding_inbox::HoldingInbox;
 use crate::message::Message;
 use crate::panic_message::catch_panic_now;
 use crate::telemetry::StageMetrics;
@@ -64,7 +62,7 @@ impl<H: Handler> BatchProcessorSpawner<H> {
             index,
             pipeline: self.pipeline.clone(),
             batcher: self.batcher.clone(),
-            inbox: Inbox::new(inbox, self.terminator.in_flight.clone()),
+            inbox: HoldingInbox::new(inbox, self.terminator.in_flight.clone(), "batch processor"),
             outstanding: outstanding.clone(),
             any_idle: any_idle.clone(),
             deadline: self.deadline.clone(),
@@ -74,62 +72,6 @@ impl<H: Handler> BatchProcessorSpawner<H> {
         let span = tracing::info_span!("batch_processor", pipeline = %self.pipeline, batcher = %self.batcher, index);
         self.tracker.spawn(stage.run().instrument(span));
         tx
-    }
-}
-
-/// A batcher's inbox, which holds the in-flight slots of the messages it
-/// received until they are handed to a batch processor (whose own inbox then
-/// holds them) or acknowledged. Dropped as the batcher stops, it frees those
-/// of the messages it still holds: none once the pipeline drained, but a
-/// panic outside the calls the batcher contains (say, in a metrics recorder)
-/// loses its open batches, what it had in hand and the chunks waiting (their
-/// completions report the drop).
-pub(crate) struct BatcherInbox<T> {
-    chunks: mpsc::UnboundedReceiver<Vec<Message<T>>>,
-    /// Messages received and not yet handed on or acknowledged.
-    holding: usize,
-    in_flight: Arc<InFlight>,
-}
-
-impl<T> BatcherInbox<T> {
-    pub(crate) fn new(
-        chunks: mpsc::UnboundedReceiver<Vec<Message<T>>>,
-        in_flight: Arc<InFlight>,
-    ) -> Self {
-        Self {
-            chunks,
-            holding: 0,
-            in_flight,
-        }
-    }
-
-    async fn recv(&mut self) -> Option<Vec<Message<T>>> {
-        let chunk = self.chunks.recv().await?;
-        self.holding += chunk.len();
-        Some(chunk)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
-    /// `n` messages received were handed to a batch processor, or
-    /// acknowledged (which freed their slots): this batcher no longer holds them.
-    fn handed_on(&mut self, n: usize) {
-        self.holding -= n;
-    }
-}
-
-impl<T> Drop for BatcherInbox<T> {
-    fn drop(&mut self) {
-        // Closed first: a processor can then no longer send a chunk, and gets
-        // back (and fails) one it tries to, so each chunk is counted once,
-        // here or there.
-        let lost = self.holding + close_and_count(&mut self.chunks, |chunk| chunk.len());
-        if lost > 0 {
-            tracing::error!(lost, "batcher stopped holding messages: they are dropped");
-            self.in_flight.release_lost(lost);
-        }
     }
 }
 
@@ -143,7 +85,9 @@ struct OpenBatch<T> {
 
 pub(crate) struct BatcherStage<H: Handler> {
     pub(crate) limits: BatchLimits<H::Data>,
-    pub(crate) inbox: BatcherInbox<H::Data>,
+    /// Holds the slots of the messages received until they are handed to a
+    /// batch processor or acknowledged.
+    pub(crate) inbox: HoldingInbox<Vec<Message<H::Data>>>,
     pub(crate) control: mpsc::UnboundedReceiver<Resize>,
     pub(crate) concurrency: Arc<AtomicUsize>,
     /// Cancelled when the pipeline starts draining.

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherInbox, BatcherStage};
+use crate::batcher_stage::{BatchLimits, BatchProcessorSpawner, BatcherStage};
 use crate::handler::Handler;
+use crate::holding_inbox::HoldingInbox;
 use crate::in_flight::InFlight;
 use crate::ingress::{Ingress, MAX_INGRESS_CAPACITY};
 use crate::liveness::{Alive, ProcessorsAlive};
@@ -291,7 +292,7 @@ impl<H: Handler> PipelineBuilder<H> {
                     max_bytes: options.max_batch_bytes,
                     flush_when_idle: options.flush_when_idle,
                 },
-                inbox: BatcherInbox::new(inbox, in_flight.clone()),
+                inbox: HoldingInbox::new(inbox, in_flight.clone(), "batcher"),
                 control,
                 concurrency,
                 shutdown: shutdown.clone(),

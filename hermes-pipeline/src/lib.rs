@@ -73,6 +73,7 @@ mod batch_processor_stage;
 mod batcher_stage;
 mod builder;
 mod handler;
+mod holding_inbox;
 mod in_flight;
 mod ingress;
 mod liveness;
