@@ -170,17 +170,19 @@ where
                 stage.fail_leftovers(&mut producer).await;
                 break;
             }
-            // Waits for the producer to have messages before taking slots for it.
-            match unless(stop, catch_panic(|| producer.ready())).await {
+            // Waits for the producer to have messages before taking slots for
+            // it, in one wait that `stop` ends at either step.
+            let ready_then_demand = async {
+                catch_panic(|| producer.ready()).await?;
+                Ok::<_, String>(stage.acquire_demand(draining).await)
+            };
+            let demand = match unless(stop, ready_then_demand).await {
                 None => continue,
-                Some(Ok(())) => {}
+                Some(Ok(demand)) => demand,
                 Some(Err(panic)) => {
                     tracing::error!(%panic, "ready panicked: the producer stops");
                     break;
                 }
-            }
-            let Some(demand) = unless(stop, stage.acquire_demand(draining)).await else {
-                continue;
             };
             let produce = catch_panic(|| producer.produce(demand.asked));
             let Some(produced) = unless(stop, produce).await else {
