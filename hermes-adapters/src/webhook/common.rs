@@ -4,6 +4,8 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -119,6 +121,34 @@ pub(super) fn any_matches<M: AsRef<[u8]>>(
     matched.into()
 }
 
+/// [`any_matches`] as a verification step: [`SignatureError::Mismatch`]
+/// unless some key's expected MAC is among the presented signatures.
+pub(super) fn check_signature<M: AsRef<[u8]>>(
+    keys: &[Secret],
+    presented: &[Vec<u8>],
+    expected: impl FnMut(&Secret) -> M,
+) -> Result<(), SignatureError> {
+    if any_matches(keys, presented, expected) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// The bytes of a required header holding a single standard-base64 MAC
+/// (Shopify's HMAC-SHA256, Twilio's HMAC-SHA1); `mac` names the MAC in the
+/// error.
+pub(super) fn base64_mac_header(
+    headers: &HeaderMap,
+    name: &'static str,
+    mac: &str,
+) -> Result<Vec<u8>, SignatureError> {
+    let value = required_header(headers, name)?;
+    STANDARD
+        .decode(value)
+        .map_err(|_| SignatureError::Malformed(format!("{name} header must be a base64 {mac}")))
+}
+
 /// Seconds since the Unix epoch, negative before it.
 pub(super) fn unix_seconds(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
@@ -211,11 +241,7 @@ pub(super) fn verify_hub_signature(
             "{HUB_SIGNATURE_256} header must be \"{HUB_PREFIX}\" followed by a hex digest"
         ))
     })?;
-    if any_matches(keys, &[presented], |key| hmac_sha256(key, &[body])) {
-        Ok(())
-    } else {
-        Err(SignatureError::Mismatch)
-    }
+    check_signature(keys, &[presented], |key| hmac_sha256(key, &[body]))
 }
 
 /// The `X-Hub-Signature-256` value for `body` (GitHub and Meta).

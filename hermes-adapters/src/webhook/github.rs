@@ -36,7 +36,6 @@ mod tests {
     use http::HeaderValue;
 
     use super::super::Scheme;
-    use super::super::common::body_sha256_hex;
     use super::super::test_support::*;
     use super::*;
 
@@ -49,26 +48,20 @@ mod tests {
     /// "Hello, World!".
     #[test]
     fn published_vector() {
-        let verifier = verifier(Scheme::GitHub, &["It's a Secret to Everybody"]);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-hub-signature-256",
-            HeaderValue::from_static(
-                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
-            ),
-        );
+        let verifier = verifier(Scheme::GitHub, &[HUB_VECTOR_SECRET]);
+        let mut headers = hub_vector_headers();
         headers.insert(
             "x-github-delivery",
             HeaderValue::from_static("72d3162e-cc78-11e3-81ab-4c9367dc0958"),
         );
-        let verified = check(&verifier, &headers, b"Hello, World!", URL, now()).unwrap();
+        let verified = check(&verifier, &headers, HUB_VECTOR_BODY, URL, now()).unwrap();
         assert_eq!(
             verified.idempotency_key,
             "72d3162e-cc78-11e3-81ab-4c9367dc0958"
         );
 
         let signed = verifier.sign(
-            b"Hello, World!",
+            HUB_VECTOR_BODY,
             URL,
             "72d3162e-cc78-11e3-81ab-4c9367dc0958",
             now(),
@@ -101,15 +94,7 @@ mod tests {
 
     #[test]
     fn without_delivery_id_the_body_hash_is_the_key() {
-        let verifier = verifier(Scheme::GitHub, &["gh"]);
-        let mut headers = verifier.sign(BODY, URL, "d1", now());
-        headers.remove(DELIVERY);
-        assert_eq!(
-            check(&verifier, &headers, BODY, URL, now())
-                .unwrap()
-                .idempotency_key,
-            body_sha256_hex(BODY)
-        );
+        body_hash_without_delivery_id(Scheme::GitHub, "gh", BODY, URL, DELIVERY);
     }
 
     #[test]

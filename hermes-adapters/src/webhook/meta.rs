@@ -101,8 +101,6 @@ pub(super) fn sign(key: &Secret, body: &[u8]) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::super::Scheme;
     use super::super::test_support::*;
     use super::*;
@@ -115,16 +113,16 @@ mod tests {
     /// publishes a vector for, so that vector must verify here too.
     #[test]
     fn same_algorithm_as_githubs_published_vector() {
-        let verifier = verifier(Scheme::Meta, &["It's a Secret to Everybody"]);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "x-hub-signature-256",
-            HeaderValue::from_static(
-                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
-            ),
-        );
-        let verified = check(&verifier, &headers, b"Hello, World!", URL, now()).unwrap();
-        assert_eq!(verified.idempotency_key, body_sha256_hex(b"Hello, World!"));
+        let verifier = verifier(Scheme::Meta, &[HUB_VECTOR_SECRET]);
+        let verified = check(
+            &verifier,
+            &hub_vector_headers(),
+            HUB_VECTOR_BODY,
+            URL,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(verified.idempotency_key, body_sha256_hex(HUB_VECTOR_BODY));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 
 use super::common::{
-    any_matches, body_sha256_hex, check_window, header_value, hmac_sha256, parse_timestamp,
+    body_sha256_hex, check_signature, check_window, header_value, hmac_sha256, parse_timestamp,
     required_header, unix_seconds,
 };
 use super::{Secret, SignatureError, SignedRequest, Verified};
@@ -70,9 +70,7 @@ pub(super) fn verify(
 
     let body = request.body;
     let signed = |key: &Secret| hmac_sha256(key, &[timestamp_text.as_bytes(), b".", body]);
-    if !any_matches(keys, &presented, signed) {
-        return Err(SignatureError::Mismatch);
-    }
+    check_signature(keys, &presented, signed)?;
     check_window(timestamp, now, tolerance)?;
     Ok(Verified {
         idempotency_key: event_id(body).unwrap_or_else(|| body_sha256_hex(body)),

@@ -3,8 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
+use super::common::body_sha256_hex;
 use super::{Scheme, Secret, SignatureError, SignedRequest, Verified, Verifier};
 
 /// A fixed "now" for the tests: 2023-11-14T22:13:20Z.
@@ -24,6 +25,24 @@ pub(super) fn at(secs: u64) -> SystemTime {
 pub(super) fn verifier(scheme: Scheme, secrets: &[&str]) -> Verifier {
     Verifier::new(scheme, secrets.iter().map(|s| Secret::from(*s)).collect())
         .expect("test verifier")
+}
+
+/// The secret of the test values GitHub publishes in "Validating webhook
+/// deliveries"; Meta signs with the same algorithm, so they check it too.
+pub(super) const HUB_VECTOR_SECRET: &str = "It's a Secret to Everybody";
+/// The payload of GitHub's published test values.
+pub(super) const HUB_VECTOR_BODY: &[u8] = b"Hello, World!";
+
+/// The `X-Hub-Signature-256` header of GitHub's published test values.
+pub(super) fn hub_vector_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "x-hub-signature-256",
+        HeaderValue::from_static(
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+        ),
+    );
+    headers
 }
 
 /// Verifies `body` with `headers` at `url` and time `when`.
@@ -92,6 +111,26 @@ pub(super) fn missing_header(scheme: Scheme, secret: &str, body: &[u8], url: &st
             .to_ascii_lowercase()
             .contains(&header.to_ascii_lowercase()),
         "{err}"
+    );
+}
+
+/// Removes the delivery-id `header` from freshly signed headers and expects
+/// the body's SHA-256 as the idempotency key.
+pub(super) fn body_hash_without_delivery_id(
+    scheme: Scheme,
+    secret: &str,
+    body: &[u8],
+    url: &str,
+    header: &str,
+) {
+    let signer = verifier(scheme, &[secret]);
+    let mut headers = signer.sign(body, url, "d1", now());
+    headers.remove(header);
+    assert_eq!(
+        check(&signer, &headers, body, url, now())
+            .unwrap()
+            .idempotency_key,
+        body_sha256_hex(body)
     );
 }
 

@@ -27,8 +27,8 @@ use http::header::CONTENT_TYPE;
 use subtle::ConstantTimeEq;
 
 use super::common::{
-    FORM_URLENCODED, any_matches, body_sha256_hex, header_value, hmac_sha1, is_form_urlencoded,
-    required_header,
+    FORM_URLENCODED, any_matches, base64_mac_header, body_sha256_hex, header_value, hmac_sha1,
+    is_form_urlencoded,
 };
 use super::{Secret, SignatureError, SignedRequest, Verified};
 
@@ -59,10 +59,7 @@ pub(super) fn verify(
     keys: &[Secret],
     request: &SignedRequest<'_>,
 ) -> Result<Verified, SignatureError> {
-    let value = required_header(request.headers, SIGNATURE)?;
-    let presented = STANDARD.decode(value).map_err(|_| {
-        SignatureError::Malformed(format!("{SIGNATURE} header must be a base64 HMAC-SHA1"))
-    })?;
+    let presented = base64_mac_header(request.headers, SIGNATURE, "HMAC-SHA1")?;
     let url = request.url;
     let body = request.body;
     if url.is_empty() {
@@ -428,28 +425,23 @@ mod tests {
 
     #[test]
     fn port_variants() {
-        assert_eq!(
-            port_variant("https://example.com/a?b=1").as_deref(),
-            Some("https://example.com:443/a?b=1")
-        );
-        assert_eq!(
-            port_variant("http://example.com").as_deref(),
-            Some("http://example.com:80")
-        );
-        assert_eq!(
-            port_variant("https://user:pw@example.com:8443/a").as_deref(),
-            Some("https://user:pw@example.com/a")
-        );
-        assert_eq!(
-            port_variant("https://[::1]/a").as_deref(),
-            Some("https://[::1]:443/a")
-        );
-        assert_eq!(
-            port_variant("https://[::1]:9/a").as_deref(),
-            Some("https://[::1]/a")
-        );
-        assert_eq!(port_variant("ftp://example.com/a"), None);
-        assert_eq!(port_variant("not a url"), None);
+        for (url, variant) in [
+            (
+                "https://example.com/a?b=1",
+                Some("https://example.com:443/a?b=1"),
+            ),
+            ("http://example.com", Some("http://example.com:80")),
+            (
+                "https://user:pw@example.com:8443/a",
+                Some("https://user:pw@example.com/a"),
+            ),
+            ("https://[::1]/a", Some("https://[::1]:443/a")),
+            ("https://[::1]:9/a", Some("https://[::1]/a")),
+            ("ftp://example.com/a", None),
+            ("not a url", None),
+        ] {
+            assert_eq!(port_variant(url).as_deref(), variant, "{url}");
+        }
     }
 
     #[test]
