@@ -114,6 +114,46 @@ async fn count(pool: &PgPool) -> i64 {
         .expect("count")
 }
 
+/// Every stored `(id, amount)`, by id.
+async fn stored(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .expect("rows")
+}
+
+/// The stored payload of event `id`.
+async fn stored_payload(pool: &PgPool, id: &str) -> serde_json::Value {
+    sqlx::query_scalar("SELECT payload FROM events WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("stored payload")
+}
+
+/// Asserts that every outcome is `expected`.
+#[track_caller]
+fn assert_all(outcomes: &[RowOutcome], expected: RowOutcome) {
+    assert!(
+        outcomes.iter().all(|o| *o == expected),
+        "not all {expected:?}: {outcomes:?}"
+    );
+}
+
+/// Asserts that the rows with an id below `first_new` were duplicates and
+/// the others inserted.
+#[track_caller]
+fn assert_new_from(rows: &[Event], outcomes: &[RowOutcome], first_new: &str) {
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        let expected = if row.id.as_str() < first_new {
+            RowOutcome::Duplicate
+        } else {
+            RowOutcome::Inserted
+        };
+        assert_eq!(*outcome, expected, "{}", row.id);
+    }
+}
+
 async fn a_batch_is_inserted_and_its_redelivery_is_duplicate(mode: Mode) {
     let pool = setup().await;
     let writer = BatchWriter::new(pool.clone(), insert_events(mode), fast_retries());
@@ -121,28 +161,16 @@ async fn a_batch_is_inserted_and_its_redelivery_is_duplicate(mode: Mode) {
 
     let outcomes = writer.write(&rows).await.expect("write");
     assert_eq!(outcomes.len(), 1000);
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_all(&outcomes, RowOutcome::Inserted);
     assert_eq!(count(&pool).await, 1000);
-    let payload: serde_json::Value =
-        sqlx::query_scalar("SELECT payload FROM events WHERE id = 'evt-00042'")
-            .fetch_one(&pool)
-            .await
-            .expect("stored payload");
-    assert_eq!(payload["id"], "evt-00042");
+    assert_eq!(stored_payload(&pool, "evt-00042").await["id"], "evt-00042");
 
     // Redelivery of the whole batch, and a batch mixing old and new rows.
     let again = writer.write(&rows).await.expect("rewrite");
-    assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+    assert_all(&again, RowOutcome::Duplicate);
     let mixed = events(990..1010);
     let outcomes = writer.write(&mixed).await.expect("write mixed");
-    for (row, outcome) in mixed.iter().zip(&outcomes) {
-        let expected = if row.id.as_str() < "evt-01000" {
-            RowOutcome::Duplicate
-        } else {
-            RowOutcome::Inserted
-        };
-        assert_eq!(*outcome, expected, "{}", row.id);
-    }
+    assert_new_from(&mixed, &outcomes, "evt-01000");
     assert_eq!(count(&pool).await, 1010);
     assert_eq!(writer.write(&[]).await.expect("empty"), vec![]);
 }
@@ -166,12 +194,8 @@ async fn duplicates_inside_one_batch_are_written_once(mode: Mode) {
             Inserted, Inserted, Duplicate, Inserted, Duplicate, Duplicate
         ]
     );
-    let stored: Vec<(String, i64)> = sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
-        .fetch_all(&pool)
-        .await
-        .expect("rows");
     assert_eq!(
-        stored,
+        stored(&pool).await,
         vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 4)]
     );
 }
@@ -192,11 +216,7 @@ async fn upserts_keep_the_last_version_and_tell_new_from_updated(mode: Mode) {
         .expect("upsert");
     use RowOutcome::{Duplicate, Inserted};
     assert_eq!(outcomes, vec![Duplicate, Duplicate, Inserted, Duplicate]);
-    let stored: Vec<(String, i64)> = sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
-        .fetch_all(&pool)
-        .await
-        .expect("rows");
-    assert_eq!(stored, vec![("a".into(), 9), ("b".into(), 7)]);
+    assert_eq!(stored(&pool).await, vec![("a".into(), 9), ("b".into(), 7)]);
 }
 
 async fn concurrent_writers_of_overlapping_keys_store_each_key_once(mode: Mode) {
@@ -311,20 +331,24 @@ async fn several_bad_rows_of_different_kinds_are_isolated(mode: Mode) {
     assert_eq!(count(&pool).await, 59);
 }
 
-/// Wraps the events insert; in its first `fail_times` executions it does
-/// something that breaks the attempt.
-struct Sabotaged {
+/// Wraps the events insert; in its first `times` executions it does
+/// something besides: most break the attempt, one only observes it.
+struct Interfering {
     inner: UnnestInsert<Event, String>,
     admin: PgPool,
-    mode: Sabotage,
-    fail_times: u32,
+    interference: Interference,
+    times: u32,
     executions: AtomicU32,
-    /// Backends stopped by [`Sabotage::FreezeBackend`].
+    /// Backends stopped by [`Interference::FreezeBackend`].
     frozen: std::sync::Mutex<Vec<i32>>,
+    /// Per execution under [`Interference::ProbeTransaction`]: whether it
+    /// ran inside a transaction block.
+    in_transaction: std::sync::Mutex<Vec<bool>>,
 }
 
+/// What [`Interfering`] does in an execution besides inserting.
 #[derive(Clone, Copy)]
-enum Sabotage {
+enum Interference {
     /// Terminate this connection's backend from another connection.
     TerminateBackend,
     /// Raise SQLSTATE 40001 serialization_failure.
@@ -335,9 +359,19 @@ enum Sabotage {
     /// Stop this connection's backend process (SIGSTOP), as a frozen server
     /// would be, then insert: the statement is never answered.
     FreezeBackend,
+    /// Record whether the execution runs inside a transaction block, then
+    /// insert.
+    ProbeTransaction,
 }
 
-impl Drop for Sabotaged {
+impl Interfering {
+    /// How many times the statement was executed.
+    fn executions(&self) -> u32 {
+        self.executions.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Interfering {
     /// Wakes the frozen backends, which then find their client gone and exit
     /// (also when a test failed).
     fn drop(&mut self) {
@@ -348,7 +382,7 @@ impl Drop for Sabotaged {
     }
 }
 
-impl BatchStatement for Sabotaged {
+impl BatchStatement for Interfering {
     type Row = Event;
     type Key = String;
 
@@ -363,9 +397,9 @@ impl BatchStatement for Sabotaged {
     ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
         Box::pin(async move {
             let n = self.executions.fetch_add(1, Ordering::SeqCst);
-            if n < self.fail_times {
-                match self.mode {
-                    Sabotage::TerminateBackend => {
+            if n < self.times {
+                match self.interference {
+                    Interference::TerminateBackend => {
                         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                             .fetch_one(&mut *conn)
                             .await?;
@@ -390,7 +424,7 @@ impl BatchStatement for Sabotaged {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     }
-                    Sabotage::SerializationFailure => {
+                    Interference::SerializationFailure => {
                         sqlx::query(
                             "DO $$ BEGIN RAISE EXCEPTION 'simulated conflict' \
                              USING ERRCODE = 'serialization_failure'; END $$",
@@ -398,7 +432,7 @@ impl BatchStatement for Sabotaged {
                         .execute(&mut *conn)
                         .await?;
                     }
-                    Sabotage::FreezeBackend => {
+                    Interference::FreezeBackend => {
                         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                             .fetch_one(&mut *conn)
                             .await?;
@@ -406,10 +440,25 @@ impl BatchStatement for Sabotaged {
                         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
                         self.frozen.lock().unwrap().push(pid);
                     }
-                    Sabotage::DropAnOutcome => {
+                    Interference::DropAnOutcome => {
                         let mut written = self.inner.execute(conn, rows).await?;
                         written.pop();
                         return Ok(written);
+                    }
+                    Interference::ProbeTransaction => {
+                        // A transaction-local setting survives into the next
+                        // statement only inside a transaction block.
+                        sqlx::query("SELECT set_config('hermes.probe', 'set', true)")
+                            .execute(&mut *conn)
+                            .await?;
+                        let value: Option<String> =
+                            sqlx::query_scalar("SELECT current_setting('hermes.probe', true)")
+                                .fetch_one(&mut *conn)
+                                .await?;
+                        self.in_transaction
+                            .lock()
+                            .expect("probe lock")
+                            .push(value.as_deref() == Some("set"));
                     }
                 }
             }
@@ -418,61 +467,67 @@ impl BatchStatement for Sabotaged {
     }
 }
 
-async fn sabotaged_writer(
+fn interfering_writer(
     pool: &PgPool,
     insert: Mode,
-    mode: Sabotage,
-    fail_times: u32,
+    interference: Interference,
+    times: u32,
     retry: RetryPolicy,
-) -> BatchWriter<Sabotaged> {
-    let statement = Sabotaged {
+) -> BatchWriter<Interfering> {
+    let statement = Interfering {
         inner: insert_events(insert),
         admin: pool.clone(),
-        mode,
-        fail_times,
+        interference,
+        times,
         executions: AtomicU32::new(0),
         frozen: Default::default(),
+        in_transaction: Default::default(),
     };
     BatchWriter::new(pool.clone(), statement, retry)
 }
 
 async fn a_terminated_connection_is_retried(mode: Mode) {
     let pool = setup().await;
-    let writer = sabotaged_writer(&pool, mode, Sabotage::TerminateBackend, 2, fast_retries()).await;
+    let writer = interfering_writer(
+        &pool,
+        mode,
+        Interference::TerminateBackend,
+        2,
+        fast_retries(),
+    );
     let rows = events(0..200);
     let outcomes = writer.write(&rows).await.expect("write after retries");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert_all(&outcomes, RowOutcome::Inserted);
+    assert_eq!(writer.statement().executions(), 3);
     assert_eq!(count(&pool).await, 200);
 }
 
 async fn a_serialization_failure_is_retried(mode: Mode) {
     let pool = setup().await;
-    let writer = sabotaged_writer(
+    let writer = interfering_writer(
         &pool,
         mode,
-        Sabotage::SerializationFailure,
+        Interference::SerializationFailure,
         1,
         fast_retries(),
-    )
-    .await;
+    );
     let outcomes = writer.write(&events(0..10)).await.expect("write");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
+    assert_all(&outcomes, RowOutcome::Inserted);
+    assert_eq!(writer.statement().executions(), 2);
 }
 
 async fn a_frozen_server_times_the_attempt_out_and_closes_its_connection(mode: Mode) {
     let pool = setup().await;
     let retry = fast_retries().attempt_timeout(Duration::from_millis(500));
-    let writer = sabotaged_writer(&pool, mode, Sabotage::FreezeBackend, 1, retry).await;
+    let writer = interfering_writer(&pool, mode, Interference::FreezeBackend, 1, retry);
     let rows = events(0..100);
     // Without the attempt timeout, the write waits for the frozen backend forever.
     let outcomes = tokio::time::timeout(Duration::from_secs(20), writer.write(&rows))
         .await
         .expect("the attempt on the frozen backend must time out")
         .expect("write on a fresh connection");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 2);
+    assert_all(&outcomes, RowOutcome::Inserted);
+    assert_eq!(writer.statement().executions(), 2);
     assert_eq!(count(&pool).await, 100);
     // The frozen connection is closed, not held by the pool's ping of a
     // returned connection (which the frozen backend would never answer).
@@ -497,7 +552,7 @@ async fn assert_pool_settles(pool: &PgPool) {
 /// held by the pool's ping: the connection leaves the pool.
 async fn a_write_cancelled_on_a_frozen_server_frees_its_connection(mode: Mode) {
     let pool = setup().await;
-    let writer = sabotaged_writer(&pool, mode, Sabotage::FreezeBackend, 1, fast_retries()).await;
+    let writer = interfering_writer(&pool, mode, Interference::FreezeBackend, 1, fast_retries());
     let rows = events(0..10);
     let cut = tokio::time::timeout(Duration::from_millis(500), writer.write(&rows)).await;
     assert!(
@@ -512,14 +567,13 @@ async fn a_write_cancelled_on_a_frozen_server_frees_its_connection(mode: Mode) {
 #[tokio::test]
 async fn a_persistent_transient_error_exhausts_the_default_retries() {
     let pool = setup().await;
-    let writer = sabotaged_writer(
+    let writer = interfering_writer(
         &pool,
         Mode::Unnest,
-        Sabotage::SerializationFailure,
+        Interference::SerializationFailure,
         u32::MAX,
         RetryPolicy::default(),
-    )
-    .await;
+    );
     let started = std::time::Instant::now();
     let error = writer.write(&events(0..10)).await.expect_err("must fail");
     let elapsed = started.elapsed();
@@ -528,7 +582,7 @@ async fn a_persistent_transient_error_exhausts_the_default_retries() {
         matches!(error, WriteError::RetriesExhausted { attempts: 6, .. }),
         "{error}"
     );
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 6);
+    assert_eq!(writer.statement().executions(), 6);
     assert!(elapsed >= Duration::from_millis(775), "{elapsed:?}");
     assert_eq!(count(&pool).await, 0);
 }
@@ -538,14 +592,13 @@ async fn retries_stop_at_the_policy_time_limit_whatever_the_count() {
     let pool = setup().await;
     let retry = RetryPolicy::new(Duration::from_millis(50), Duration::from_millis(50), 1_000)
         .give_up_after(Duration::from_millis(300));
-    let writer = sabotaged_writer(
+    let writer = interfering_writer(
         &pool,
         Mode::Unnest,
-        Sabotage::SerializationFailure,
+        Interference::SerializationFailure,
         u32::MAX,
         retry,
-    )
-    .await;
+    );
     let started = std::time::Instant::now();
     let error = writer.write(&events(0..10)).await.expect_err("must fail");
     assert!(
@@ -553,7 +606,7 @@ async fn retries_stop_at_the_policy_time_limit_whatever_the_count() {
         "{error}"
     );
     // Waits of 25-50 ms within 300 ms: a handful of attempts, not 1,000.
-    let executions = writer.statement().executions.load(Ordering::SeqCst);
+    let executions = writer.statement().executions();
     assert!((2..=13).contains(&executions), "{executions} attempts");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -587,19 +640,14 @@ async fn the_optimistic_copy_stores_new_batches_and_stays_on() {
             .write(&events(batch * 100..batch * 100 + 100))
             .await
             .expect("write");
-        assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+        assert_all(&outcomes, RowOutcome::Inserted);
     }
     // A redelivery falls back to the INSERT; the COPY stays available.
     let again = writer.write(&events(0..100)).await.expect("rewrite");
-    assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+    assert_all(&again, RowOutcome::Duplicate);
     assert!(writer.statement().copy_enabled());
     assert_eq!(count(&pool).await, 500);
-    let payload: serde_json::Value =
-        sqlx::query_scalar("SELECT payload FROM events WHERE id = 'evt-00123'")
-            .fetch_one(&pool)
-            .await
-            .expect("stored payload");
-    assert_eq!(payload["amount"], 1);
+    assert_eq!(stored_payload(&pool, "evt-00123").await["amount"], 1);
 }
 
 #[tokio::test]
@@ -617,7 +665,7 @@ async fn an_optimistic_copy_of_mismatched_types_switches_itself_off() {
     assert!(statement.copy_enabled());
     let writer = BatchWriter::new(pool.clone(), statement, fast_retries());
     let outcomes = writer.write(&events(0..50)).await.expect("write");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_all(&outcomes, RowOutcome::Inserted);
     assert!(!writer.statement().copy_enabled());
     let outcomes = writer.write(&events(25..75)).await.expect("write");
     assert_eq!(
@@ -709,55 +757,19 @@ in_both_modes! {
     a_write_cancelled_on_a_frozen_server_frees_its_connection => a_write_cancelled_on_a_frozen_server_frees_its_connection_unnest, a_write_cancelled_on_a_frozen_server_frees_its_connection_copy;
 }
 
-/// Records whether the statements of one execution share a transaction, then
-/// runs the plain UNNEST insert (one statement).
-struct TransactionProbe {
-    inner: UnnestInsert<Event, String>,
-    in_transaction: std::sync::Mutex<Vec<bool>>,
-}
-
-impl BatchStatement for TransactionProbe {
-    type Row = Event;
-    type Key = String;
-
-    fn key(&self, row: &Event) -> String {
-        self.inner.key(row)
-    }
-
-    fn execute<'c>(
-        &'c self,
-        conn: &'c mut PgConnection,
-        rows: &'c [&'c Event],
-    ) -> BoxFuture<'c, Result<Vec<Written>, sqlx::Error>> {
-        Box::pin(async move {
-            // A transaction-local setting survives into the next statement
-            // only inside a transaction block.
-            sqlx::query("SELECT set_config('hermes.probe', 'set', true)")
-                .execute(&mut *conn)
-                .await?;
-            let value: Option<String> =
-                sqlx::query_scalar("SELECT current_setting('hermes.probe', true)")
-                    .fetch_one(&mut *conn)
-                    .await?;
-            self.in_transaction
-                .lock()
-                .expect("probe lock")
-                .push(value.as_deref() == Some("set"));
-            self.inner.execute(conn, rows).await
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_single_statement_runs_in_autocommit_and_keeps_the_guarantees() {
     let pool = setup().await;
     for single in [false, true] {
         truncate(&pool).await;
-        let probe = TransactionProbe {
-            inner: insert_events(Mode::Unnest),
-            in_transaction: Default::default(),
-        };
-        let writer = BatchWriter::new(pool.clone(), probe, fast_retries()).single_statement(single);
+        let writer = interfering_writer(
+            &pool,
+            Mode::Unnest,
+            Interference::ProbeTransaction,
+            u32::MAX,
+            fast_retries(),
+        )
+        .single_statement(single);
         let mut rows = events(0..50);
         rows[20].amount = -1; // violates CHECK (amount >= 0)
         rows.push(event("evt-00003", 9)); // in-batch duplicate
@@ -772,7 +784,7 @@ async fn a_single_statement_runs_in_autocommit_and_keeps_the_guarantees() {
         }
         assert_eq!(count(&pool).await, 49);
         let again = writer.write(&rows[..20]).await.expect("redelivery");
-        assert!(again.iter().all(|o| *o == RowOutcome::Duplicate));
+        assert_all(&again, RowOutcome::Duplicate);
 
         let seen = writer
             .statement()
@@ -791,21 +803,20 @@ async fn a_single_statement_runs_in_autocommit_and_keeps_the_guarantees() {
 #[tokio::test]
 async fn a_single_statement_is_retried_on_a_terminated_connection() {
     let pool = setup().await;
-    let writer = sabotaged_writer(
+    let writer = interfering_writer(
         &pool,
         Mode::Unnest,
-        Sabotage::TerminateBackend,
+        Interference::TerminateBackend,
         2,
         fast_retries(),
     )
-    .await
     .single_statement(true);
     let outcomes = writer
         .write(&events(0..100))
         .await
         .expect("write after retries");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
-    assert_eq!(writer.statement().executions.load(Ordering::SeqCst), 3);
+    assert_all(&outcomes, RowOutcome::Inserted);
+    assert_eq!(writer.statement().executions(), 3);
     assert_eq!(count(&pool).await, 100);
 }
 
@@ -817,20 +828,13 @@ async fn the_optimistic_copy_in_autocommit_keeps_every_outcome() {
 
     // New rows: the COPY alone stores them.
     let outcomes = writer.write(&events(0..200)).await.expect("write");
-    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    assert_all(&outcomes, RowOutcome::Inserted);
     assert_eq!(count(&pool).await, 200);
 
     // Old and new mixed: the COPY fails and stores nothing, the INSERT decides.
     let mixed = events(150..250);
     let outcomes = writer.write(&mixed).await.expect("write mixed");
-    for (row, outcome) in mixed.iter().zip(&outcomes) {
-        let expected = if row.id.as_str() < "evt-00200" {
-            RowOutcome::Duplicate
-        } else {
-            RowOutcome::Inserted
-        };
-        assert_eq!(*outcome, expected, "{}", row.id);
-    }
+    assert_new_from(&mixed, &outcomes, "evt-00200");
     assert_eq!(count(&pool).await, 250);
 
     // A poison row: rejected alone, the rest stored.
@@ -852,14 +856,13 @@ async fn a_wrong_outcome_count_fails_the_batch_and_rolls_back_its_transaction() 
     let pool = setup().await;
     for single in [false, true] {
         truncate(&pool).await;
-        let writer = sabotaged_writer(
+        let writer = interfering_writer(
             &pool,
             Mode::Unnest,
-            Sabotage::DropAnOutcome,
+            Interference::DropAnOutcome,
             u32::MAX,
             fast_retries(),
         )
-        .await
         .single_statement(single);
 
         let error = writer

@@ -11,6 +11,21 @@ fn cluster_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
+/// A cluster in `dir` serving `database`, without fsync: test clusters are
+/// disposable.
+fn relaxed(dir: &std::path::Path, database: &str) -> LocalPostgresConfig {
+    LocalPostgresConfig::new(dir, database).durability(Durability::Relaxed)
+}
+
+/// Asserts that `pg` serves `database`, then stops it.
+async fn assert_serves_then_stop(pg: LocalPostgres, database: &str) {
+    assert_eq!(
+        text_of(&pg.url(), "SELECT current_database()::text").await,
+        database
+    );
+    pg.stop().await.expect("stop");
+}
+
 /// The text `sql` selects, on a connection of its own to `url`.
 async fn text_of(url: &str, sql: &str) -> String {
     let mut conn = PgConnection::connect(url).await.expect("connect");
@@ -25,7 +40,7 @@ async fn text_of(url: &str, sql: &str) -> String {
 #[tokio::test]
 async fn starts_reuses_and_stops_a_private_cluster() {
     let dir = cluster_dir("hermes-pg-local-test");
-    let config = LocalPostgresConfig::new(&dir, "hermes_local").durability(Durability::Relaxed);
+    let config = relaxed(&dir, "hermes_local");
 
     let first = LocalPostgres::start_with(config.clone())
         .await
@@ -157,7 +172,7 @@ async fn rejects_unsafe_database_names() {
 #[tokio::test]
 async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
     let dir = cluster_dir(&format!("hermes-pg-long-path-{}", "x".repeat(100)));
-    let config = LocalPostgresConfig::new(&dir, "hermes_long").durability(Durability::Relaxed);
+    let config = relaxed(&dir, "hermes_long");
     let pg = LocalPostgres::start_with(config)
         .await
         .expect("start the cluster");
@@ -167,11 +182,7 @@ async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
         "{}",
         pg.url()
     );
-    assert_eq!(
-        text_of(&pg.url(), "SELECT current_database()::text").await,
-        "hermes_long"
-    );
-    pg.stop().await.expect("stop");
+    assert_serves_then_stop(pg, "hermes_long").await;
 }
 
 /// A `postmaster.pid` left by a server that is gone, whose pid now belongs to
@@ -181,7 +192,7 @@ async fn a_data_directory_too_long_for_a_socket_is_reached_through_tcp() {
 #[tokio::test]
 async fn a_stale_postmaster_pid_naming_a_live_process_is_cleared() {
     let dir = cluster_dir("hermes-pg-stale-pid-test");
-    let config = LocalPostgresConfig::new(&dir, "hermes_stale").durability(Durability::Relaxed);
+    let config = relaxed(&dir, "hermes_stale");
     let first = LocalPostgres::start_with(config.clone())
         .await
         .expect("start the cluster");
@@ -235,7 +246,7 @@ async fn an_existing_empty_data_directory_is_initialised_in_place() {
     // Held open, so that the inode of a replaced directory is not reused.
     let opened = std::fs::File::open(&dir).expect("open the data directory");
     let inode = opened.metadata().expect("stat").ino();
-    let config = LocalPostgresConfig::new(&dir, "hermes_in_place").durability(Durability::Relaxed);
+    let config = relaxed(&dir, "hermes_in_place");
     let pg = LocalPostgres::start_with(config)
         .await
         .expect("start in the empty directory");
@@ -244,11 +255,7 @@ async fn an_existing_empty_data_directory_is_initialised_in_place() {
     assert_eq!(opened.metadata().expect("stat").nlink(), meta.nlink());
     assert_eq!(meta.mode() & 0o777, 0o700);
     assert!(dir.join("PG_VERSION").is_file());
-    assert_eq!(
-        text_of(&pg.url(), "SELECT current_database()::text").await,
-        "hermes_in_place"
-    );
-    pg.stop().await.expect("stop");
+    assert_serves_then_stop(pg, "hermes_in_place").await;
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
