@@ -16,7 +16,7 @@ use hermes_pipeline::{
     ProcessorOptions, Status,
 };
 use proptest::prelude::*;
-use support::{Identified, Numbered, Recorder};
+use support::{Identified, Numbered, Recorder, within_10s};
 
 /// A message and what the test wants to happen to it.
 #[derive(Clone, Debug)]
@@ -361,9 +361,7 @@ fn run_case(case: Case) -> Result<(), TestCaseError> {
             .max_in_flight(case.max_in_flight)
             .start()
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), pipeline.join())
-            .await
-            .expect("pipeline did not finish");
+        within_10s(pipeline.join(), "pipeline did not finish").await;
 
         let total = case.items.len() as u64;
         recorder.assert_exactly_once(total);

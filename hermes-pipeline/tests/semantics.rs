@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use futures::stream;
 use hermes_pipeline::*;
-use support::{Numbered, Recorder, batches_of, with_recorder_paused};
+use support::{
+    Numbered, Recorder, assert_failed_with, batches_of, push_tracked, with_recorder_paused,
+    within_10s,
+};
 use tokio::time::Instant;
 
 /// One handled batch: batcher, key, trigger, ids.
@@ -20,6 +23,15 @@ type SeenBatch = (String, BatchKey, BatchTrigger, Vec<u64>);
 struct Batches {
     seen: Mutex<Vec<SeenBatch>>,
     failed_hook: AtomicUsize,
+}
+
+impl Batches {
+    /// The trigger and ids of every batch handled so far, in order.
+    fn triggers_and_ids(&self) -> Vec<(BatchTrigger, Vec<u64>)> {
+        (self.seen.lock().unwrap().iter())
+            .map(|batch| (batch.2, batch.3.clone()))
+            .collect()
+    }
 }
 
 struct Collect {
@@ -101,10 +113,10 @@ async fn a_partial_batch_flushes_at_batch_timeout() {
         Duration::from_millis(200),
         "flushed exactly at the timeout"
     );
-    let seen = batches.seen.lock().unwrap();
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].2, BatchTrigger::Timeout);
-    assert_eq!(seen[0].3, vec![1, 2, 3]);
+    assert_eq!(
+        batches.triggers_and_ids(),
+        vec![(BatchTrigger::Timeout, vec![1, 2, 3])]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -150,15 +162,8 @@ async fn batches_close_before_exceeding_max_batch_bytes() {
     let _pipeline = builder.start().unwrap();
 
     ingress.test_batch([4u64, 4, 4, 20, 1]).await;
-    let seen: Vec<(BatchTrigger, Vec<u64>)> = batches
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|batch| (batch.2, batch.3.clone()))
-        .collect();
     assert_eq!(
-        seen,
+        batches.triggers_and_ids(),
         vec![
             (BatchTrigger::Bytes, vec![4, 4]),
             (BatchTrigger::Bytes, vec![4]),
@@ -170,8 +175,10 @@ async fn batches_close_before_exceeding_max_batch_bytes() {
     let started = Instant::now();
     assert!(ingress.test_message(10u64).await.is_success());
     assert_eq!(started.elapsed(), Duration::ZERO);
-    let last = batches.seen.lock().unwrap().last().cloned().unwrap();
-    assert_eq!((last.2, last.3), (BatchTrigger::Bytes, vec![10]));
+    assert_eq!(
+        batches.triggers_and_ids().last(),
+        Some(&(BatchTrigger::Bytes, vec![10]))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -203,11 +210,8 @@ async fn a_batch_timeout_goes_before_messages_waiting_in_the_batcher() {
     for completion in completions {
         completion.await;
     }
-    let seen: Vec<_> = (batches.seen.lock().unwrap().iter())
-        .map(|batch| (batch.2, batch.3.clone()))
-        .collect();
     assert_eq!(
-        seen,
+        batches.triggers_and_ids(),
         vec![
             (BatchTrigger::Timeout, vec![1]),
             (BatchTrigger::Timeout, vec![2])
@@ -252,11 +256,7 @@ async fn failures_and_panics_fail_only_their_message_and_run_handle_failed() {
     let outcomes = ingress.test_batch([1u64, 13, 666, 2]).await;
     assert_eq!(outcomes[0], Outcome::Succeeded);
     assert_eq!(outcomes[1], Outcome::Failed("thirteen".into()));
-    assert!(
-        matches!(&outcomes[2], Outcome::Failed(reason) if reason.contains("the beast")),
-        "{:?}",
-        outcomes[2]
-    );
+    assert_failed_with(&outcomes[2], "the beast");
     assert_eq!(outcomes[3], Outcome::Succeeded);
     assert_eq!(batches.failed_hook.load(Ordering::SeqCst), 2);
 }
@@ -407,9 +407,7 @@ async fn a_panicking_producer_stops_and_gives_its_slots_back() {
         .max_in_flight(3)
         .start()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
-        .await
-        .expect("the pipeline ends with its producers");
+    within_10s(pipeline.join(), "the pipeline ends with its producers").await;
     recorder.assert_exactly_once(3);
     assert_eq!(*asked.lock().unwrap(), vec![3]);
     assert_eq!(pipeline.in_flight(), 0);
@@ -437,9 +435,7 @@ async fn a_producer_whose_ready_panics_stops_unasked() {
         .producer(PanicsWhenReady(asked.clone()))
         .start()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
-        .await
-        .expect("the pipeline ends with its only producer");
+    within_10s(pipeline.join(), "the pipeline ends with its only producer").await;
     assert_eq!(asked.load(Ordering::SeqCst), 0);
     assert_eq!(pipeline.in_flight(), 0);
 }
@@ -706,22 +702,18 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
         // The only batch processor stops, dropping its batch and freeing
         // the slots of its messages.
         for outcome in ingress.test_batch([1u64, 2, 3]).await {
-            assert!(
-                matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
-                "{outcome:?}"
-            );
+            assert_failed_with(&outcome, "dropped");
         }
         // Its batcher restarts it with the next batch: the pipeline is healthy.
         assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
         // The next batch goes to a new one, and resizing does not wait for
         // the one that stopped.
         assert_eq!(ingress.test_message(4u64).await, Outcome::Succeeded);
-        tokio::time::timeout(
-            Duration::from_secs(10),
+        within_10s(
             pipeline.set_batcher_concurrency("default", 2),
+            "the resize returned",
         )
         .await
-        .expect("the resize returned")
         .unwrap();
         assert_eq!(pipeline.in_flight(), 0);
         // Round robin among idle ones: 40 goes to the first, and the
@@ -729,12 +721,11 @@ fn a_batch_processor_that_stopped_is_restarted_for_the_next_batch() {
         assert_eq!(ingress.test_message(40u64).await, Outcome::Succeeded);
         let lost = ingress.test_batch([5u64, 6, 7]).await;
         assert!(lost.iter().all(|outcome| !outcome.is_success()), "{lost:?}");
-        tokio::time::timeout(
-            Duration::from_secs(10),
+        within_10s(
             pipeline.set_batcher_concurrency("default", 1),
+            "the resize returned",
         )
         .await
-        .expect("the resize returned")
         .unwrap();
         assert_eq!(pipeline.in_flight(), 0);
         assert_eq!(ingress.test_message(8u64).await, Outcome::Succeeded);
@@ -753,27 +744,20 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
         // Only processors time their handlers without batchers.
         let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, PanicsOnce::default());
         with_recorder_paused(&recorder, async {
-            let (handler, _) = Collect::new();
             let mut options = ProcessorOptions::new().concurrency(1);
             if partitioned {
                 options = options.partition_by(|message| message.data);
             }
-            let mut builder = Pipeline::builder("processor-panics", handler)
-                .processors(options)
-                .max_in_flight(10);
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+            let (ingress, pipeline, _) = ten_in_flight("processor-panics", options, false);
             let lost = ingress.test_message(1u64).await;
-            assert!(
-                matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
-                "{lost:?}"
-            );
+            assert_failed_with(&lost, "dropped");
             assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
             // The same processor takes the next message, with every slot.
-            let outcomes =
-                tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
-                    .await
-                    .expect("a processor took the messages");
+            let outcomes = within_10s(
+                ingress.test_batch(0..10u64),
+                "a processor took the messages",
+            )
+            .await;
             assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
             assert_eq!(pipeline.in_flight(), 0);
@@ -800,9 +784,7 @@ fn a_batch_processor_stopping_after_its_batcher_frees_the_slots_of_its_batch() {
             .batcher("default", batches_of(10, Duration::from_secs(3600)));
         let ingress = builder.ingress(10);
         let pipeline = builder.start().unwrap();
-        let completions: Vec<_> = (1..=3u64)
-            .map(|n| ingress.try_push_tracked(n).unwrap())
-            .collect();
+        let completions = push_tracked(&ingress, 1..=3);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(pipeline.in_flight(), 3);
         // The drain flushes the open batch to the only batch processor,
@@ -814,10 +796,7 @@ fn a_batch_processor_stopping_after_its_batcher_frees_the_slots_of_its_batch() {
         });
         assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
         for outcome in futures::future::join_all(completions).await {
-            assert!(
-                matches!(&outcome, Outcome::Failed(reason) if reason.contains("dropped")),
-                "{outcome:?}"
-            );
+            assert_failed_with(&outcome, "dropped");
         }
         assert_eq!(batches.seen.lock().unwrap().len(), 1);
         assert_eq!(pipeline.in_flight(), 0);
@@ -837,28 +816,39 @@ impl metrics::GaugeFn for DecrementPanics {
     fn set(&self, _: f64) {}
 }
 
+/// A `Collect` pipeline named `name`, with `processors`, room for 10
+/// messages in flight and, if `batched`, a default batcher of 10; fed by the
+/// returned ingress, of 10.
+fn ten_in_flight(
+    name: &str,
+    processors: ProcessorOptions<u64>,
+    batched: bool,
+) -> (Ingress<u64>, Pipeline<Collect>, Arc<Batches>) {
+    let (handler, batches) = Collect::new();
+    let mut builder = Pipeline::builder(name, handler)
+        .processors(processors)
+        .max_in_flight(10);
+    if batched {
+        builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
+    }
+    let ingress = builder.ingress(10);
+    let pipeline = builder.start().unwrap();
+    (ingress, pipeline, batches)
+}
+
 #[test]
 fn a_panicking_in_flight_gauge_leaks_no_slot() {
     for batched in [false, true] {
         let recorder = Panicky::gauge(telemetry::IN_FLIGHT, DecrementPanics);
         with_recorder_paused(&recorder, async {
-            let (handler, _) = Collect::new();
-            let mut builder = Pipeline::builder("gauge-panics", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .max_in_flight(10);
-            if batched {
-                builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
-            }
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+            let processors = ProcessorOptions::new().concurrency(1);
+            let (ingress, pipeline, _) = ten_in_flight("gauge-panics", processors, batched);
             // Every acknowledgement panics as it frees the slots, after
             // the completions resolved; the stage acknowledging frees them
             // anyway, though the gauge panics again. The second round
             // needs every slot.
             for _ in 0..2 {
-                tokio::time::timeout(Duration::from_secs(10), ingress.test_batch(0..10u64))
-                    .await
-                    .expect("every slot was free");
+                within_10s(ingress.test_batch(0..10u64), "every slot was free").await;
                 assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
             }
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
@@ -885,15 +875,9 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
     for batched in [false, true] {
         let recorder = Panicky::gauge(telemetry::IN_FLIGHT, IncrementPanics);
         with_recorder_paused(&recorder, async {
-            let (handler, batches) = Collect::new();
-            let mut builder = Pipeline::builder("gauge-panics-up", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .max_in_flight(10);
-            if batched {
-                builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
-            }
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+            let processors = ProcessorOptions::new().concurrency(1);
+            let (ingress, pipeline, batches) =
+                ten_in_flight("gauge-panics-up", processors, batched);
             let acks = Recorder::new();
             let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
             // The gauge panics each time the producer stage admits messages
@@ -902,14 +886,13 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
             for round in 0..2u64 {
                 // From 20 on: the handler fails 13.
                 let ids = 20 + round * 10..30 + round * 10;
-                let outcomes = tokio::time::timeout(
-                    Duration::from_secs(10),
+                let outcomes = within_10s(
                     ingress.test_batch(
                         ids.map(|id| Message::new(id).with_acknowledger(acknowledger.clone())),
                     ),
+                    "every message was acknowledged",
                 )
-                .await
-                .expect("every message was acknowledged");
+                .await;
                 assert!(
                     outcomes.iter().all(Outcome::is_success),
                     "batched: {batched}: {outcomes:?}"
@@ -960,10 +943,7 @@ fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
         }
         // The batcher dies with the message it was handed.
         let lost = ingress.test_message(1u64).await;
-        assert!(
-            matches!(&lost, Outcome::Failed(reason) if reason.contains("dropped")),
-            "{lost:?}"
-        );
+        assert_failed_with(&lost, "dropped");
         assert!(!pipeline.is_healthy());
         assert_eq!(
             pipeline.stopped_stages(),
@@ -975,11 +955,7 @@ fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
         );
         // Every other stage runs, and nothing reaches a batch.
         assert!(pipeline.is_running());
-        let failed = ingress.test_message(2u64).await;
-        assert!(
-            matches!(&failed, Outcome::Failed(reason) if reason.contains("not running")),
-            "{failed:?}"
-        );
+        assert_failed_with(&ingress.test_message(2u64).await, "not running");
         pipeline.shutdown();
         assert!(!pipeline.is_healthy(), "draining");
         // The slot of the message it died with was freed as it stopped.
@@ -1103,9 +1079,7 @@ async fn drain_flushes_partial_batches_without_waiting_for_their_timeout() {
         .batcher("default", batches_of(10, Duration::from_secs(3600)));
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
-    let completions: Vec<Completion> = (0..3u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let completions = push_tracked(&ingress, 0..3);
     tokio::task::yield_now().await;
 
     let started = Instant::now();
@@ -1114,10 +1088,9 @@ async fn drain_flushes_partial_batches_without_waiting_for_their_timeout() {
     for completion in completions {
         assert_eq!(completion.await, Outcome::Succeeded);
     }
-    let seen = batches.seen.lock().unwrap();
     assert_eq!(
-        (seen.len(), seen[0].2, seen[0].3.clone()),
-        (1, BatchTrigger::Flush, vec![0, 1, 2])
+        batches.triggers_and_ids(),
+        vec![(BatchTrigger::Flush, vec![0, 1, 2])]
     );
 }
 
@@ -1131,9 +1104,7 @@ async fn a_drain_flushes_a_partial_batch_holding_the_slots_its_producer_waits_fo
         .max_in_flight(4);
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
-    let completions: Vec<Completion> = (0..3u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let completions = push_tracked(&ingress, 0..3);
     tokio::time::sleep(Duration::from_millis(10)).await;
     // Three slots held by the open batch, one free.
     assert_eq!(pipeline.in_flight(), 3);
@@ -1144,10 +1115,9 @@ async fn a_drain_flushes_a_partial_batch_holding_the_slots_its_producer_waits_fo
     for completion in completions {
         assert_eq!(completion.await, Outcome::Succeeded);
     }
-    let seen = batches.seen.lock().unwrap();
     assert_eq!(
-        (seen.len(), seen[0].2, seen[0].3.clone()),
-        (1, BatchTrigger::Flush, vec![0, 1, 2])
+        batches.triggers_and_ids(),
+        vec![(BatchTrigger::Flush, vec![0, 1, 2])]
     );
     assert_eq!(pipeline.in_flight(), 0);
 }
@@ -1161,9 +1131,7 @@ async fn partial_batches_flush_when_the_drain_starts_not_when_producers_end() {
         .batcher("default", batches_of(10, Duration::from_secs(3600)));
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
-    let completions: Vec<Completion> = (0..3u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let completions = push_tracked(&ingress, 0..3);
     tokio::time::sleep(Duration::from_millis(10)).await;
 
     // The other producer keeps the drain going until its deadline, but the
@@ -1179,10 +1147,9 @@ async fn partial_batches_flush_when_the_drain_starts_not_when_producers_end() {
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert!(pipeline.is_running());
     assert!(drain.await.unwrap().forced);
-    let seen = batches.seen.lock().unwrap();
     assert_eq!(
-        (seen.len(), seen[0].2, seen[0].3.clone()),
-        (1, BatchTrigger::Flush, vec![0, 1, 2])
+        batches.triggers_and_ids(),
+        vec![(BatchTrigger::Flush, vec![0, 1, 2])]
     );
 }
 
@@ -1213,9 +1180,7 @@ async fn a_draining_producer_is_asked_as_soon_as_one_slot_is_free() {
         .max_in_flight(4);
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
-    let slow: Vec<Completion> = (0..3u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let slow = push_tracked(&ingress, 0..3);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let last = ingress.try_push_tracked(3u64).unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1232,11 +1197,7 @@ async fn a_draining_producer_is_asked_as_soon_as_one_slot_is_free() {
     // The slow batch outlasts the deadline.
     assert!(drain.await.unwrap().forced);
     for completion in slow {
-        let outcome = completion.await;
-        assert!(
-            matches!(&outcome, Outcome::Failed(reason) if reason.contains("deadline")),
-            "{outcome:?}"
-        );
+        assert_failed_with(&completion.await, "deadline");
     }
     assert_eq!(pipeline.in_flight(), 0);
 }
@@ -1268,9 +1229,7 @@ async fn at_the_drain_deadline_an_ingress_backlog_is_failed_not_waited_for() {
         .rate_limit(RateLimit::new(1, Duration::from_secs(1)));
     let ingress = builder.ingress(20);
     let pipeline = builder.start().unwrap();
-    let completions: Vec<Completion> = (0..20u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let completions = push_tracked(&ingress, 0..20);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // At one message a second, the backlog would take 18 more seconds.
     let started = Instant::now();
@@ -1281,10 +1240,7 @@ async fn at_the_drain_deadline_an_ingress_backlog_is_failed_not_waited_for() {
     let succeeded = outcomes.iter().filter(|o| o.is_success()).count();
     assert!((2..=3).contains(&succeeded), "{outcomes:?}");
     for outcome in &outcomes[succeeded..] {
-        assert!(
-            matches!(outcome, Outcome::Failed(reason) if reason.contains("deadline")),
-            "{outcomes:?}"
-        );
+        assert_failed_with(outcome, "deadline");
     }
 }
 
@@ -1389,9 +1345,7 @@ async fn draining_processes_what_the_ingress_accepted_and_then_refuses() {
         .max_in_flight(1);
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
-    let completions: Vec<Completion> = (0..10u64)
-        .map(|n| ingress.try_push_tracked(n).unwrap())
-        .collect();
+    let completions = push_tracked(&ingress, 0..10);
     pipeline.shutdown();
     for completion in completions {
         assert_eq!(completion.await, Outcome::Succeeded);
@@ -1610,9 +1564,11 @@ async fn idle_ingresses_leave_their_slots_to_other_producers() {
     assert_eq!(handled.load(Ordering::SeqCst), 1002);
     // Once every handle is dropped, the waiting ingresses finish.
     drop(ingresses);
-    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
-        .await
-        .expect("the pipeline ends once its producers are done");
+    within_10s(
+        pipeline.join(),
+        "the pipeline ends once its producers are done",
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -1642,9 +1598,11 @@ async fn idle_streams_leave_their_slots_to_other_producers() {
     assert_eq!(handled.load(Ordering::SeqCst), 1002);
     // Once the streams end, so does the pipeline.
     drop((first_tx, second_tx));
-    tokio::time::timeout(Duration::from_secs(10), pipeline.join())
-        .await
-        .expect("the pipeline ends once its producers are done");
+    within_10s(
+        pipeline.join(),
+        "the pipeline ends once its producers are done",
+    )
+    .await;
 }
 
 /// Holds every message until let through, counting the processors busy at once
@@ -1683,12 +1641,7 @@ async fn shrinking_then_regrowing_the_processors_never_runs_more_than_asked() {
         .processors(ProcessorOptions::new().concurrency(4).max_demand(1));
     let ingress = builder.ingress(64);
     let pipeline = builder.start().unwrap();
-    let pending = |range: std::ops::Range<u64>| {
-        range
-            .map(|n| ingress.try_push_tracked(n).unwrap())
-            .collect::<Vec<_>>()
-    };
-    let mut completions = pending(0..4);
+    let mut completions = push_tracked(&ingress, 0..4);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(turnstile.busy.load(Ordering::SeqCst), 4);
 
@@ -1696,7 +1649,7 @@ async fn shrinking_then_regrowing_the_processors_never_runs_more_than_asked() {
     // and the regrow finds them still running.
     pipeline.set_processor_concurrency(2).unwrap();
     pipeline.set_processor_concurrency(4).unwrap();
-    completions.extend(pending(4..40));
+    completions.extend(push_tracked(&ingress, 4..40));
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(turnstile.peak_busy.load(Ordering::SeqCst), 4);
 
@@ -2044,13 +1997,7 @@ async fn release_and_collect(
         started.elapsed() < Duration::from_secs(1),
         "no batch waited for its timeout"
     );
-    batches
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|batch| (batch.2, batch.3.clone()))
-        .collect()
+    batches.triggers_and_ids()
 }
 
 #[tokio::test(start_paused = true)]

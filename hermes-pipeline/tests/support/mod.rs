@@ -1,8 +1,9 @@
 //! Shared test pieces: an acknowledger that records every acknowledgement, a
 //! producer that emits numbered messages on demand, records what it is asked for,
 //! and checks it is never asked for more than the pipeline has room for, the
-//! batcher options most tests start from, and a paused runtime with a
-//! metrics recorder of the test's own.
+//! batcher options most tests start from, a paused runtime with a
+//! metrics recorder of the test's own, a bounded wait, and pushing into and
+//! checking outcomes of an ingress.
 
 #![allow(dead_code)]
 
@@ -12,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hermes_pipeline::{Acknowledger, BatcherOptions, Message, Produced, Producer, Status};
+use hermes_pipeline::{
+    Acknowledger, BatcherOptions, Completion, Ingress, Message, Outcome, Produced, Producer, Status,
+};
 
 /// Batcher options that close a batch at `batch_size` messages, or
 /// `batch_timeout` after its first one; every other option is the default,
@@ -38,6 +41,32 @@ pub fn with_recorder_paused<F: std::future::Future>(
             .expect("a current-thread runtime")
             .block_on(test)
     })
+}
+
+/// Awaits `future` for at most ten seconds (of the runtime's clock, which
+/// a paused runtime advances at once when idle): a pipeline that hangs fails
+/// the test, with `expectation`, instead of hanging it.
+pub async fn within_10s<F: std::future::Future>(future: F, expectation: &str) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect(expectation)
+}
+
+/// Pushes `ids` into `ingress`, which must have room for them all at once,
+/// and returns their completions, in order.
+pub fn push_tracked(ingress: &Ingress<u64>, ids: impl IntoIterator<Item = u64>) -> Vec<Completion> {
+    ids.into_iter()
+        .map(|id| ingress.try_push_tracked(id).expect("room in the ingress"))
+        .collect()
+}
+
+/// Asserts that `outcome` is a failure whose reason contains `text`.
+#[track_caller]
+pub fn assert_failed_with(outcome: &Outcome, text: &str) {
+    assert!(
+        matches!(outcome, Outcome::Failed(reason) if reason.contains(text)),
+        "{outcome:?}: expected a failure containing {text:?}"
+    );
 }
 
 /// Something with an id, so acknowledgements can be counted per message.
