@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch_key::BatchKey;
 use crate::handler::{BatchInfo, BatchTrigger, FailedIn, Handler};
-use crate::holding_inbox::HoldingInbox;
+use crate::holding_inbox::{HoldingInbox, Parcel};
 use crate::message::Message;
 use crate::panic_message::catch_panic;
 use crate::processor_stage::DEADLINE_EXCEEDED;
@@ -22,6 +22,12 @@ pub(crate) struct Batch<T> {
     pub(crate) key: BatchKey,
     pub(crate) trigger: BatchTrigger,
     pub(crate) opened: Instant,
+}
+
+impl<T> Parcel for Batch<T> {
+    fn messages(&self) -> usize {
+        self.messages.len()
+    }
 }
 
 /// Batches sent to a batch processor and not yet acknowledged, their

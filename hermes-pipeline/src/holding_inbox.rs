@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
-use crate::batch_processor_stage::Batch;
 use crate::in_flight::InFlight;
 use crate::message::Message;
 
@@ -21,12 +20,6 @@ pub(crate) trait Parcel {
 impl<T> Parcel for Vec<Message<T>> {
     fn messages(&self) -> usize {
         self.len()
-    }
-}
-
-impl<T> Parcel for Batch<T> {
-    fn messages(&self) -> usize {
-        self.messages.len()
     }
 }
 
