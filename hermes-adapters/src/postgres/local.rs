@@ -33,8 +33,9 @@
 //!   needs no password (only the directory's owner reaches it); TCP needs the
 //!   superuser's password, kept in [`TCP_PASSWORD_FILE`] (without a socket,
 //!   TCP is trusted, with a warning: every local user can connect). Starts of
-//!   the same directory take turns, holding an exclusive `flock` on it: a
-//!   start that waited reuses the server the one before it started;
+//!   the same directory take turns, holding an exclusive `flock` on it until
+//!   the superuser's password is set: a start that waited reuses the server
+//!   the one before it started;
 //! - waits until the server accepts connections, creates the database if it is
 //!   missing, and hands back its `postgres://` URL: through the Unix socket
 //!   where the server has one (a round trip through it costs both sides less
@@ -327,16 +328,25 @@ impl LocalPostgres {
     pub async fn start_with(config: LocalPostgresConfig) -> Result<Self, LocalPostgresError> {
         validate_database_name(&config.database)?;
         let database = config.database.clone();
-        let (data_dir, running, reused, runner) = blocking(move || start_blocking(&config)).await?;
+        let Started {
+            data_dir,
+            server,
+            reused,
+            runner,
+            lock,
+        } = blocking(move || start_blocking(&config)).await?;
         let pg = LocalPostgres {
             data_dir,
-            server: running,
+            server,
             database,
             reused,
             runner,
         };
         pg.wait_ready().await?;
         pg.set_tcp_password().await?;
+        // The next start of this cluster may go on: its `ALTER ROLE` no longer
+        // meets this one's. (On an early return the lock goes with `lock`.)
+        drop(lock);
         pg.create_database(&pg.database).await?;
         Ok(pg)
     }
@@ -493,25 +503,14 @@ impl LocalPostgres {
             .await
             .map_err(|e| self.sql_err(e))?;
         // Processes starting on one cluster at once (test binaries run in
-        // parallel) update the role's row together; the loser gets "tuple
-        // concurrently updated" and sets the same password again.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match sqlx::query(&statement)
-                .persistent(false)
-                .execute(&mut conn)
-                .await
-            {
-                Ok(_) => break,
-                Err(sqlx::Error::Database(error))
-                    if attempts < 5 && error.message() == "tuple concurrently updated" =>
-                {
-                    tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
-                }
-                Err(error) => return Err(self.sql_err(error)),
-            }
-        }
+        // parallel) would update the role's row together, the loser failing
+        // with "tuple concurrently updated"; they take turns instead, since a
+        // start holds the data directory's lock until this is done.
+        sqlx::query(&statement)
+            .persistent(false)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| self.sql_err(e))?;
         let _ = conn.close().await;
         Ok(())
     }
@@ -575,11 +574,23 @@ fn validate_database_name(name: &str) -> Result<(), LocalPostgresError> {
     }
 }
 
+/// What the blocking part of a start hands on to the rest of it.
+struct Started {
+    /// The data directory, absolute.
+    data_dir: PathBuf,
+    /// The server started or reused.
+    server: Running,
+    /// Whether the server was already running.
+    reused: bool,
+    /// How the server binaries are run.
+    runner: Runner,
+    /// The lock on the data directory (see [`lock_dir`]), held until the
+    /// start has set the superuser's password.
+    lock: Option<File>,
+}
+
 /// The blocking part of a start: binaries, user, init, start or reuse.
-/// Returns (absolute data dir, the server, reused, runner).
-fn start_blocking(
-    config: &LocalPostgresConfig,
-) -> Result<(PathBuf, Running, bool, Runner), LocalPostgresError> {
+fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, LocalPostgresError> {
     let data_dir = absolute(&config.data_dir)?;
     let runner = Runner::detect(&data_dir)?;
     let parent = data_dir
@@ -594,10 +605,11 @@ fn start_blocking(
     if !data_dir.exists() {
         init_staged(&runner, &data_dir, &parent)?;
     }
-    // Held until this start returns: no other start of this directory looks
-    // at it meanwhile, so it sees no cluster half-made in place, and a stale
-    // postmaster.pid is removed only while it is the one found stale.
-    let _lock = lock_dir(&data_dir)?;
+    // Held until this start has set the superuser's password: no other start
+    // of this directory looks at it meanwhile, so it sees no cluster half-made
+    // in place, a stale postmaster.pid is removed only while it is the one
+    // found stale, and no two starts alter the role at once.
+    let lock = lock_dir(&data_dir)?;
     if !data_dir.join("PG_VERSION").exists() {
         init_in_place(&runner, &data_dir)?;
     } else if let Some(run_as) = &runner.run_as {
@@ -616,7 +628,13 @@ fn start_blocking(
         match runner.server_state(&data_dir)? {
             ServerState::Running(running) => {
                 tracing::info!(data_dir = %data_dir.display(), port = running.port, "reusing the running private PostgreSQL");
-                return Ok((data_dir, running, true, runner));
+                return Ok(Started {
+                    data_dir,
+                    server: running,
+                    reused: true,
+                    runner,
+                    lock,
+                });
             }
             ServerState::Stale { pid, port } => remove_stale_pid_file(&data_dir, pid, port)?,
             ServerState::NotRunning => {}
@@ -636,7 +654,13 @@ fn start_blocking(
                 // Read the port back from postmaster.pid: if another process
                 // rewrote hermes.conf meanwhile, the server listens on its port.
                 if let ServerState::Running(running) = runner.server_state(&data_dir)? {
-                    return Ok((data_dir, running, false, runner));
+                    return Ok(Started {
+                        data_dir,
+                        server: running,
+                        reused: false,
+                        runner,
+                        lock,
+                    });
                 }
                 last_error = "pg_ctl start succeeded but the server is not running".into();
             }
