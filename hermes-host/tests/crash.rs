@@ -18,7 +18,7 @@ mod child;
 mod common;
 
 use child::{exit_within, send_signal, silent_database, tmp_dir, wait_for_output};
-use common::{lock_events, lock_waiters};
+use common::{SOURCES, lock_events, lock_waiters};
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use hermes_host::Config;
 use hermes_host::webhooks::SourceRegistry;
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Concurrent senders.
 const SENDERS: usize = 8;
@@ -43,20 +43,9 @@ const KILL_AFTER_ACCEPTED: usize = 300;
 /// Pre-crash 202s redelivered after the restart.
 const REDELIVERED: usize = 100;
 
-const CONFIG: &str = r#"
-[webhooks]
-batch_size = 50
-batch_timeout_ms = 5
-
-[[webhooks.sources]]
-name = "sms"
-scheme = "hmac-sha256"
-header = "x-provider-signature-256"
-prefix = "sha256="
-encoding = "hex"
-secrets = ["crash-test-secret"]
-normalize = "sms"
-"#;
+/// Small batches written at once: many commits before the kill. The sources
+/// are the shared tests' (the load goes to "sms").
+const WEBHOOKS: &str = "[webhooks]\nbatch_size = 50\nbatch_timeout_ms = 5\n";
 
 /// What one delivery attempt got back.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +106,7 @@ struct Host {
 impl Host {
     /// Starts `hermes serve` against `database_url`, logging at `log_level`,
     /// and waits until `/ready` answers 200.
-    async fn start(config: &PathBuf, database_url: &str, name: &str, log_level: &str) -> Self {
+    async fn start(config: &Path, database_url: &str, name: &str, log_level: &str) -> Self {
         let mut host = Self::spawn(config, database_url, name, log_level);
         host.wait_ready().await;
         host
@@ -126,24 +115,22 @@ impl Host {
     /// Starts `hermes serve` on a port the kernel picks (127.0.0.1:0: no
     /// other test can take it in between), logging at `log_level`, without
     /// waiting.
-    fn spawn(config: &PathBuf, database_url: &str, name: &str, log_level: &str) -> Self {
+    fn spawn(config: &Path, database_url: &str, name: &str, log_level: &str) -> Self {
         let log = tmp_dir().join(format!("crash-{}-{name}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("create the host log");
-        let child = Command::new(env!("CARGO_BIN_EXE_hermes"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--log-format")
-            .arg("text")
-            .env("DATABASE_URL", database_url)
-            .env("HERMES_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", log_level)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the hermes binary");
+        let config = config.to_str().expect("a UTF-8 path");
+        let child = child::hermes(
+            &["serve", "--config", config, "--log-format", "text"],
+            &[
+                ("DATABASE_URL", database_url),
+                ("HERMES_LISTEN", "127.0.0.1:0"),
+            ],
+            Some(log_level),
+        )
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start the hermes binary");
         Self {
             child,
             url: None,
@@ -348,10 +335,11 @@ async fn retry_until_accepted(
     }
 }
 
-/// Writes `CONFIG` with `extra` TOML in front for test `name`: its path, the
-/// sms source's verifier (to sign with) and an HTTP client.
+/// Writes `WEBHOOKS` and `SOURCES` with `extra` TOML in front for test
+/// `name`: its path, the sms source's verifier (to sign with) and an HTTP
+/// client.
 fn setup(name: &str, extra: &str) -> (PathBuf, Arc<Verifier>, reqwest::Client) {
-    let text = format!("{extra}\n{CONFIG}");
+    let text = format!("{extra}\n{WEBHOOKS}\n{SOURCES}");
     let config_path = tmp_dir().join(format!("crash-{}-{name}.toml", std::process::id()));
     std::fs::write(&config_path, &text).expect("write the config");
     let config = Config::from_toml_str(&text).expect("config parses");
@@ -364,15 +352,46 @@ fn setup(name: &str, extra: &str) -> (PathBuf, Arc<Verifier>, reqwest::Client) {
     (config_path, verifier, client)
 }
 
+/// A host on a fresh database (test and log named `name`) that a [`Load`]
+/// drives, once `KILL_AFTER_ACCEPTED` of its events got their 202.
+struct UnderLoad {
+    database_url: String,
+    config_path: PathBuf,
+    verifier: Arc<Verifier>,
+    client: reqwest::Client,
+    host: Host,
+    load: Load,
+}
+
+impl UnderLoad {
+    async fn start(name: &str) -> Self {
+        let database_url = hermes_adapters::postgres::local::test_database().await;
+        let (config_path, verifier, client) = setup(name, "");
+        let host = Host::start(&config_path, &database_url, name, "warn").await;
+        let load = Load::start(&client, &format!("{}/webhooks/sms", host.url()), &verifier);
+        load.wait_for_202s(&host).await;
+        Self {
+            database_url,
+            config_path,
+            verifier,
+            client,
+            host,
+            load,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_load_loses_and_duplicates_nothing() {
-    let database_url = hermes_adapters::postgres::local::test_database().await;
-    let (config_path, verifier, client) = setup("kill-9", "");
-
     // Load, then kill -9 mid-load.
-    let mut host = Host::start(&config_path, &database_url, "first", "warn").await;
-    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url()), &verifier);
-    load.wait_for_202s(&host).await;
+    let UnderLoad {
+        database_url,
+        config_path,
+        verifier,
+        client,
+        mut host,
+        load,
+    } = UnderLoad::start("kill-9").await;
     host.kill_9().await;
     let events = load.events().await;
     let before_crash = events.iter().filter(|e| e.was_accepted()).count();
@@ -539,38 +558,67 @@ async fn kill_9_during_load_loses_and_duplicates_nothing() {
 /// Requests the host holds, unanswered, when the signal comes.
 const HELD: usize = 8;
 
+/// A host (test and log named `name`) whose event writes wait for a lock the
+/// test holds.
+struct HeldWrites {
+    host: Host,
+    config_path: PathBuf,
+    verifier: Arc<Verifier>,
+    /// The sms source's route.
+    route: String,
+    /// On the host's database.
+    pool: PgPool,
+    /// Every batch write of the host waits for it until it is released.
+    lock: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// Time-outs well beyond the hold: requests sent with it get answered.
+    client: reqwest::Client,
+}
+
+impl HeldWrites {
+    async fn start(name: &str) -> Self {
+        let database_url = hermes_adapters::postgres::local::test_database().await;
+        // A drain deadline and a statement timeout far beyond how long a test
+        // holds the lock: a graceful drain never reaches them.
+        let (config_path, verifier, _) = setup(
+            name,
+            "[shutdown]\ndrain_timeout_ms = 120000\n[database]\nstatement_timeout_ms = 120000",
+        );
+        let host = Host::start(&config_path, &database_url, name, "warn,hermes_host=info").await;
+        let route = format!("{}/webhooks/sms", host.url());
+        let pool = PgPool::connect(&database_url).await.expect("pool");
+        let lock = lock_events(&pool).await;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        Self {
+            host,
+            config_path,
+            verifier,
+            route,
+            pool,
+            lock,
+            client,
+        }
+    }
+}
+
 /// The host gets `signal` (named `name` in its log) while it holds `HELD`
 /// requests whose batch writes wait for a lock the test holds. It must stop
 /// accepting connections at once, keep running (draining) while the writes
 /// wait, and once the lock is released commit all of them, answer each 202,
 /// and exit 0 without reaching its drain deadline.
 async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, name: &str) {
-    let database_url = hermes_adapters::postgres::local::test_database().await;
-    // A drain deadline and a statement timeout far beyond how long the test
-    // holds the lock: a graceful drain never reaches them.
-    let (config_path, verifier, _) = setup(
-        &format!("held-{name}"),
-        "[shutdown]\ndrain_timeout_ms = 120000\n[database]\nstatement_timeout_ms = 120000",
-    );
-    let mut host = Host::start(
-        &config_path,
-        &database_url,
-        &format!("held-{name}"),
-        "warn,hermes_host=info",
-    )
-    .await;
+    let HeldWrites {
+        mut host,
+        config_path,
+        verifier,
+        route,
+        pool,
+        lock,
+        client,
+    } = HeldWrites::start(&format!("held-{name}")).await;
     let url = host.url().to_owned();
-    let route = format!("{url}/webhooks/sms");
-    let pool = PgPool::connect(&database_url).await.expect("pool");
-
-    // Hold every batch write: the host's insert waits for this lock.
-    let lock = lock_events(&pool).await;
-
-    // Time-outs well beyond the hold: these requests must be answered.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("client");
     let held: Vec<_> = (0..HELD)
         .map(|n| {
             let event = Event::new(1_000_000 + n);
@@ -735,25 +783,15 @@ async fn sigint_with_held_writes_stops_accepting_drains_them_and_exits_0() {
 /// with the status of a death by that signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_during_the_drain_exits_at_once() {
-    let database_url = hermes_adapters::postgres::local::test_database().await;
-    let (config_path, verifier, _) = setup(
-        "second-signal",
-        "[shutdown]\ndrain_timeout_ms = 120000\n[database]\nstatement_timeout_ms = 120000",
-    );
-    let mut host = Host::start(
-        &config_path,
-        &database_url,
-        "second-signal",
-        "warn,hermes_host=info",
-    )
-    .await;
-    let route = format!("{}/webhooks/sms", host.url());
-    let pool = PgPool::connect(&database_url).await.expect("pool");
-    let lock = lock_events(&pool).await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("client");
+    let HeldWrites {
+        mut host,
+        config_path,
+        verifier,
+        route,
+        pool,
+        lock,
+        client,
+    } = HeldWrites::start("second-signal").await;
     let event = Event::new(3_000_000);
     let held = tokio::spawn(async move { deliver(&client, &route, &verifier, &event.body).await });
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -787,11 +825,13 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
 /// is in Postgres after the process is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_amid_load_answers_only_202_or_503_and_exits_0() {
-    let database_url = hermes_adapters::postgres::local::test_database().await;
-    let (config_path, verifier, client) = setup("sigterm", "");
-    let mut host = Host::start(&config_path, &database_url, "sigterm", "warn").await;
-    let load = Load::start(&client, &format!("{}/webhooks/sms", host.url()), &verifier);
-    load.wait_for_202s(&host).await;
+    let UnderLoad {
+        database_url,
+        config_path,
+        mut host,
+        load,
+        ..
+    } = UnderLoad::start("sigterm").await;
     host.signal(libc::SIGTERM);
     let status = host.exit_status(Duration::from_secs(30)).await;
     let log = host.log_text();

@@ -2,11 +2,11 @@
 //! drives signed webhooks at itself, prints its summary and exits 0, and what
 //! it says Postgres holds is what Postgres holds.
 
-use std::process::Stdio;
+mod child;
+
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::process::Command;
 
 /// The number right before `label` in `text` (`"… 42 events"` → 42).
 fn number_before(text: &str, label: &str) -> i64 {
@@ -23,20 +23,17 @@ fn number_before(text: &str, label: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_drives_itself_and_reports_what_postgres_holds() {
     let database_url = hermes_adapters::postgres::local::test_database().await;
-    let output = Command::new(env!("CARGO_BIN_EXE_hermes"))
-        .args(["demo", "--duration", "2s"])
-        // No hermes.toml where it runs: the embedded defaults.
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .env("DATABASE_URL", &database_url)
-        .env("HERMES_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), output)
-        .await
-        .expect("the demo ends by itself")
-        .expect("run the demo");
+    // No hermes.toml where it runs: the embedded defaults.
+    let output = child::run_to_end(
+        &["demo", "--duration", "2s"],
+        &[
+            ("DATABASE_URL", &database_url),
+            ("HERMES_LISTEN", "127.0.0.1:0"),
+        ],
+        Some("warn"),
+        Duration::from_secs(120),
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

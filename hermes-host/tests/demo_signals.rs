@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A `hermes` subprocess whose stdout and stderr are collected as they come.
 struct Hermes {
@@ -25,27 +25,14 @@ struct Hermes {
 }
 
 impl Hermes {
-    /// Starts `hermes args…` in the test's temporary directory (no
-    /// hermes.toml there) with `env` set and `RUST_LOG` as given (unset for
-    /// `None`).
+    /// Starts `hermes args…` as [`child::hermes`] sets it up, collecting
+    /// its stdout and stderr.
     fn spawn(args: &[&str], env: &[(&str, &str)], rust_log: Option<&str>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hermes"));
-        command
-            .args(args)
-            .current_dir(tmp_dir())
-            .env_remove("RUST_LOG")
-            .env_remove("HERMES_LOG_FORMAT")
-            .env_remove("DATABASE_URL")
-            .env_remove("HERMES_LISTEN")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
+        let mut child = child::hermes(args, env, rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(filter) = rust_log {
-            command.env("RUST_LOG", filter);
-        }
-        let mut child = command.spawn().expect("start the hermes binary");
+            .spawn()
+            .expect("start the hermes binary");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let readers = vec![
@@ -58,6 +45,20 @@ impl Hermes {
             stderr,
             readers,
         }
+    }
+
+    /// Starts `hermes demo args…` against `database_url`, on a port the
+    /// kernel picks.
+    fn demo(args: &[&str], database_url: &str, rust_log: &str) -> Self {
+        let args: Vec<&str> = ["demo"].iter().chain(args).copied().collect();
+        Self::spawn(
+            &args,
+            &[
+                ("DATABASE_URL", database_url),
+                ("HERMES_LISTEN", "127.0.0.1:0"),
+            ],
+            Some(rust_log),
+        )
     }
 
     fn stdout(&self) -> String {
@@ -160,13 +161,10 @@ fn number_after(text: &str, label: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_a_timed_demo_with_its_summary_and_exit_0() {
     let database_url = hermes_adapters::postgres::local::test_database().await;
-    let mut demo = Hermes::spawn(
-        &["demo", "--duration", "10m", "--connections", "4"],
-        &[
-            ("DATABASE_URL", &database_url),
-            ("HERMES_LISTEN", "127.0.0.1:0"),
-        ],
-        Some("warn"),
+    let mut demo = Hermes::demo(
+        &["--duration", "10m", "--connections", "4"],
+        &database_url,
+        "warn",
     );
     // The first progress line: the timed run is under way.
     demo.wait_for(false, "events/s", Duration::from_secs(120))
@@ -193,13 +191,10 @@ async fn sigint_during_demo_startup_exits_0() {
     let (database_url, silent) = silent_database().await;
     // No sources: the demo adds its own.
     let config = config_file("startup", "[database]\nacquire_timeout_ms = 60000\n");
-    let mut demo = Hermes::spawn(
-        &["demo", "--config", &config, "--duration", "10m"],
-        &[
-            ("DATABASE_URL", &database_url),
-            ("HERMES_LISTEN", "127.0.0.1:0"),
-        ],
-        Some("info"),
+    let mut demo = Hermes::demo(
+        &["--config", &config, "--duration", "10m"],
+        &database_url,
+        "info",
     );
     demo.wait_for(true, "using Postgres", Duration::from_secs(30))
         .await;
@@ -238,13 +233,10 @@ scheme = "github"
 secrets = ["demo-signals-secret"]
 "#,
     );
-    let mut demo = Hermes::spawn(
-        &["demo", "--config", &config, "--duration", "10m"],
-        &[
-            ("DATABASE_URL", &database_url),
-            ("HERMES_LISTEN", "127.0.0.1:0"),
-        ],
-        Some("info"),
+    let mut demo = Hermes::demo(
+        &["--config", &config, "--duration", "10m"],
+        &database_url,
+        "info",
     );
     // Were Postgres reached first, the silent database would hold it 30 s.
     let status = demo.exit_status(Duration::from_secs(10)).await;

@@ -3,26 +3,20 @@
 //! its value), not in libpq's keyword form (which sqlx refuses, and the
 //! error prints).
 
-use std::process::Stdio;
-use std::time::Duration;
+mod child;
 
-use tokio::process::Command;
+use std::time::Duration;
 
 /// Runs `hermes migrate` on `database_url` with every log line on; its
 /// exit success and its stderr.
 async fn migrate(database_url: &str, format: &str) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_hermes"))
-        .args(["migrate", "--log-format", format])
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "trace")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), output)
-        .await
-        .expect("migrate ends")
-        .expect("run hermes migrate");
+    let output = child::run_to_end(
+        &["migrate", "--log-format", format],
+        &[("DATABASE_URL", database_url)],
+        Some("trace"),
+        Duration::from_secs(60),
+    )
+    .await;
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),

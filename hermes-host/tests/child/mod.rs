@@ -1,11 +1,57 @@
-//! Shared by the tests that run the `hermes` binary as a child process: its
-//! working directory, signals, waiting on its output, and a database that
-//! never answers.
+//! Shared by the tests that run the `hermes` binary as a child process: how
+//! it is started, its working directory, signals, waiting on its output, and
+//! a database that never answers.
+
+// Each test uses only some of these.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::process::Child;
+use tokio::process::{Child, Command};
+
+/// The variables of the host that a child sees only when a test sets them.
+const HOST_ENV: [&str; 4] = [
+    "RUST_LOG",
+    "HERMES_LOG_FORMAT",
+    "DATABASE_URL",
+    "HERMES_LISTEN",
+];
+
+/// `hermes args…` in [`tmp_dir`] (no `hermes.toml` there), with `env` set,
+/// none of the host's own variables inherited otherwise, `RUST_LOG` as given
+/// (unset for `None`), stdin closed, and killed when dropped.
+pub fn hermes(args: &[&str], env: &[(&str, &str)], rust_log: Option<&str>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hermes"));
+    command.args(args).current_dir(tmp_dir());
+    for name in HOST_ENV {
+        command.env_remove(name);
+    }
+    command
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    command
+}
+
+/// Runs `hermes args…`, set up as [`hermes`] does, to its end: its exit
+/// status and output. Panics if it is still running after `limit`.
+pub async fn run_to_end(
+    args: &[&str],
+    env: &[(&str, &str)],
+    rust_log: Option<&str>,
+    limit: Duration,
+) -> Output {
+    let output = hermes(args, env, rust_log).output();
+    tokio::time::timeout(limit, output)
+        .await
+        .unwrap_or_else(|_| panic!("hermes {args:?} still running after {limit:?}"))
+        .expect("run the hermes binary")
+}
 
 /// The test binaries' temporary directory (no `hermes.toml` in it).
 pub fn tmp_dir() -> PathBuf {
