@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::database::{Database, DatabaseError};
-use crate::http::{self, AppState, router};
+use crate::http::{self, AppState, Shared, router};
 use crate::shutdown::Signals;
 use crate::telemetry;
 use crate::webhooks::{IngestPipeline, SourceRegistry};
@@ -87,14 +87,14 @@ impl Server {
                 upkeep_handle.run_upkeep();
             }
         });
-        let state = AppState::new(
-            sources.clone(),
-            ingest.clone(),
-            database.pool().clone(),
+        let state = AppState::new(Shared {
+            sources: sources.clone(),
+            ingest: ingest.clone(),
+            pool: database.pool().clone(),
             metrics,
-            config.webhooks.retry_after_secs,
-            config.http.read_timeout(),
-        );
+            retry_after_secs: config.webhooks.retry_after_secs,
+            read_timeout: config.http.read_timeout(),
+        });
         let addr = config.http.listen;
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => listener,

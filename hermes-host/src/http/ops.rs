@@ -26,7 +26,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     // Guarded: a check cut off by the timeout must not park its connection
     // in the pool's ping of a server that stopped answering.
     let ping = async {
-        let mut conn = GuardedConnection::acquire(state.pool()).await?;
+        let mut conn = GuardedConnection::acquire(&state.pool).await?;
         sqlx::query_scalar::<_, i32>("SELECT 1")
             .fetch_one(&mut *conn)
             .await?;
@@ -38,7 +38,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         Ok(Err(error)) => {
             return Err(ApiError::unavailable(
                 format!("database unreachable: {error}"),
-                state.retry_after_secs(),
+                state.retry_after_secs,
             ));
         }
         Err(_) => {
@@ -47,14 +47,14 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
                     "database did not answer within {} s",
                     READY_DB_TIMEOUT.as_secs()
                 ),
-                state.retry_after_secs(),
+                state.retry_after_secs,
             ));
         }
     }
-    if let Some(why) = state.ingest().not_running() {
+    if let Some(why) = state.ingest.not_running() {
         return Err(ApiError::unavailable(
             format!("the webhooks pipeline is not running ({why})"),
-            state.retry_after_secs(),
+            state.retry_after_secs,
         ));
     }
     Ok(Json(
@@ -66,6 +66,6 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics().render(),
+        state.metrics.render(),
     )
 }

@@ -55,7 +55,7 @@ pub async fn receive(
     let source = find_source(&state, source_name)?;
     // The parts themselves: the `HeaderMap` and `Uri` extractors would clone them.
     let (parts, body) = request.into_parts();
-    let read_timeout = state.read_timeout();
+    let read_timeout = state.read_timeout;
     let body = tokio::time::timeout(
         read_timeout,
         read_body(body, &parts.headers, source.max_body_bytes()),
@@ -107,8 +107,8 @@ pub async fn receive(
         received_at,
         message,
     ));
-    let retry_after = state.retry_after_secs();
-    let completion = match state.ingest().ingress().try_push_tracked(event.clone()) {
+    let retry_after = state.retry_after_secs;
+    let completion = match state.ingest.ingress().try_push_tracked(event.clone()) {
         Ok(completion) => completion,
         Err(PushError::Full(_)) => {
             return Err(ApiError::unavailable(
@@ -170,7 +170,7 @@ pub(super) fn find_source(
         ));
     };
     state
-        .sources()
+        .sources
         .get(&source_name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("unknown webhook source {source_name:?}")))
