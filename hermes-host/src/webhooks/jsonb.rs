@@ -109,27 +109,16 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u32> {
 /// value 16383 after, counted as written (trailing zeros too) less the
 /// exponent.
 fn number(bytes: &[u8], at: usize) -> (usize, bool) {
-    let digits_from = |from: usize| bytes.get(from..).unwrap_or_default();
-    let digits = |from: usize| {
-        digits_from(from)
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count()
-    };
     let mut end = at + usize::from(bytes.get(at) == Some(&b'-'));
-    let integer = digits(end);
+    let integer = Digits::at(bytes, end);
+    end += integer.length;
     // JSON allows a leading zero only as the whole integer part.
-    let integer_is_zero = bytes.get(end) == Some(&b'0');
-    end += integer;
-    let mut fraction = 0;
-    let mut fraction_leading_zeros = 0;
+    let integer_is_zero = integer.leading_zeros > 0;
+    let (mut fraction, mut fraction_leading_zeros) = (0, 0);
     if bytes.get(end) == Some(&b'.') {
-        fraction = digits(end + 1);
-        fraction_leading_zeros = digits_from(end + 1)
-            .iter()
-            .take_while(|&&b| b == b'0')
-            .count();
-        end += 1 + fraction;
+        let digits = Digits::at(bytes, end + 1);
+        (fraction, fraction_leading_zeros) = (digits.length, digits.leading_zeros);
+        end += 1 + digits.length;
     }
     let mut exponent: i64 = 0;
     if matches!(bytes.get(end), Some(b'e' | b'E')) {
@@ -138,16 +127,9 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
         if matches!(bytes.get(end), Some(b'+' | b'-')) {
             end += 1;
         }
-        let length = digits(end);
-        let significant = digits_from(end)
-            .iter()
-            .take(length)
-            .skip_while(|&&b| b == b'0')
-            .try_fold(0i64, |value, &b| {
-                value.checked_mul(10)?.checked_add(i64::from(b - b'0'))
-            });
-        end += length;
-        match significant {
+        let digits = Digits::at(bytes, end);
+        end += digits.length;
+        match digits.value {
             Some(value) if value < EXPONENT_LIMIT => {
                 exponent = if negative { -value } else { value };
             }
@@ -160,10 +142,42 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
     } else if integer_is_zero {
         exponent - fraction_leading_zeros as i64
     } else {
-        integer as i64 + exponent
+        integer.length as i64 + exponent
     };
     let after_point = fraction as i64 - exponent;
     (end - at, before_point <= 131_072 && after_point <= 16_383)
+}
+
+/// A run of ASCII digits, read in one pass.
+struct Digits {
+    /// How many digits.
+    length: usize,
+    /// How many of them are zeros before the first other digit.
+    leading_zeros: usize,
+    /// Their value; `None` past `i64::MAX`.
+    value: Option<i64>,
+}
+
+impl Digits {
+    /// The digits from `from` on (none past the end of `bytes`).
+    fn at(bytes: &[u8], from: usize) -> Self {
+        let mut digits = Self {
+            length: 0,
+            leading_zeros: 0,
+            value: Some(0),
+        };
+        let run = bytes.get(from..).unwrap_or_default();
+        for &byte in run.iter().take_while(|b| b.is_ascii_digit()) {
+            if byte == b'0' && digits.leading_zeros == digits.length {
+                digits.leading_zeros += 1;
+            }
+            digits.value = digits
+                .value
+                .and_then(|value| value.checked_mul(10)?.checked_add(i64::from(byte - b'0')));
+            digits.length += 1;
+        }
+        digits
+    }
 }
 
 /// The smallest exponent's magnitude Postgres refuses outright (`INT_MAX / 2`).
