@@ -626,74 +626,62 @@ impl Config {
     fn validate_sizes(&self) -> Result<(), ConfigError> {
         let w = &self.webhooks;
         let (db, to) = (&self.database, |n: usize| n as u64);
-        // Each setting from 1 to its bound (`max_in_flight` only when set).
+        // Each setting from 1 to its bound.
         let ranges = [
             (
                 "webhooks.ingest_capacity",
-                Some(to(w.ingest_capacity)),
+                to(w.ingest_capacity),
                 MAX_EVENTS,
             ),
-            ("webhooks.max_demand", Some(to(w.max_demand)), MAX_EVENTS),
-            ("webhooks.batch_size", Some(to(w.batch_size)), MAX_EVENTS),
-            (
-                "webhooks.max_in_flight",
-                w.max_in_flight.map(to),
-                MAX_EVENTS,
-            ),
-            ("webhooks.processors", Some(to(w.processors)), MAX_TASKS),
+            ("webhooks.max_demand", to(w.max_demand), MAX_EVENTS),
+            ("webhooks.batch_size", to(w.batch_size), MAX_EVENTS),
+        ]
+        .into_iter()
+        // `max_in_flight` only when set.
+        .chain(
+            w.max_in_flight
+                .map(|max| ("webhooks.max_in_flight", to(max), MAX_EVENTS)),
+        )
+        .chain([
+            ("webhooks.processors", to(w.processors), MAX_TASKS),
             (
                 "webhooks.batch_concurrency",
-                Some(to(w.batch_concurrency)),
+                to(w.batch_concurrency),
                 MAX_TASKS,
             ),
-            (
-                "webhooks.batch_timeout_ms",
-                Some(w.batch_timeout_ms),
-                HOUR_MS,
-            ),
-            (
-                "webhooks.retry_after_secs",
-                Some(w.retry_after_secs),
-                DAY_SECS,
-            ),
+            ("webhooks.batch_timeout_ms", w.batch_timeout_ms, HOUR_MS),
+            ("webhooks.retry_after_secs", w.retry_after_secs, DAY_SECS),
             (
                 "database.max_connections",
-                Some(u64::from(db.max_connections)),
+                u64::from(db.max_connections),
                 u64::MAX,
             ),
             (
                 "database.acquire_timeout_ms",
-                Some(db.acquire_timeout_ms),
+                db.acquire_timeout_ms,
                 u64::MAX,
             ),
             // Postgres takes an `int` of milliseconds.
             (
                 "database.statement_timeout_ms",
-                Some(db.statement_timeout_ms),
+                db.statement_timeout_ms,
                 i32::MAX as u64,
             ),
             (
                 "shutdown.drain_timeout_ms",
-                Some(self.shutdown.drain_timeout_ms),
+                self.shutdown.drain_timeout_ms,
                 HOUR_MS,
             ),
-            (
-                "http.read_timeout_ms",
-                Some(self.http.read_timeout_ms),
-                HOUR_MS,
-            ),
-        ];
+            ("http.read_timeout_ms", self.http.read_timeout_ms, HOUR_MS),
+        ]);
         for (name, value, max) in ranges {
-            match value {
-                Some(0) => {
-                    return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
-                }
-                Some(value) if value > max => {
-                    return Err(ConfigError::Invalid(format!(
-                        "{name} must be at most {max}"
-                    )));
-                }
-                _ => {}
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+            if value > max {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at most {max}"
+                )));
             }
         }
         if let Some(max) = w.max_in_flight
@@ -968,6 +956,7 @@ mod tests {
                 |c| c.webhooks.max_in_flight = Some(1 << 40),
                 "max_in_flight",
             ),
+            (|c| c.webhooks.max_in_flight = Some(0), "max_in_flight"),
             (|c| c.webhooks.batch_size = 1 << 21, "batch_size"),
             (|c| c.webhooks.processors = 257, "processors"),
             (
