@@ -12,7 +12,7 @@ use hermes_adapters::webhook::{Secret, Verifier};
 use sqlx::PgPool;
 
 use crate::config::{Config, Normalize, SourceConfig};
-use crate::server::{RunningServer, Server, StartError};
+use crate::server::{RunningServer, Server};
 use crate::shutdown::Signals;
 
 /// What `hermes demo` was asked to do.
@@ -173,17 +173,12 @@ fn base64_secret() -> String {
 /// Starts the host; if the configured port is in use, on a free one instead
 /// (any other failure to listen is an error).
 async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    match Server::start(config.clone()).await {
-        Err(StartError::Bind { addr, source })
-            if source.kind() == std::io::ErrorKind::AddrInUse =>
-        {
-            println!("hermes demo: {addr} is in use, taking a free port");
-            let mut config = config;
-            config.http.listen.set_port(0);
-            Ok(Server::start(config).await?)
-        }
-        started => Ok(started?),
+    let configured = config.http.listen;
+    let server = Server::start_on_a_free_port_if_taken(config).await?;
+    if configured.port() != 0 && server.local_addr().port() != configured.port() {
+        println!("hermes demo: {configured} is in use, taking a free port");
     }
+    Ok(server)
 }
 
 fn drive(server: &RunningServer, options: &DemoOptions) -> anyhow::Result<Traffic> {

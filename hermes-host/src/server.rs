@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -55,22 +56,39 @@ pub enum StartError {
 #[derive(Debug, Clone, Copy)]
 pub struct Server;
 
+/// What the listener does when the configured port is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortInUse {
+    /// Fail to start ([`StartError::Bind`]).
+    Fail,
+    /// Listen on a free port of the configured address instead.
+    TakeAFreeOne,
+}
+
 impl Server {
     /// Validates `config`, connects to (or starts) the database, applies the
     /// migrations, starts the pipelines and the HTTP listener. Returns once
     /// the listener is bound and accepting.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
-        let sources = Arc::new(config.validated_sources()?);
-        let database = Database::connect(&config.database).await?;
-        database.migrate().await?;
-        Self::start_with(config, sources, database).await
+        Self::start_with(config, PortInUse::Fail).await
+    }
+
+    /// Like [`start`](Self::start), but if the configured port is taken the
+    /// listener takes a free one instead (any other failure to listen is an
+    /// error).
+    pub(crate) async fn start_on_a_free_port_if_taken(
+        config: Config,
+    ) -> Result<RunningServer, StartError> {
+        Self::start_with(config, PortInUse::TakeAFreeOne).await
     }
 
     async fn start_with(
         config: Config,
-        sources: Arc<SourceRegistry>,
-        database: Database,
+        port_in_use: PortInUse,
     ) -> Result<RunningServer, StartError> {
+        let sources = Arc::new(config.validated_sources()?);
+        let database = Database::connect(&config.database).await?;
+        database.migrate().await?;
         // The recorder first: pipelines register their metrics when they start.
         let metrics = telemetry::metrics_handle();
         let retry = config.database.retry_policy();
@@ -95,18 +113,18 @@ impl Server {
             retry_after_secs: config.webhooks.retry_after_secs,
             read_timeout: config.http.read_timeout(),
         });
-        let addr = config.http.listen;
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listener = match bind(config.http.listen, port_in_use).await {
             Ok(listener) => listener,
-            Err(source) => {
+            Err(error) => {
                 upkeep.abort();
                 ingest.pipeline().drain(Duration::ZERO).await;
-                return Err(StartError::Bind { addr, source });
+                return Err(error);
             }
         };
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let serve =
             http::serve::serve(listener, router(state), config.http.read_timeout(), async {
@@ -128,6 +146,25 @@ impl Server {
             upkeep,
             drain_timeout: config.shutdown.drain_timeout(),
         })
+    }
+}
+
+/// A listener on `addr`, or on a free port of its IP if its port is taken
+/// and `port_in_use` says to take one.
+async fn bind(addr: SocketAddr, port_in_use: PortInUse) -> Result<TcpListener, StartError> {
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    match bind(addr).await {
+        Err(StartError::Bind { source, .. })
+            if port_in_use == PortInUse::TakeAFreeOne
+                && source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            bind(SocketAddr::new(addr.ip(), 0)).await
+        }
+        bound => bound,
     }
 }
 
@@ -215,5 +252,30 @@ impl RunningServer {
         ShutdownReport {
             forced: drained.forced,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_taken_port_fails_the_bind_or_is_traded_for_a_free_one() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        match bind(addr, PortInUse::Fail).await {
+            Err(StartError::Bind {
+                addr: failed,
+                source,
+            }) => {
+                assert_eq!(failed, addr);
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+            }
+            other => panic!("bound a taken port: {other:?}"),
+        }
+        let free = bind(addr, PortInUse::TakeAFreeOne).await.unwrap();
+        let free = free.local_addr().unwrap();
+        assert_eq!(free.ip(), addr.ip());
+        assert_ne!(free.port(), addr.port());
     }
 }
