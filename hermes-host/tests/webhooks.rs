@@ -174,6 +174,12 @@ async fn malformed_too_large_unknown_and_unstorable_are_400_413_404() {
             vec![0xff, 0xfe, b'{', b'}'],
             Vec::new(),
             b"{} trailing".to_vec(),
+            // A valid payload, then more.
+            [
+                serde_json::to_vec(&sms("+14155550100", "+14155550101", "x")).unwrap(),
+                b" {".to_vec(),
+            ]
+            .concat(),
             b"[1, 2,]".to_vec(),
             br#"{"n": "a\u0000b"}"#.to_vec(),
             br#"{"n": "\ud800"}"#.to_vec(),

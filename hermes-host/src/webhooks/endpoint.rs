@@ -31,8 +31,9 @@ use serde::de::IgnoredAny;
 use super::event::{Fate, WebhookEvent};
 use super::form_body::form_body_json;
 use super::jsonb;
-use super::normalize::normalize_text;
+use super::normalize::{NormalizeError, NormalizedMessage, normalize, normalize_text};
 use super::source::Source;
+use crate::config::Normalize;
 use crate::http::{ApiError, AppState};
 
 /// The body of a 202.
@@ -78,26 +79,23 @@ pub async fn receive(
             "the delivery id (the event's idempotency key) is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
-    let text = if source
+    let (text, message) = if source
         .verifier()
         .scheme()
         .body_is_form(&parts.headers, &url)
     {
-        form_body_json(&body)
+        // JSON by construction, normalized from the tree it is written from.
+        let fields = form_body_json(&body);
+        let text = fields.to_string();
+        refuse_unstorable(&text)?;
+        let message = normalize(source.normalize(), &fields).map_err(unprocessable)?;
+        (text, message)
     } else {
-        String::from_utf8(body)
-            .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?
+        let text = String::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("malformed body: not valid UTF-8"))?;
+        let message = check_and_normalize(source.normalize(), &text)?;
+        (text, message)
     };
-    let malformed =
-        |error: serde_json::Error| ApiError::bad_request(format!("malformed JSON body: {error}"));
-    // Only checked to be JSON, without building its tree: normalization
-    // reads just the fields it needs.
-    serde_json::from_str::<IgnoredAny>(&text).map_err(malformed)?;
-    if let Some(reason) = jsonb::refusal(&text) {
-        return Err(ApiError::bad_request(format!("malformed body: {reason}")));
-    }
-    let message = normalize_text(source.normalize(), &text)
-        .map_err(|error| ApiError::unprocessable(error.field, error.to_string()))?;
 
     let event = Arc::new(WebhookEvent::new(
         source.name_arc().clone(),
@@ -156,6 +154,35 @@ pub async fn receive(
             "the event was acknowledged without a recorded outcome",
         )),
     }
+}
+
+/// Checks that the JSON `text` is JSON that Postgres stores (else 400), then
+/// normalizes it per `rule` (else 422). Normalization reads all of the text
+/// (decoding only the fields it needs), so a body it accepts is not parsed
+/// again to be checked; one it refuses is, to tell malformed JSON from an
+/// invalid payload.
+fn check_and_normalize(rule: Normalize, text: &str) -> Result<Option<NormalizedMessage>, ApiError> {
+    let normalized = normalize_text(rule, text);
+    if rule == Normalize::None || normalized.is_err() {
+        // Only checked to be JSON, without building its tree.
+        serde_json::from_str::<IgnoredAny>(text)
+            .map_err(|error| ApiError::bad_request(format!("malformed JSON body: {error}")))?;
+    }
+    refuse_unstorable(text)?;
+    normalized.map_err(unprocessable)
+}
+
+/// 400 for valid JSON `text` that Postgres cannot store as `jsonb`.
+fn refuse_unstorable(text: &str) -> Result<(), ApiError> {
+    match jsonb::refusal(text) {
+        Some(reason) => Err(ApiError::bad_request(format!("malformed body: {reason}"))),
+        None => Ok(()),
+    }
+}
+
+/// The 422 of a payload that does not normalize.
+fn unprocessable(error: NormalizeError) -> ApiError {
+    ApiError::unprocessable(error.field, error.to_string())
 }
 
 /// The source the path names, else 404 (also for a segment that does not

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 /// in order. Names and values are form
 /// decoded (`+` is a space, `%XX` a byte) as UTF-8; an invalid sequence
 /// becomes U+FFFD, as the URL standard decodes forms.
-pub fn form_body_json(body: &[u8]) -> String {
+pub fn form_body_json(body: &[u8]) -> Value {
     let mut fields = Map::new();
     for (name, value) in form_urlencoded::parse(body) {
         let value = Value::String(value.into_owned());
@@ -20,7 +20,7 @@ pub fn form_body_json(body: &[u8]) -> String {
             Some(first) => *first = Value::Array(vec![first.take(), value]),
         }
     }
-    Value::Object(fields).to_string()
+    Value::Object(fields)
 }
 
 #[cfg(test)]
@@ -29,11 +29,12 @@ mod tests {
 
     #[test]
     fn fields_become_an_object_and_repeats_an_array() {
-        let json = form_body_json(b"To=%2B15550100&From=%2B15550101&Body=hi+there&MediaUrl=a&MediaUrl=b&MediaUrl=c&Empty=&Flag");
+        let json = form_body_json(b"To=%2B15550100&From=%2B15550101&Body=hi+there&MediaUrl=a&MediaUrl=b&MediaUrl=c&Empty=&Flag")
+            .to_string();
         assert_eq!(
             json,
             r#"{"Body":"hi there","Empty":"","Flag":"","From":"+15550101","MediaUrl":["a","b","c"],"To":"+15550100"}"#
         );
-        assert_eq!(form_body_json(b""), "{}");
+        assert_eq!(form_body_json(b"").to_string(), "{}");
     }
 }

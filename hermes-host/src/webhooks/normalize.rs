@@ -150,8 +150,11 @@ impl<'de> Visitor<'de> for FieldsVisitor<'_> {
     }
 }
 
-/// Normalizes the JSON `text` of a payload per `rule`, reading only the
-/// fields it needs (see [`normalize`]). `text` must be valid JSON.
+/// Normalizes the JSON `text` of a payload per `rule`, decoding only the
+/// fields it needs (see [`normalize`]). For [`Normalize::None`], `Ok(None)`
+/// without reading `text`; otherwise it reads all of `text`, so `Ok` means
+/// that `text` is a valid JSON object (an error may be malformed JSON, at
+/// any point).
 pub fn normalize_text(
     rule: Normalize,
     text: &str,
@@ -176,6 +179,8 @@ pub fn normalize_text(
         .deserialize_map(FieldsVisitor {
             unreadable: &unreadable,
         })
+        // Nothing but white space after the object.
+        .and_then(|object| deserializer.end().map(|()| object))
         .map_err(|error| {
             NormalizeError::new(unreadable.get(), format!("cannot be read: {error}"))
         })?;
@@ -469,6 +474,11 @@ mod tests {
             assert!(error.to_string().contains(kind), "{text}: {error}");
         }
         assert_eq!(normalize_text(Normalize::None, "[1e400]").unwrap(), None);
+        // All of the text is read: what follows the object too.
+        let trailing = r#"{"from":"+14155550100","to":"+14155550101",
+            "timestamp":"2026-01-01T00:00:00Z"} {"#;
+        let error = normalize_text(Normalize::Sms, trailing).unwrap_err();
+        assert!(error.to_string().contains("cannot be read"), "{error}");
     }
 
     #[test]
