@@ -127,10 +127,11 @@ pub struct HttpConfig {
     /// How long a request's headers, and then its body, may take to arrive,
     /// in milliseconds (default 75000, at most an hour): a connection whose
     /// first request or headers are late is closed, a body that is late is
-    /// answered 408. An idle HTTP/1.1 keep-alive connection is closed after
-    /// as long (an HTTP/2 one, once it sent a request, is not),
-    /// so behind a proxy that reuses connections, keep it above the proxy's
-    /// idle timeout (60 s for AWS's load balancers and nginx's upstreams).
+    /// answered 408. A connection with no request in progress for as long
+    /// after its last one (HTTP/1.1 keep-alive, or HTTP/2 with no open
+    /// stream) is closed, so behind a proxy that reuses connections, keep it
+    /// above the proxy's idle timeout (60 s for AWS's load balancers and
+    /// nginx's upstreams).
     pub read_timeout_ms: u64,
 }
 

@@ -506,6 +506,59 @@ async fn late_bodies_get_408_and_late_headers_a_closed_connection() {
     }
 }
 
+/// A connection with no request in progress for `read_timeout_ms` after its
+/// last one is closed, over HTTP/1.1 keep-alive and over HTTP/2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_read_timeout() {
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::AsyncWriteExt;
+    const READ_TIMEOUT: Duration = Duration::from_millis(300);
+    let h = start(&format!(
+        "[http]\nread_timeout_ms = {}\n",
+        READ_TIMEOUT.as_millis()
+    ))
+    .await;
+    let address = h.server().local_addr();
+
+    // HTTP/1.1: one request, then nothing on the kept-alive connection.
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let idle = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .expect("an idle HTTP/1.1 connection is closed");
+    assert!(closed.is_empty(), "{closed}");
+    assert!(idle.elapsed() >= READ_TIMEOUT / 2, "{:?}", idle.elapsed());
+
+    // HTTP/2 (prior knowledge): one request, then no stream.
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("http://{address}/health"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let idle = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("an idle HTTP/2 connection is closed");
+    ended.unwrap().unwrap();
+    assert!(idle.elapsed() >= READ_TIMEOUT / 2, "{:?}", idle.elapsed());
+    assert!(sender.is_closed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_database_rejects_fails_alone() {
     // One batch: a body a constraint of the database refuses (one an operator

@@ -1,22 +1,26 @@
 //! The accept loop: the router on hyper (HTTP/1.1, and HTTP/2 with prior
-//! knowledge), with read deadlines, `TCP_NODELAY`, and a graceful shutdown.
-//! axum's own `serve` sets no hyper timer, so a client could hold a
-//! connection open forever by never finishing its headers, or by never
-//! sending a byte.
+//! knowledge), with read deadlines, an idle timeout, `TCP_NODELAY`, and a
+//! graceful shutdown. axum's own `serve` sets no hyper timer, so a client
+//! could hold a connection open forever by never finishing its headers, by
+//! never sending a byte, or by sending nothing after its last request.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// How long to wait before accepting again after an error that would repeat
 /// at once (say, out of file descriptors).
@@ -27,11 +31,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// returns once all are closed. Dropping the returned future (aborting its
 /// task) ends every connection too.
 ///
-/// `read_timeout` bounds the wait for a request's headers (an HTTP/1.1
-/// connection whose headers are late, or that sits idle between requests as
-/// long, is closed) and for a connection's first request, whatever its
-/// protocol: a client that connects and sends nothing, or too little to
-/// tell HTTP/1.1 from HTTP/2, is disconnected.
+/// `read_timeout` bounds every wait for a client, whatever the protocol:
+/// a connection that sends no request (or too little to tell HTTP/1.1 from
+/// HTTP/2) within it of opening is dropped; one whose HTTP/1.1 headers are
+/// late, or that has no request in progress for that long after its last
+/// one ended (HTTP/1.1 keep-alive, or an HTTP/2 connection with no open
+/// stream), is closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -43,7 +48,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(read_timeout);
-    let graceful = GracefulShutdown::new();
+    let stopping = CancellationToken::new();
     let mut connections = JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -67,35 +72,87 @@ pub async fn serve(
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let service = FirstRequest {
+        let activity = Arc::new(Activity::new());
+        let service = Tracked {
             inner: TowerToHyperService::new(router.clone()),
-            seen: Arc::default(),
+            activity: activity.clone(),
         };
-        let seen = service.seen.clone();
         let connection = builder
             .serve_connection(TokioIo::new(tcp), service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        connections.spawn(async move {
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = &mut connection => ended,
-                () = tokio::time::sleep(read_timeout) => {
-                    if !seen.load(Ordering::Relaxed) {
-                        // Dropping it closes the socket.
-                        tracing::debug!("no request within the read timeout: connection closed");
-                        return;
-                    }
-                    connection.await
-                }
-            };
-            if let Err(error) = ended {
-                tracing::trace!(%error, "connection ended with an error");
-            }
-        });
+        // A token of its own: each wake of the connection polls it, and
+        // polling a shared one would take a lock all connections share.
+        let stopping = stopping.child_token();
+        connections.spawn(drive(connection, activity, read_timeout, stopping));
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.cancel();
+    while connections.join_next().await.is_some() {}
+}
+
+/// Runs one connection until it ends. Without a request within
+/// `read_timeout` of opening, it is dropped (which closes the socket); idle
+/// for `read_timeout` after a request, it is shut down gracefully, and
+/// dropped if that takes `read_timeout` more (a peer that never answers
+/// HTTP/2's closing ping); once `stopping` is cancelled, it is shut down
+/// gracefully, its requests in progress finishing first (the drain's
+/// deadline bounds them).
+async fn drive<C>(
+    connection: C,
+    activity: Arc<Activity>,
+    read_timeout: Duration,
+    stopping: CancellationToken,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut shut_down = false;
+    // Set when shut down for being idle: it must be gone by then.
+    let mut drop_at = None;
+    loop {
+        let deadline = if shut_down {
+            drop_at
+        } else {
+            Some(activity.idle_until(read_timeout))
+        };
+        let timer = async move {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::trace!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stopping.cancelled(), if !shut_down => {
+                connection.as_mut().graceful_shutdown();
+                shut_down = true;
+            }
+            () = timer => {
+                if shut_down {
+                    tracing::debug!("an idle connection did not close: dropped");
+                    return;
+                }
+                if activity.idle_until(read_timeout) > Instant::now() {
+                    // A request came meanwhile, or is in progress.
+                    continue;
+                }
+                if !activity.seen.load(Ordering::Relaxed) {
+                    tracing::debug!("no request within the read timeout: connection closed");
+                    return;
+                }
+                tracing::debug!("idle for the read timeout: connection closed");
+                connection.as_mut().graceful_shutdown();
+                shut_down = true;
+                drop_at = Some(Instant::now() + read_timeout);
+            }
+        }
+    }
 }
 
 /// Whether a failed `accept` was about that one connection only (reset or
@@ -108,19 +165,98 @@ fn only_that_connection_failed(error: &std::io::Error) -> bool {
     )
 }
 
-/// A connection's service that notes its first request.
-struct FirstRequest<S> {
-    inner: S,
-    seen: Arc<AtomicBool>,
+/// What a connection's requests have done, shared by its service and the
+/// task that drives it.
+struct Activity {
+    opened: Instant,
+    /// Whether a request ever came.
+    seen: AtomicBool,
+    /// Requests in progress.
+    in_flight: AtomicUsize,
+    /// When the last request ended, in microseconds since `opened` (0: none
+    /// has).
+    last_end_us: AtomicU64,
 }
 
-impl<S: Service<R>, R> Service<R> for FirstRequest<S> {
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            seen: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_end_us: AtomicU64::new(0),
+        }
+    }
+
+    /// When the connection will have been idle for `timeout`: that long after
+    /// its last request ended (or it opened); while a request is in
+    /// progress, no sooner than `timeout` from now.
+    fn idle_until(&self, timeout: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Instant::now() + timeout;
+        }
+        let last_end = Duration::from_micros(self.last_end_us.load(Ordering::Acquire));
+        self.opened + last_end + timeout
+    }
+
+    fn request_started(&self) {
+        self.seen.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_ended(&self) {
+        let since_opened = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Stored before the count falls, so whoever sees no request in
+        // progress sees when the last one ended.
+        self.last_end_us.fetch_max(since_opened, Ordering::AcqRel);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's service that records its requests' [`Activity`].
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: Service<R>, R> Service<R> for Tracked<S> {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, request: R) -> Self::Future {
-        self.seen.store(true, Ordering::Relaxed);
-        self.inner.call(request)
+        self.activity.request_started();
+        TrackedFuture {
+            inner: self.inner.call(request),
+            _request: InProgress(self.activity.clone()),
+        }
+    }
+}
+
+/// A request in progress until dropped: when its response is ready, or when
+/// the connection drops it.
+struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future, which counts as in progress until it completes or
+    /// is dropped.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        _request: InProgress,
+    }
+}
+
+impl<F: Future> Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
     }
 }
