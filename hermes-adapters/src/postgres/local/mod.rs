@@ -33,9 +33,8 @@
 //!   needs no password (only the directory's owner reaches it); TCP needs the
 //!   superuser's password, kept in [`TCP_PASSWORD_FILE`] (without a socket,
 //!   TCP is trusted, with a warning: every local user can connect). Starts of
-//!   the same directory take turns, holding an exclusive `flock` on it until
-//!   the superuser's password is set: a start that waited reuses the server
-//!   the one before it started;
+//!   the same directory take turns, holding an exclusive `flock` on it: a
+//!   start that waited reuses the server the one before it started;
 //! - waits until the server accepts connections, creates the database if it is
 //!   missing, and hands back its `postgres://` URL: through the Unix socket
 //!   where the server has one (a round trip through it costs both sides less
@@ -327,7 +326,6 @@ impl LocalPostgres {
             server,
             reused,
             runner,
-            lock,
         } = blocking(move || start_blocking(&config)).await?;
         let pg = LocalPostgres {
             data_dir,
@@ -338,9 +336,6 @@ impl LocalPostgres {
         };
         pg.wait_ready().await?;
         pg.set_tcp_password().await?;
-        // The next start of this cluster may go on: its `ALTER ROLE` no longer
-        // meets this one's. (On an early return the lock goes with `lock`.)
-        drop(lock);
         pg.create_database(&pg.database).await?;
         Ok(pg)
     }
@@ -497,14 +492,25 @@ impl LocalPostgres {
             .await
             .map_err(|e| self.sql_err(e))?;
         // Processes starting on one cluster at once (test binaries run in
-        // parallel) would update the role's row together, the loser failing
-        // with "tuple concurrently updated"; they take turns instead, since a
-        // start holds the data directory's lock until this is done.
-        sqlx::query(&statement)
-            .persistent(false)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| self.sql_err(e))?;
+        // parallel) update the role's row together; the loser gets "tuple
+        // concurrently updated" and sets the same password again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match sqlx::query(&statement)
+                .persistent(false)
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => break,
+                Err(sqlx::Error::Database(error))
+                    if attempts < 5 && error.message() == "tuple concurrently updated" =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+                }
+                Err(error) => return Err(self.sql_err(error)),
+            }
+        }
         let _ = conn.close().await;
         Ok(())
     }

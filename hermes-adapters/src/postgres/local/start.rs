@@ -1,8 +1,7 @@
 //! The blocking part of a start: the binaries and the user to run them as,
-//! the cluster made if missing (under the data directory's lock, which the
-//! start keeps), then its server reused or started.
+//! the cluster made if missing (under the data directory's lock), then its
+//! server reused or started.
 
-use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
@@ -28,9 +27,6 @@ pub(super) struct Started {
     pub(super) reused: bool,
     /// How the server binaries are run.
     pub(super) runner: Runner,
-    /// The lock on the data directory (see [`lock_dir`]), held until the
-    /// start has set the superuser's password.
-    pub(super) lock: Option<File>,
 }
 
 /// The blocking part of a start: binaries, user, init, start or reuse.
@@ -49,11 +45,10 @@ pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, Lo
     if !data_dir.exists() {
         init_staged(&runner, &data_dir, &parent)?;
     }
-    // Held until this start has set the superuser's password: no other start
-    // of this directory looks at it meanwhile, so it sees no cluster half-made
-    // in place, a stale postmaster.pid is removed only while it is the one
-    // found stale, and no two starts alter the role at once.
-    let lock = lock_dir(&data_dir)?;
+    // Held until this start returns: no other start of this directory looks
+    // at it meanwhile, so it sees no cluster half-made in place, and a stale
+    // postmaster.pid is removed only while it is the one found stale.
+    let _lock = lock_dir(&data_dir)?;
     if !data_dir.join("PG_VERSION").exists() {
         init_in_place(&runner, &data_dir)?;
     } else if let Some(run_as) = &runner.run_as {
@@ -77,7 +72,6 @@ pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, Lo
                     server: running,
                     reused: true,
                     runner,
-                    lock,
                 });
             }
             ServerState::Stale { pid, port } => remove_stale_pid_file(&data_dir, pid, port)?,
@@ -103,7 +97,6 @@ pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, Lo
                         server: running,
                         reused: false,
                         runner,
-                        lock,
                     });
                 }
                 last_error = "pg_ctl start succeeded but the server is not running".into();
