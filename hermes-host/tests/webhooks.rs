@@ -452,17 +452,24 @@ async fn read_answer(stream: &mut tokio::net::TcpStream) -> String {
     }
 }
 
+/// The `read_timeout_ms` of [`start_with_read_timeout`]'s host.
+const READ_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// A host whose `read_timeout_ms` is [`READ_TIMEOUT`].
+async fn start_with_read_timeout() -> Harness {
+    start(&format!(
+        "[http]\nread_timeout_ms = {}\n",
+        READ_TIMEOUT.as_millis()
+    ))
+    .await
+}
+
 /// A body that stops coming is answered 408 once `read_timeout_ms` passes,
 /// and stores nothing; headers that stop coming get the connection closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_bodies_get_408_and_late_headers_a_closed_connection() {
     use tokio::io::AsyncWriteExt;
-    const READ_TIMEOUT: Duration = Duration::from_millis(300);
-    let h = start(&format!(
-        "[http]\nread_timeout_ms = {}\n",
-        READ_TIMEOUT.as_millis()
-    ))
-    .await;
+    let h = start_with_read_timeout().await;
     let connect = || tokio::net::TcpStream::connect(h.server().local_addr());
 
     let mut stream = connect().await.unwrap();
@@ -514,12 +521,7 @@ async fn idle_connections_are_closed_after_the_read_timeout() {
     use hyper::body::Bytes;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::AsyncWriteExt;
-    const READ_TIMEOUT: Duration = Duration::from_millis(300);
-    let h = start(&format!(
-        "[http]\nread_timeout_ms = {}\n",
-        READ_TIMEOUT.as_millis()
-    ))
-    .await;
+    let h = start_with_read_timeout().await;
     let address = h.server().local_addr();
 
     // HTTP/1.1: one request, then nothing on the kept-alive connection.
