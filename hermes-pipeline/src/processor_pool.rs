@@ -3,8 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -13,6 +15,7 @@ use crate::handler::{Handler, ProcessorContext};
 use crate::liveness::ProcessorsAlive;
 use crate::lock::lock;
 use crate::message::Message;
+use crate::panic_message::catch_panic;
 use crate::pipeline::ResizeError;
 use crate::processor_stage::{BatcherInlet, ProcessorStage};
 use crate::telemetry::StageMetrics;
@@ -32,6 +35,14 @@ pub(crate) struct ProcessorSpawner<H: Handler> {
     pub(crate) alive: ProcessorsAlive,
 }
 
+/// The first pause before a processor stopped by a panic is restarted; it
+/// doubles with each restart, up to [`RESTART_BACKOFF_MAX`], so a panic on
+/// every message does not spin a core.
+const RESTART_BACKOFF: Duration = Duration::from_millis(20);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A processor that ran this long before it panicked waits the first pause again.
+const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(30);
+
 impl<H: Handler> ProcessorSpawner<H> {
     /// Starts processor `index` on `inbox`; `seat` when the pool can shrink.
     pub(crate) fn spawn(&self, index: usize, inbox: Inbox<H::Data>, seat: Option<Seat>) {
@@ -48,8 +59,45 @@ impl<H: Handler> ProcessorSpawner<H> {
             metrics: self.metrics.clone(),
         };
         let span = tracing::info_span!("processor", pipeline = %self.pipeline, index);
-        let task = self.alive.track(index, stage.run().instrument(span));
+        let task = self.alive.track(index, supervise(stage, span));
         self.tracker.spawn(task);
+    }
+}
+
+/// Runs `stage` until it ends, restarting it (after a back-off) when a panic
+/// escapes it: with its index, on its inbox, in its seat. The messages it lost
+/// were accounted for as it stopped (see [`ProcessorStage::run`]). It is not
+/// restarted once the drain's deadline passed, nor when it has nothing left
+/// to do; its task then ends, and the pool reports it missing.
+async fn supervise<H: Handler>(mut stage: ProcessorStage<H>, span: tracing::Span) {
+    let index = stage.context.processor;
+    let pipeline = stage.context.pipeline.clone();
+    let mut backoff = RESTART_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let run = catch_panic(|| stage.run().instrument(span.clone()));
+        let Err(panic) = run.await else {
+            tracing::debug!(%pipeline, processor = index, "processor stopped");
+            return;
+        };
+        if stage.deadline.is_cancelled() || stage.finished() {
+            tracing::error!(%pipeline, processor = index, %panic, "processor stopped by a panic outside its handlers: not restarted (the drain's deadline passed, or nothing is left for it)");
+            return;
+        }
+        if started.elapsed() >= RESTART_BACKOFF_RESET {
+            backoff = RESTART_BACKOFF;
+        }
+        tracing::error!(%pipeline, processor = index, %panic, ?backoff, "processor stopped by a panic outside its handlers: restarting it");
+        tokio::select! {
+            biased;
+            () = stage.deadline.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+        // Retired by a shrink, or its input drained by others, meanwhile.
+        if stage.finished() {
+            return;
+        }
     }
 }
 
@@ -59,19 +107,24 @@ pub(crate) struct Seat {
     pub(crate) target: watch::Receiver<usize>,
     /// The indices of the running processors.
     running: Arc<Mutex<BTreeSet<usize>>>,
+    /// Whether its processor gave up its index.
+    retired: bool,
 }
 
 impl Seat {
     /// Whether processor `index` is to retire now; if so, it gives up its index.
     /// Decided under the same lock as a resize, so a shrink and a regrow never
-    /// leave two processors with one index, nor an index without one.
-    pub(crate) fn retire(&self, index: usize) -> bool {
-        let mut running = lock(&self.running);
-        let retire = index >= *self.target.borrow();
-        if retire {
-            running.remove(&index);
+    /// leave two processors with one index, nor an index without one. Once
+    /// retired, it stays so (a regrow may have given its index to another).
+    pub(crate) fn retire(&mut self, index: usize) -> bool {
+        if !self.retired {
+            let mut running = lock(&self.running);
+            self.retired = index >= *self.target.borrow();
+            if self.retired {
+                running.remove(&index);
+            }
         }
-        retire
+        self.retired
     }
 }
 
@@ -145,9 +198,10 @@ impl<H: Handler> ProcessorPool<H> {
     }
 
     /// The indices below the wanted processor count that no processor task
-    /// alive has: one that ended outside a shrink (a panic outside its
-    /// handlers that it did not contain, or the runtime shutting down), or
-    /// every one once the input closed. A processor retiring after a shrink
+    /// alive has: one that ended outside a shrink (a panic it was not
+    /// restarted after, the drain's deadline having passed, or the runtime
+    /// shutting down), or every one once the input closed. A task waiting to
+    /// restart its processor is alive. A processor retiring after a shrink
     /// is above the count, and one a grow starts is counted as it starts
     /// (read under the lock a resize holds).
     pub(crate) fn missing(&self) -> Vec<usize> {
@@ -186,6 +240,7 @@ impl<H: Handler> ProcessorPool<H> {
                 let seat = Seat {
                     target: self.target.subscribe(),
                     running: self.running.clone(),
+                    retired: false,
                 };
                 spawner.spawn(index, inbox.clone(), Some(seat));
             }

@@ -48,27 +48,35 @@ pub(crate) struct ProcessorStage<H: Handler> {
 }
 
 impl<H: Handler> ProcessorStage<H> {
-    pub(crate) async fn run(mut self) {
+    /// Takes and handles chunks until its input is closed and empty or it
+    /// retires. A panic escaping this (outside the calls it contains, say in
+    /// a tracing subscriber) leaves the stage whole: its pool runs it again.
+    pub(crate) async fn run(&mut self) {
         while let Some(chunk) = self.next_chunk().await {
             // Handlers' panics are contained per message; one elsewhere (say,
             // in a metrics recorder) loses the messages this processor still
-            // holds, not the processor: it keeps its place (its index, its
-            // partition) and takes the next chunk.
+            // holds, not the processor: it takes the next chunk.
             let mut held = chunk.len();
             if let Err(panic) = catch_panic(|| self.handle(chunk, &mut held)).await {
+                // The slots first: the log may panic too.
+                self.terminator.in_flight.release_lost(held);
                 tracing::error!(
                     processor = self.context.processor,
                     lost = held,
                     %panic,
                     "processor panicked outside its handlers: the messages it held are dropped"
                 );
-                self.terminator.in_flight.release_lost(held);
             }
             if self.retired() {
                 break;
             }
         }
-        tracing::debug!(processor = self.context.processor, "processor stopped");
+    }
+
+    /// Whether this processor has nothing left to do: its input is closed
+    /// and empty, or it retires now (and gives up its index).
+    pub(crate) fn finished(&mut self) -> bool {
+        (self.inbox.is_closed() && self.inbox.is_empty()) || self.retired()
     }
 
     /// The next chunk, or `None` once the input is closed and empty, or this
@@ -93,10 +101,9 @@ impl<H: Handler> ProcessorStage<H> {
     }
 
     /// Whether this processor retires now (and gives up its index).
-    fn retired(&self) -> bool {
-        self.seat
-            .as_ref()
-            .is_some_and(|seat| seat.retire(self.context.processor))
+    fn retired(&mut self) -> bool {
+        let index = self.context.processor;
+        self.seat.as_mut().is_some_and(|seat| seat.retire(index))
     }
 
     /// Handles a chunk; `held` counts its messages not yet handed to a

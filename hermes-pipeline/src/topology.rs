@@ -62,7 +62,8 @@ pub enum StoppedStage {
     /// empty.
     Producer(String),
     /// The processor of this index (below the current concurrency) whose
-    /// task ended: a panic it did not contain, or its input closed once
+    /// task ended: a panic after the drain's deadline passed (it is
+    /// restarted otherwise), the runtime shutting down, or its input closed once
     /// every producer was done.
     Processor(usize),
     /// A batcher whose task ended: a panic outside the calls it contains

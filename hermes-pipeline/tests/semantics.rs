@@ -765,6 +765,81 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
     }
 }
 
+/// A tracing subscriber that panics on the first error a processor stage
+/// logs, outside anything the processor contains: its task stops.
+#[derive(Default)]
+struct FirstProcessorErrorPanics(std::sync::atomic::AtomicBool);
+
+impl tracing::Subscriber for FirstProcessorErrorPanics {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let metadata = event.metadata();
+        if *metadata.level() == tracing::Level::ERROR
+            && metadata.target() == "hermes_pipeline::processor_stage"
+            && !self.0.swap(true, Ordering::SeqCst)
+        {
+            panic!("the subscriber panicked");
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
+    for partitioned in [false, true] {
+        // Timing the handler panics first (contained: message 1 is lost),
+        // then logging that loss does, which stops the processor's task.
+        let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, PanicsOnce::default());
+        let subscriber = FirstProcessorErrorPanics::default();
+        tracing::subscriber::with_default(subscriber, || {
+            with_recorder_paused(&recorder, async {
+                // With partitioning, message 1 and the odd ones after it go
+                // to the same processor.
+                let options = if partitioned {
+                    ProcessorOptions::new()
+                        .concurrency(2)
+                        .partition_by(|message| message.data % 2)
+                } else {
+                    ProcessorOptions::new().concurrency(1)
+                };
+                let (ingress, pipeline, _) = ten_in_flight("processor-restarts", options, false);
+                let acks = Recorder::new();
+                let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
+                let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
+                let lost = ingress.test_message(tracked(1)).await;
+                assert_failed_with(&lost, "dropped");
+                assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
+                // Restarting (after a pause) counts as running.
+                assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+                let ids = [3u64, 5, 7, 9, 11, 15, 17, 19, 20, 21];
+                let outcomes = within_10s(
+                    ingress.test_batch(ids.map(tracked)),
+                    "the restarted processor took the messages",
+                )
+                .await;
+                assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+                assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
+                assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+                assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+                assert_eq!(pipeline.in_flight(), 0);
+                // Each handled once and acknowledged once; the lost one not at all.
+                let mut acked: Vec<_> = acks.acks().into_iter().collect();
+                acked.sort_unstable_by_key(|(id, _)| *id);
+                let once: Vec<_> = ids.map(|id| (id, vec![Status::Ok])).into();
+                assert_eq!(acked, once, "partitioned: {partitioned}");
+            });
+        });
+    }
+}
+
 /// Panics on a second or more: only a handler held that long records it.
 struct SlowPanics;
 
