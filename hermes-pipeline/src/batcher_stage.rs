@@ -20,6 +20,7 @@ use crate::handler::{BatchTrigger, FailedIn, Handler};
 use crate::holding_inbox::HoldingInbox;
 use crate::message::Message;
 use crate::panic_message::catch_panic_now;
+use crate::supervisor::{Supervised, log_caught, supervise};
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -110,9 +111,13 @@ struct Batching<H: Handler> {
 }
 
 impl<H: Handler> BatcherStage<H> {
-    pub(crate) async fn run(self) {
-        let concurrency = self.concurrency.load(Ordering::Relaxed);
-        let mut batching = Batching {
+    /// Runs this batcher in `span`, restarted in its place (same name, inbox
+    /// and batch processors) when a panic outside the calls it contains stops
+    /// it; see `Batching::recover` for what it loses then.
+    pub(crate) async fn run(self, span: tracing::Span) {
+        let deadline = self.spawner.deadline.clone();
+        let what = format!("batcher {:?}", self.spawner.batcher);
+        let batching = Batching {
             stage: self,
             default: None,
             keyed: HashMap::new(),
@@ -122,13 +127,16 @@ impl<H: Handler> BatcherStage<H> {
             any_idle: Arc::new(Notify::new()),
             next: 0,
         };
-        batching.grow_to(concurrency);
-        batching.run().await;
+        supervise(batching, span, deadline, what).await;
     }
 }
 
-impl<H: Handler> Batching<H> {
+impl<H: Handler> Supervised for Batching<H> {
     async fn run(&mut self) {
+        // Its batch processors: started on the first run; on a restart,
+        // those a resize the panic interrupted did not start.
+        let concurrency = self.stage.concurrency.load(Ordering::Relaxed);
+        self.grow_to(concurrency);
         // One registration with `any_idle`, renewed when it fires, instead of
         // a new one (and its removal) every time round the loop.
         let any_idle = self.any_idle.clone();
@@ -180,9 +188,47 @@ impl<H: Handler> Batching<H> {
         // Input closed: the pipeline is draining. Flush every partial batch.
         let failed = self.flush_all();
         self.acknowledge(failed).await;
-        tracing::debug!("batcher stopped");
     }
 
+    /// A panic may stop the batcher anywhere: with a chunk half added to its
+    /// open batches, a batch closed and not yet sent, a resize half done. So
+    /// its batching state is reset rather than repaired: every message it
+    /// held (in its open batches, or in hand and dropped as the panic
+    /// unwound) is lost, its slot freed here, once (the inbox counts them),
+    /// and its completion reports the drop; the open batches and their
+    /// timers are discarded; the batch processors are cut back to the
+    /// concurrency last set (those of an interrupted grow have no batch yet;
+    /// the next run starts those of an interrupted shrink again), and an
+    /// interrupted resize's caller gets [`ResizeError::NotRunning`]. What
+    /// waits in the inbox and the batch processors' batches are not lost.
+    ///
+    /// [`ResizeError::NotRunning`]: crate::ResizeError::NotRunning
+    fn recover(&mut self) {
+        // The slots first, then the open batches' completions: whoever
+        // awaits one then finds its slot free.
+        let lost = self.stage.inbox.release_held();
+        self.default = None;
+        self.keyed.clear();
+        self.timers.clear();
+        let concurrency = self.stage.concurrency.load(Ordering::Relaxed);
+        self.processors.truncate(concurrency);
+        self.outstanding.truncate(concurrency);
+        self.next = 0;
+        log_caught(|| {
+            tracing::error!(
+                batcher = %self.stage.spawner.batcher,
+                lost,
+                "batcher stopped by a panic: the messages it held are dropped"
+            );
+        });
+    }
+
+    fn finished(&mut self) -> bool {
+        self.stage.inbox.is_closed() && self.stage.inbox.is_empty()
+    }
+}
+
+impl<H: Handler> Batching<H> {
     /// Acknowledges messages that failed in the batcher, freeing their slots.
     async fn acknowledge(&mut self, failed: Vec<Message<H::Data>>) {
         let count = failed.len();

@@ -307,7 +307,7 @@ impl<H: Handler> PipelineBuilder<H> {
                 metrics,
             };
             let span = tracing::info_span!("batcher", pipeline = %name, batcher = %batcher_name);
-            tracker.spawn(alive.track(stage.run().instrument(span)));
+            tracker.spawn(alive.track(stage.run(span)));
         }
 
         // Processors: one shared queue, or one queue per partition.

@@ -29,7 +29,9 @@ impl<T> Parcel for Vec<Message<T>> {
 /// stops, it frees those of the messages it still holds: none once its sender
 /// closed it and all it received was handed on, but a panic outside the calls
 /// the stage contains (say, in a metrics recorder) loses what the stage had in
-/// hand and the parcels waiting here (their completions report the drop).
+/// hand and the parcels waiting here (their completions report the drop),
+/// unless the stage is restarted on it (a batcher): then only what it had in
+/// hand (see [`release_held`](Self::release_held)).
 pub(crate) struct HoldingInbox<P: Parcel> {
     parcels: mpsc::UnboundedReceiver<P>,
     /// Messages received and not yet handed on or acknowledged.
@@ -62,6 +64,11 @@ impl<P: Parcel> HoldingInbox<P> {
         Some(parcel)
     }
 
+    /// Whether its sender is gone (or it was closed): nothing more comes.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.parcels.is_closed()
+    }
+
     /// Whether no parcel is waiting.
     pub(crate) fn is_empty(&self) -> bool {
         self.parcels.is_empty()
@@ -71,6 +78,15 @@ impl<P: Parcel> HoldingInbox<P> {
     /// their slots): the stage no longer holds them.
     pub(crate) fn handed_on(&mut self, n: usize) {
         self.holding -= n;
+    }
+
+    /// The stage lost every message it held (a panic stopped it, and it is
+    /// to be restarted on this inbox): frees their slots, and returns how
+    /// many. The parcels waiting here are not lost.
+    pub(crate) fn release_held(&mut self) -> usize {
+        let lost = std::mem::take(&mut self.holding);
+        self.in_flight.release_lost(lost);
+        lost
     }
 }
 

@@ -89,6 +89,7 @@ mod producer;
 mod producer_stage;
 mod rate_limiter;
 mod stream_producer;
+mod supervisor;
 pub mod telemetry;
 mod terminator;
 mod topology;

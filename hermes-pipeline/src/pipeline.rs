@@ -46,7 +46,8 @@ pub enum ResizeError {
     #[error("no batcher named {0:?}")]
     UnknownBatcher(String),
     /// Its producers are done (drained or finished): no processor may be
-    /// added; or the batcher stopped.
+    /// added; or the batcher stopped, or a panic stopped it during the
+    /// resize (it is restarted with its concurrency as before).
     #[error("the pipeline is not running")]
     NotRunning,
 }
@@ -143,9 +144,9 @@ impl<H: Handler> Pipeline<H> {
     /// Batch processors are not listed: one that stopped (a panic outside its
     /// handler and acknowledger) is restarted by its batcher, in its place,
     /// when the next batch goes to it, so a batcher alive can write. Nor are
-    /// processors retiring after a shrink, nor one a panic stopped that is
-    /// waiting to be restarted in its place: only one not restarted (the
-    /// drain's deadline passed) is listed.
+    /// processors retiring after a shrink, nor a processor or batcher a
+    /// panic stopped that is waiting to be restarted in its place: only one
+    /// not restarted (the drain's deadline passed) is listed.
     ///
     /// A drain stops every stage: this lists them as they end (see
     /// [`is_draining`](Self::is_draining)).

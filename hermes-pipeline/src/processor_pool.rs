@@ -3,21 +3,18 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::handler::{Handler, ProcessorContext};
 use crate::liveness::ProcessorsAlive;
 use crate::lock::lock;
 use crate::message::Message;
-use crate::panic_message::catch_panic;
 use crate::pipeline::ResizeError;
 use crate::processor_stage::{BatcherInlet, ProcessorStage};
+use crate::supervisor::supervise;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -35,14 +32,6 @@ pub(crate) struct ProcessorSpawner<H: Handler> {
     pub(crate) alive: ProcessorsAlive,
 }
 
-/// The first pause before a processor stopped by a panic is restarted; it
-/// doubles with each restart, up to [`RESTART_BACKOFF_MAX`], so a panic on
-/// every message does not spin a core.
-const RESTART_BACKOFF: Duration = Duration::from_millis(20);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A processor that ran this long before it panicked waits the first pause again.
-const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(30);
-
 impl<H: Handler> ProcessorSpawner<H> {
     /// Starts processor `index` on `inbox`; `seat` when the pool can shrink.
     pub(crate) fn spawn(&self, index: usize, inbox: Inbox<H::Data>, seat: Option<Seat>) {
@@ -59,45 +48,15 @@ impl<H: Handler> ProcessorSpawner<H> {
             metrics: self.metrics.clone(),
         };
         let span = tracing::info_span!("processor", pipeline = %self.pipeline, index);
-        let task = self.alive.track(index, supervise(stage, span));
+        // Restarted in its place (its index, its inbox, its seat) when a
+        // panic stops it; the messages it lost were accounted for as it
+        // stopped (see `ProcessorStage::run`).
+        let deadline = self.deadline.clone();
+        let what = format!("processor {index}");
+        let task = self
+            .alive
+            .track(index, supervise(stage, span, deadline, what));
         self.tracker.spawn(task);
-    }
-}
-
-/// Runs `stage` until it ends, restarting it (after a back-off) when a panic
-/// escapes it: with its index, on its inbox, in its seat. The messages it lost
-/// were accounted for as it stopped (see [`ProcessorStage::run`]). It is not
-/// restarted once the drain's deadline passed, nor when it has nothing left
-/// to do; its task then ends, and the pool reports it missing.
-async fn supervise<H: Handler>(mut stage: ProcessorStage<H>, span: tracing::Span) {
-    let index = stage.context.processor;
-    let pipeline = stage.context.pipeline.clone();
-    let mut backoff = RESTART_BACKOFF;
-    loop {
-        let started = Instant::now();
-        let run = catch_panic(|| stage.run().instrument(span.clone()));
-        let Err(panic) = run.await else {
-            tracing::debug!(%pipeline, processor = index, "processor stopped");
-            return;
-        };
-        if stage.deadline.is_cancelled() || stage.finished() {
-            tracing::error!(%pipeline, processor = index, %panic, "processor stopped by a panic outside its handlers: not restarted (the drain's deadline passed, or nothing is left for it)");
-            return;
-        }
-        if started.elapsed() >= RESTART_BACKOFF_RESET {
-            backoff = RESTART_BACKOFF;
-        }
-        tracing::error!(%pipeline, processor = index, %panic, ?backoff, "processor stopped by a panic outside its handlers: restarting it");
-        tokio::select! {
-            biased;
-            () = stage.deadline.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
-        // Retired by a shrink, or its input drained by others, meanwhile.
-        if stage.finished() {
-            return;
-        }
     }
 }
 

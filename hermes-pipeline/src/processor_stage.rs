@@ -12,6 +12,7 @@ use crate::handler::{FailedIn, Handler, ProcessorContext};
 use crate::message::Message;
 use crate::panic_message::catch_panic;
 use crate::processor_pool::Seat;
+use crate::supervisor::Supervised;
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 
@@ -47,11 +48,12 @@ pub(crate) struct ProcessorStage<H: Handler> {
     pub(crate) metrics: StageMetrics,
 }
 
-impl<H: Handler> ProcessorStage<H> {
+impl<H: Handler> Supervised for ProcessorStage<H> {
     /// Takes and handles chunks until its input is closed and empty or it
     /// retires. A panic escaping this (outside the calls it contains, say in
-    /// a tracing subscriber) leaves the stage whole: its pool runs it again.
-    pub(crate) async fn run(&mut self) {
+    /// a tracing subscriber) leaves the stage whole, the messages it lost
+    /// accounted for: its supervisor runs it again, with nothing to recover.
+    async fn run(&mut self) {
         while let Some(chunk) = self.next_chunk().await {
             // Handlers' panics are contained per message; one elsewhere (say,
             // in a metrics recorder) loses the messages this processor still
@@ -75,10 +77,12 @@ impl<H: Handler> ProcessorStage<H> {
 
     /// Whether this processor has nothing left to do: its input is closed
     /// and empty, or it retires now (and gives up its index).
-    pub(crate) fn finished(&mut self) -> bool {
+    fn finished(&mut self) -> bool {
         (self.inbox.is_closed() && self.inbox.is_empty()) || self.retired()
     }
+}
 
+impl<H: Handler> ProcessorStage<H> {
     /// The next chunk, or `None` once the input is closed and empty, or this
     /// processor is retired by a smaller concurrency.
     async fn next_chunk(&mut self) -> Option<Vec<Message<H::Data>>> {

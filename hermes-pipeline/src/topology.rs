@@ -67,8 +67,10 @@ pub enum StoppedStage {
     /// every producer was done.
     Processor(usize),
     /// A batcher whose task ended: a panic outside the calls it contains
-    /// (such as in a metrics recorder), or its input closed once every
-    /// processor was done. The processors fail what they route to it.
+    /// (such as in a metrics recorder) after the drain's deadline passed (it
+    /// is restarted otherwise), the runtime shutting down, or its input
+    /// closed once every processor was done. The processors fail what they
+    /// route to it.
     Batcher(String),
 }
 

@@ -765,12 +765,23 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
     }
 }
 
-/// A tracing subscriber that panics on the first error a processor stage
-/// logs, outside anything the processor contains: its task stops.
-#[derive(Default)]
-struct FirstProcessorErrorPanics(std::sync::atomic::AtomicBool);
+/// A tracing subscriber that panics on the first error logged from module
+/// `target` (a stage's), outside anything that stage contains: its task stops.
+struct FirstErrorPanics {
+    target: &'static str,
+    fired: std::sync::atomic::AtomicBool,
+}
 
-impl tracing::Subscriber for FirstProcessorErrorPanics {
+impl FirstErrorPanics {
+    fn from(target: &'static str) -> Self {
+        Self {
+            target,
+            fired: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl tracing::Subscriber for FirstErrorPanics {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
@@ -782,8 +793,8 @@ impl tracing::Subscriber for FirstProcessorErrorPanics {
     fn event(&self, event: &tracing::Event<'_>) {
         let metadata = event.metadata();
         if *metadata.level() == tracing::Level::ERROR
-            && metadata.target() == "hermes_pipeline::processor_stage"
-            && !self.0.swap(true, Ordering::SeqCst)
+            && metadata.target() == self.target
+            && !self.fired.swap(true, Ordering::SeqCst)
         {
             panic!("the subscriber panicked");
         }
@@ -798,7 +809,7 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
         // Timing the handler panics first (contained: message 1 is lost),
         // then logging that loss does, which stops the processor's task.
         let recorder = Panicky::histogram(telemetry::HANDLER_DURATION, PanicsOnce::default());
-        let subscriber = FirstProcessorErrorPanics::default();
+        let subscriber = FirstErrorPanics::from("hermes_pipeline::processor_stage");
         tracing::subscriber::with_default(subscriber, || {
             with_recorder_paused(&recorder, async {
                 // With partitioning, message 1 and the odd ones after it go
@@ -838,6 +849,82 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
             });
         });
     }
+}
+
+#[test]
+fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
+    // The only batch processor stops on its first batch (timing it panics);
+    // the batcher logs that it restarts it as it sends the next batch, and
+    // that log panics: the batcher's task stops with that batch in hand
+    // and another open.
+    let recorder = Panicky::histogram(telemetry::BATCH_SIZE, PanicsOnce::default());
+    let subscriber = FirstErrorPanics::from("hermes_pipeline::batcher_stage");
+    tracing::subscriber::with_default(subscriber, || {
+        with_recorder_paused(&recorder, async {
+            let (handler, batches) = Collect::new();
+            let mut builder = Pipeline::builder("batcher-restarts", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .max_in_flight(10)
+                .batcher("default", batches_of(3, Duration::from_secs(3600)));
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            let acks = Recorder::new();
+            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
+            let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
+            let keyed = |id| {
+                let mut message = tracked(id);
+                message.put_batch_key("open");
+                message
+            };
+            for outcome in ingress.test_batch([1, 2, 3].map(tracked)).await {
+                assert_failed_with(&outcome, "dropped");
+            }
+            assert_eq!(pipeline.in_flight(), 0);
+            // 100 waits in an open batch (for an hour) as the batch of 4, 5
+            // and 6 closes and the batcher stops sending it.
+            let lost = ingress
+                .test_batch([tracked(4), tracked(5), keyed(100), tracked(6)])
+                .await;
+            for outcome in &lost {
+                assert_failed_with(outcome, "dropped");
+            }
+            assert_eq!(pipeline.in_flight(), 0);
+            // Restarting (after a pause) counts as running.
+            assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+            assert_eq!(pipeline.stopped_stages(), vec![]);
+            // The restarted batcher batches the next messages, restarting
+            // its batch processor, and keeps its keyed batches apart.
+            let outcomes = within_10s(
+                ingress.test_batch([7, 8, 9].map(tracked)),
+                "the restarted batcher took the messages",
+            )
+            .await;
+            assert!(outcomes.iter().all(Outcome::is_success), "{outcomes:?}");
+            assert_eq!(pipeline.in_flight(), 0);
+            assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+            let open = ingress.try_push_tracked(keyed(200)).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert_eq!(pipeline.in_flight(), 1);
+            // The drain flushes it.
+            assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
+            assert_eq!(open.await, Outcome::Succeeded);
+            assert_eq!(pipeline.in_flight(), 0);
+            // Each acknowledged once; the lost ones not at all.
+            let mut acked: Vec<_> = acks.acks().into_iter().collect();
+            acked.sort_unstable_by_key(|(id, _)| *id);
+            let once: Vec<_> = [7, 8, 9, 200].map(|id| (id, vec![Status::Ok])).into();
+            assert_eq!(acked, once);
+            let mut handled: Vec<Vec<u64>> = batches
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(.., ids)| ids.clone())
+                .collect();
+            handled.sort_unstable();
+            assert_eq!(handled, vec![vec![7, 8, 9], vec![200]]);
+        });
+    });
 }
 
 /// Panics on a second or more: only a handler held that long records it.
@@ -996,14 +1083,14 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
 }
 
 #[test]
-fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
+fn a_batcher_panicking_on_every_chunk_is_restarted_each_time() {
     // The batcher's queue-depth gauge goes down as it takes a chunk: a
     // panic there is outside what the batcher contains.
     let recorder =
         Panicky::gauge(telemetry::QUEUE_DEPTH, DecrementPanics).of_stage("batcher:default");
     with_recorder_paused(&recorder, async {
         let (handler, _) = Collect::new();
-        let mut builder = Pipeline::builder("batcher-dies", handler)
+        let mut builder = Pipeline::builder("batcher-panics", handler)
             .processors(ProcessorOptions::new().concurrency(2))
             .batcher("default", batches_of(10, Duration::from_millis(1)));
         let ingress = builder.ingress(10);
@@ -1016,26 +1103,24 @@ fn a_batcher_that_died_makes_the_pipeline_unhealthy() {
             tokio::time::sleep(Duration::from_millis(1)).await;
             assert_eq!(pipeline.stopped_stages(), vec![], "{concurrency}");
         }
-        // The batcher dies with the message it was handed.
-        let lost = ingress.test_message(1u64).await;
-        assert_failed_with(&lost, "dropped");
-        assert!(!pipeline.is_healthy());
-        assert_eq!(
-            pipeline.stopped_stages(),
-            vec![StoppedStage::Batcher("default".into())]
-        );
-        assert_eq!(
-            StoppedStage::Batcher("default".into()).to_string(),
-            r#"batcher "default""#
-        );
-        // Every other stage runs, and nothing reaches a batch.
-        assert!(pipeline.is_running());
-        assert_failed_with(&ingress.test_message(2u64).await, "not running");
+        // The batcher stops with each message it is handed, freeing its
+        // slot, and is restarted each time (after a longer pause): it
+        // counts as running throughout.
+        for id in 1..=3u64 {
+            let lost = within_10s(ingress.test_message(id), "the batcher took it").await;
+            assert_failed_with(&lost, "dropped");
+            assert_eq!(pipeline.in_flight(), 0);
+            assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
+            assert!(pipeline.is_running());
+        }
         pipeline.shutdown();
         assert!(!pipeline.is_healthy(), "draining");
-        // The slot of the message it died with was freed as it stopped.
         assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
         assert_eq!(pipeline.in_flight(), 0);
+        // Stopped with the rest by the drain.
+        let batcher = StoppedStage::Batcher("default".into());
+        assert!(pipeline.stopped_stages().contains(&batcher));
+        assert_eq!(batcher.to_string(), r#"batcher "default""#);
     });
 }
 
