@@ -108,7 +108,13 @@ struct Batching<H: Handler> {
     /// Signalled when any batch processor runs out of work.
     any_idle: Arc<Notify>,
     next: usize,
+    /// The messages of the open batches a panic stopped it with, failed, to
+    /// acknowledge (see `recover`, `settle`).
+    stopped_with: Vec<Message<H::Data>>,
 }
+
+/// Why the messages of a batcher's open batches fail when a panic stops it.
+const STOPPED_BY_A_PANIC: &str = "the batcher stopped by a panic before its batch was handled";
 
 impl<H: Handler> BatcherStage<H> {
     /// Runs this batcher in `span`, restarted in its place (same name, inbox
@@ -126,6 +132,7 @@ impl<H: Handler> BatcherStage<H> {
             outstanding: Vec::new(),
             any_idle: Arc::new(Notify::new()),
             next: 0,
+            stopped_with: Vec::new(),
         };
         supervise(batching, span, deadline, what).await;
     }
@@ -192,10 +199,11 @@ impl<H: Handler> Supervised for Batching<H> {
 
     /// A panic may stop the batcher anywhere: with a chunk half added to its
     /// open batches, a batch closed and not yet sent, a resize half done. So
-    /// its batching state is reset rather than repaired: every message it
-    /// held (in its open batches, or in hand and dropped as the panic
-    /// unwound) is lost, its slot freed here, once (the inbox counts them),
-    /// and its completion reports the drop; the open batches and their
+    /// its batching state is reset rather than repaired: the messages of its
+    /// open batches are failed and kept, for `settle` to acknowledge (once;
+    /// that frees their slots); those it had in hand were dropped as the
+    /// panic unwound: their slots are freed here, once (the inbox counts
+    /// them), and their completions report the drop. The open batches'
     /// timers are discarded; the batch processors are cut back to the
     /// concurrency last set (those of an interrupted grow have no batch yet;
     /// the next run starts those of an interrupted shrink again), and an
@@ -204,23 +212,39 @@ impl<H: Handler> Supervised for Batching<H> {
     ///
     /// [`ResizeError::NotRunning`]: crate::ResizeError::NotRunning
     fn recover(&mut self) {
-        // The slots first, then the open batches' completions: whoever
-        // awaits one then finds its slot free.
-        let lost = self.stage.inbox.release_held();
-        self.default = None;
-        self.keyed.clear();
+        let open = self
+            .default
+            .take()
+            .into_iter()
+            .chain(self.keyed.drain().map(|(_, batch)| batch));
+        let mut stopped_with: Vec<_> = open.flat_map(|batch| batch.messages).collect();
+        Message::fail_all(&mut stopped_with, STOPPED_BY_A_PANIC);
+        self.stopped_with.append(&mut stopped_with);
         self.timers.clear();
+        let lost = self.stage.inbox.release_held(self.stopped_with.len());
         let concurrency = self.stage.concurrency.load(Ordering::Relaxed);
         self.processors.truncate(concurrency);
         self.outstanding.truncate(concurrency);
         self.next = 0;
+        let failed = self.stopped_with.len();
         log_caught(|| {
             tracing::error!(
                 batcher = %self.stage.spawner.batcher,
                 lost,
-                "batcher stopped by a panic: the messages it held are dropped"
+                failed,
+                "batcher stopped by a panic: the messages it had in hand are dropped, those of its open batches fail"
             );
         });
+    }
+
+    /// Acknowledges, as failed, the messages of the open batches a panic
+    /// stopped the batcher with. They are taken first: if the
+    /// acknowledgement panics (outside the acknowledgers and `handle_failed`,
+    /// which it contains), they are dropped with it, and the next `recover`
+    /// frees their slots; none is acknowledged twice.
+    async fn settle(&mut self) {
+        let stopped_with = std::mem::take(&mut self.stopped_with);
+        self.acknowledge(stopped_with).await;
     }
 
     fn finished(&mut self) -> bool {

@@ -31,7 +31,8 @@ impl<T> Parcel for Vec<Message<T>> {
 /// the stage contains (say, in a metrics recorder) loses what the stage had in
 /// hand and the parcels waiting here (their completions report the drop),
 /// unless the stage is restarted on it (a batcher): then only what it had in
-/// hand (see [`release_held`](Self::release_held)).
+/// hand, the messages of its open batches being acknowledged as failed (see
+/// [`release_held`](Self::release_held)).
 pub(crate) struct HoldingInbox<P: Parcel> {
     parcels: mpsc::UnboundedReceiver<P>,
     /// Messages received and not yet handed on or acknowledged.
@@ -80,11 +81,13 @@ impl<P: Parcel> HoldingInbox<P> {
         self.holding -= n;
     }
 
-    /// The stage lost every message it held (a panic stopped it, and it is
-    /// to be restarted on this inbox): frees their slots, and returns how
-    /// many. The parcels waiting here are not lost.
-    pub(crate) fn release_held(&mut self) -> usize {
-        let lost = std::mem::take(&mut self.holding);
+    /// A panic stopped the stage, which may be restarted on this inbox: of
+    /// the messages it held, it lost all but `kept`, which it still has and
+    /// acknowledges (that frees their slots). Frees the slots of the lost
+    /// ones, and returns how many. The parcels waiting here are not lost.
+    pub(crate) fn release_held(&mut self, kept: usize) -> usize {
+        let lost = self.holding.saturating_sub(kept);
+        self.holding -= lost;
         self.in_flight.release_lost(lost);
         lost
     }

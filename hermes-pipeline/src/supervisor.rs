@@ -26,8 +26,18 @@ pub(crate) trait Supervised {
 
     /// Called as soon as a panic escaped [`run`](Self::run), before anything
     /// else: accounts for the messages the stage lost (reported dropped, their
-    /// slots freed) and puts it back in a state `run` can start from.
+    /// slots freed), keeps those it can still acknowledge for
+    /// [`settle`](Self::settle), and puts it back in a state `run` can start
+    /// from.
     fn recover(&mut self) {}
+
+    /// Called after [`recover`](Self::recover), whether or not the stage is
+    /// restarted: settles what `recover` kept rather than dropped (a
+    /// batcher acknowledges its open batches' messages as failed). A panic
+    /// escaping this is recovered from like one escaping `run`.
+    fn settle(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// Whether the stage has nothing left to do (its input is closed and
     /// empty, say): it is not restarted then.
@@ -35,7 +45,8 @@ pub(crate) trait Supervised {
 }
 
 /// Runs `stage` in `span` until it ends, restarting it in its place (after a
-/// back-off) when a panic escapes it. It is not restarted once `deadline` (the
+/// back-off) when a panic escapes it; what it kept as it recovered is
+/// settled first, restarted or not. It is not restarted once `deadline` (the
 /// drain's) passed, nor when it has nothing left to do: this then returns,
 /// and its task ends. `what` names it in the log.
 pub(crate) async fn supervise<S: Supervised>(
@@ -55,6 +66,14 @@ pub(crate) async fn supervise<S: Supervised>(
         // At once, in the poll that caught the panic: nothing else sees the
         // stage as the panic left it.
         stage.recover();
+        if let Err(panic) = catch_panic(|| stage.settle().instrument(span.clone())).await {
+            // What it was settling is lost as if `run` had panicked; the
+            // first `recover` left nothing more to settle.
+            stage.recover();
+            log_caught(
+                || tracing::error!(parent: &span, %panic, "{what} panicked settling what a panic stopped"),
+            );
+        }
         if deadline.is_cancelled() || stage.finished() {
             log_caught(
                 || tracing::error!(parent: &span, %panic, "{what} stopped by a panic outside the calls it contains: not restarted (the drain's deadline passed, or nothing is left for it)"),

@@ -851,12 +851,15 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
     }
 }
 
+/// Why the messages of a batcher's open batches fail when a panic stops it.
+const STOPPED_BY_A_PANIC: &str = "the batcher stopped by a panic before its batch was handled";
+
 #[test]
 fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
     // The only batch processor stops on its first batch (timing it panics);
     // the batcher logs that it restarts it as it sends the next batch, and
     // that log panics: the batcher's task stops with that batch in hand
-    // and another open.
+    // (lost) and another open (acknowledged as failed).
     let recorder = Panicky::histogram(telemetry::BATCH_SIZE, PanicsOnce::default());
     let subscriber = FirstErrorPanics::from("hermes_pipeline::batcher_stage");
     tracing::subscriber::with_default(subscriber, || {
@@ -881,13 +884,15 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             }
             assert_eq!(pipeline.in_flight(), 0);
             // 100 waits in an open batch (for an hour) as the batch of 4, 5
-            // and 6 closes and the batcher stops sending it.
-            let lost = ingress
+            // and 6 closes and the batcher stops sending it: that batch, in
+            // hand, is lost; the open one fails.
+            let outcomes = ingress
                 .test_batch([tracked(4), tracked(5), keyed(100), tracked(6)])
                 .await;
-            for outcome in &lost {
+            for outcome in [&outcomes[0], &outcomes[1], &outcomes[3]] {
                 assert_failed_with(outcome, "dropped");
             }
+            assert_failed_with(&outcomes[2], STOPPED_BY_A_PANIC);
             assert_eq!(pipeline.in_flight(), 0);
             // Restarting (after a pause) counts as running.
             assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
@@ -912,7 +917,9 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             // Each acknowledged once; the lost ones not at all.
             let mut acked: Vec<_> = acks.acks().into_iter().collect();
             acked.sort_unstable_by_key(|(id, _)| *id);
-            let once: Vec<_> = [7, 8, 9, 200].map(|id| (id, vec![Status::Ok])).into();
+            let mut once: Vec<_> = [7, 8, 9].map(|id| (id, vec![Status::Ok])).into();
+            once.push((100, vec![Status::Failed(STOPPED_BY_A_PANIC.into())]));
+            once.push((200, vec![Status::Ok]));
             assert_eq!(acked, once);
             let mut handled: Vec<Vec<u64>> = batches
                 .seen
@@ -923,6 +930,65 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
                 .collect();
             handled.sort_unstable();
             assert_eq!(handled, vec![vec![7, 8, 9], vec![200]]);
+        });
+    });
+}
+
+#[test]
+fn a_batcher_stopped_by_a_panic_after_the_drain_deadline_still_fails_its_open_batches() {
+    // As above, the batch processor stops on its first batch, and the
+    // batcher's log of restarting it panics. The batcher is held past the
+    // drain's deadline acknowledging 50 (its size_of panics; its
+    // acknowledger is slow), then flushes: the default batch (4) goes
+    // first, and the panic stops the batcher, not restarted, with 100 open.
+    let recorder = Panicky::histogram(telemetry::BATCH_SIZE, PanicsOnce::default());
+    let subscriber = FirstErrorPanics::from("hermes_pipeline::batcher_stage");
+    tracing::subscriber::with_default(subscriber, || {
+        with_recorder_paused(&recorder, async {
+            let (handler, _) = Collect::new();
+            let size_of = |message: &Message<u64>| {
+                assert_ne!(message.data, 50, "no size for 50");
+                1
+            };
+            let mut builder = Pipeline::builder("batcher-stops-late", handler)
+                .processors(ProcessorOptions::new().concurrency(1))
+                .max_in_flight(10)
+                .batcher(
+                    "default",
+                    batches_of(3, Duration::from_secs(3600)).max_batch_bytes(100, size_of),
+                );
+            let ingress = builder.ingress(10);
+            let pipeline = builder.start().unwrap();
+            let acks = Recorder::new();
+            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
+            let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
+            for outcome in ingress.test_batch([1, 2, 3].map(tracked)).await {
+                assert_failed_with(&outcome, "dropped");
+            }
+            let mut open = tracked(100);
+            open.put_batch_key("open");
+            let slow = Message::new(50)
+                .with_acknowledger(
+                    Arc::new(SlowAcknowledger(Recorder::default())) as Arc<dyn Acknowledger<u64>>
+                );
+            let completions: Vec<_> = [open, tracked(4), slow]
+                .into_iter()
+                .map(|message| ingress.try_push_tracked(message).unwrap())
+                .collect();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert_eq!(pipeline.in_flight(), 3);
+            assert!(pipeline.drain(Duration::from_millis(10)).await.forced);
+            let [open, lost, slow] = <[_; 3]>::try_from(completions).unwrap();
+            assert_failed_with(&slow.await, "size_of panicked");
+            assert_failed_with(&lost.await, "dropped");
+            assert_failed_with(&open.await, STOPPED_BY_A_PANIC);
+            assert_eq!(pipeline.in_flight(), 0);
+            let batcher = StoppedStage::Batcher("default".into());
+            assert!(pipeline.stopped_stages().contains(&batcher));
+            // The open batch's message failed once; the lost ones not at all.
+            let acked: Vec<_> = acks.acks().into_iter().collect();
+            let once = vec![(100, vec![Status::Failed(STOPPED_BY_A_PANIC.into())])];
+            assert_eq!(acked, once);
         });
     });
 }
