@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -142,7 +142,7 @@ async fn drive<C>(
                     // A request came meanwhile, or is in progress.
                     continue;
                 }
-                if !activity.seen.load(Ordering::Relaxed) {
+                if !activity.had_a_request() {
                     tracing::debug!("no request within the read timeout: connection closed");
                     return;
                 }
@@ -169,12 +169,10 @@ fn only_that_connection_failed(error: &std::io::Error) -> bool {
 /// task that drives it.
 struct Activity {
     opened: Instant,
-    /// Whether a request ever came.
-    seen: AtomicBool,
     /// Requests in progress.
     in_flight: AtomicUsize,
-    /// When the last request ended, in microseconds since `opened` (0: none
-    /// has).
+    /// When the last request ended, in microseconds since `opened`, at least
+    /// 1 (0: none has).
     last_end_us: AtomicU64,
 }
 
@@ -182,7 +180,6 @@ impl Activity {
     fn new() -> Self {
         Self {
             opened: Instant::now(),
-            seen: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_end_us: AtomicU64::new(0),
         }
@@ -199,13 +196,20 @@ impl Activity {
         self.opened + last_end + timeout
     }
 
+    /// Whether a request ever ended; asked once none is in progress, when
+    /// that is whether one ever came.
+    fn had_a_request(&self) -> bool {
+        self.last_end_us.load(Ordering::Acquire) > 0
+    }
+
     fn request_started(&self) {
-        self.seen.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
     fn request_ended(&self) {
-        let since_opened = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let since_opened = u64::try_from(self.opened.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         // Stored before the count falls, so whoever sees no request in
         // progress sees when the last one ended.
         self.last_end_us.fetch_max(since_opened, Ordering::AcqRel);
