@@ -422,21 +422,13 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// [`GuardedConnection`]).
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
         let mut conn = GuardedConnection::acquire(&self.pool).await?;
+        let run = self.run(&mut conn, rows);
         let result = match self.retry.attempt_timeout {
-            None => self.run(&mut conn, rows).await,
-            Some(limit) => match tokio::time::timeout(limit, self.run(&mut conn, rows)).await {
-                Ok(result) => result,
-                // Dropped unfinished: out of the pool.
-                Err(_) => {
-                    return Err(AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "the batch statement did not finish within {} ms",
-                            limit.as_millis()
-                        ),
-                    ))));
-                }
-            },
+            None => run.await,
+            // Dropped unfinished on a time-out: out of the pool.
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .map_err(|_| attempt_timed_out(limit))?,
         };
         conn.finish();
         result
@@ -460,4 +452,15 @@ impl<S: BatchStatement> BatchWriter<S> {
         tx.commit().await?;
         Ok(written)
     }
+}
+
+/// The error of an attempt that ran out of `limit`.
+fn attempt_timed_out(limit: std::time::Duration) -> AttemptError {
+    AttemptError::Sql(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the batch statement did not finish within {} ms",
+            limit.as_millis()
+        ),
+    )))
 }

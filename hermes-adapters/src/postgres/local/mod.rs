@@ -76,7 +76,7 @@ use files::unique_suffix;
 use runner::{Runner, run};
 use server::{Running, ServerState};
 use settings::tcp_password;
-use start::{Started, start_blocking};
+use start::start_blocking;
 
 pub use test_cluster::{cargo_target_dir, test_database, try_test_database};
 
@@ -320,20 +320,7 @@ impl LocalPostgres {
     /// accepts connections and creates `config.database` if missing.
     pub async fn start_with(config: LocalPostgresConfig) -> Result<Self, LocalPostgresError> {
         validate_database_name(&config.database)?;
-        let database = config.database.clone();
-        let Started {
-            data_dir,
-            server,
-            reused,
-            runner,
-        } = blocking(move || start_blocking(&config)).await?;
-        let pg = LocalPostgres {
-            data_dir,
-            server,
-            database,
-            reused,
-            runner,
-        };
+        let pg = blocking(move || start_blocking(&config)).await?;
         pg.wait_ready().await?;
         pg.set_tcp_password().await?;
         pg.create_database(&pg.database).await?;

@@ -13,24 +13,17 @@ use super::files::log_tail;
 use super::init::{init_in_place, init_staged, make_traversable};
 use super::lock::lock_dir;
 use super::runner::{Runner, run};
-use super::server::{Running, ServerState, remove_stale_pid_file};
+use super::server::{ServerState, remove_stale_pid_file};
 use super::settings::write_hermes_conf;
-use super::{LocalPostgresConfig, LocalPostgresError, SERVER_LOG, START_ATTEMPTS, io_err};
+use super::{
+    LocalPostgres, LocalPostgresConfig, LocalPostgresError, SERVER_LOG, START_ATTEMPTS, io_err,
+};
 
-/// What the blocking part of a start hands on to the rest of it.
-pub(super) struct Started {
-    /// The data directory, absolute.
-    pub(super) data_dir: PathBuf,
-    /// The server started or reused.
-    pub(super) server: Running,
-    /// Whether the server was already running.
-    pub(super) reused: bool,
-    /// How the server binaries are run.
-    pub(super) runner: Runner,
-}
-
-/// The blocking part of a start: binaries, user, init, start or reuse.
-pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, LocalPostgresError> {
+/// The blocking part of a start: binaries, user, init, start or reuse. The
+/// cluster it hands back is running, not yet known to accept connections.
+pub(super) fn start_blocking(
+    config: &LocalPostgresConfig,
+) -> Result<LocalPostgres, LocalPostgresError> {
     let data_dir = absolute(&config.data_dir)?;
     let runner = Runner::detect(&data_dir)?;
     let parent = data_dir
@@ -67,9 +60,10 @@ pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, Lo
         match runner.server_state(&data_dir)? {
             ServerState::Running(running) => {
                 tracing::info!(data_dir = %data_dir.display(), port = running.port, "reusing the running private PostgreSQL");
-                return Ok(Started {
+                return Ok(LocalPostgres {
                     data_dir,
                     server: running,
+                    database: config.database.clone(),
                     reused: true,
                     runner,
                 });
@@ -92,9 +86,10 @@ pub(super) fn start_blocking(config: &LocalPostgresConfig) -> Result<Started, Lo
                 // Read the port back from postmaster.pid: if another process
                 // rewrote hermes.conf meanwhile, the server listens on its port.
                 if let ServerState::Running(running) = runner.server_state(&data_dir)? {
-                    return Ok(Started {
+                    return Ok(LocalPostgres {
                         data_dir,
                         server: running,
+                        database: config.database.clone(),
                         reused: false,
                         runner,
                     });
