@@ -122,7 +122,7 @@ impl fmt::Debug for IngestPipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IngestPipeline")
             .field("in_flight", &self.pipeline().in_flight())
-            .field("running", &self.is_running())
+            .field("running", &self.not_running().is_none())
             .finish()
     }
 }
@@ -176,17 +176,12 @@ impl IngestPipeline {
         &self.ingress
     }
 
-    /// Whether the pipeline accepts events and can store them: it is not
-    /// draining and every stage that should run does (the ingress's
-    /// producer, each processor, the batcher; see
-    /// [`Pipeline::is_healthy`]).
-    pub fn is_running(&self) -> bool {
-        self.pipeline.is_healthy()
-    }
-
     /// What keeps the pipeline from accepting and storing events, if
     /// anything: that it is draining, or which stages stopped (a batcher
     /// that died leaves the processors taking events it never writes).
+    /// `None` exactly when [`Pipeline::is_healthy`]: the pipeline is not
+    /// draining and every stage that should run does (the ingress's
+    /// producer, each processor, the batcher).
     pub fn not_running(&self) -> Option<String> {
         if self.pipeline.is_draining() {
             return Some("it is draining".to_owned());
