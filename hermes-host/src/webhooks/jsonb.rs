@@ -127,9 +127,16 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
         if matches!(bytes.get(end), Some(b'+' | b'-')) {
             end += 1;
         }
-        let digits = Digits::at(bytes, end);
-        end += digits.length;
-        match digits.value {
+        let length = Digits::at(bytes, end).length;
+        let value = bytes
+            .iter()
+            .skip(end)
+            .take(length)
+            .try_fold(0i64, |value, &b| {
+                value.checked_mul(10)?.checked_add(i64::from(b - b'0'))
+            });
+        end += length;
+        match value {
             Some(value) if value < EXPONENT_LIMIT => {
                 exponent = if negative { -value } else { value };
             }
@@ -148,14 +155,13 @@ fn number(bytes: &[u8], at: usize) -> (usize, bool) {
     (end - at, before_point <= 131_072 && after_point <= 16_383)
 }
 
-/// A run of ASCII digits, read in one pass.
+/// A run of ASCII digits, read in one pass (the exponent's value is read
+/// where it is needed).
 struct Digits {
     /// How many digits.
     length: usize,
     /// How many of them are zeros before the first other digit.
     leading_zeros: usize,
-    /// Their value; `None` past `i64::MAX`.
-    value: Option<i64>,
 }
 
 impl Digits {
@@ -164,16 +170,12 @@ impl Digits {
         let mut digits = Self {
             length: 0,
             leading_zeros: 0,
-            value: Some(0),
         };
         let run = bytes.get(from..).unwrap_or_default();
         for &byte in run.iter().take_while(|b| b.is_ascii_digit()) {
             if byte == b'0' && digits.leading_zeros == digits.length {
                 digits.leading_zeros += 1;
             }
-            digits.value = digits
-                .value
-                .and_then(|value| value.checked_mul(10)?.checked_add(i64::from(byte - b'0')));
             digits.length += 1;
         }
         digits
