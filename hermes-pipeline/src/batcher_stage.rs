@@ -19,8 +19,8 @@ use crate::batch_processor_stage::{Batch, BatchProcessorStage, Outstanding};
 use crate::handler::{BatchTrigger, FailedIn, Handler};
 use crate::holding_inbox::HoldingInbox;
 use crate::message::Message;
-use crate::panic_message::catch_panic_now;
-use crate::supervisor::{Supervised, log_caught, supervise};
+use crate::panic_message::{catch_panic_now, log_caught};
+use crate::supervisor::{Supervised, supervise};
 use crate::telemetry::StageMetrics;
 use crate::terminator::Terminator;
 

@@ -9,6 +9,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::in_flight::InFlight;
 use crate::message::Message;
+use crate::panic_message::log_caught;
 
 /// What a holding inbox receives: some number of messages, each holding an
 /// in-flight slot.
@@ -110,11 +111,13 @@ impl<P: Parcel> Drop for HoldingInbox<P> {
             }
         }
         if lost > 0 {
-            tracing::error!(
-                lost,
-                "{} stopped holding messages: they are dropped",
-                self.stage
-            );
+            log_caught(|| {
+                tracing::error!(
+                    lost,
+                    "{} stopped holding messages: they are dropped",
+                    self.stage
+                );
+            });
             self.in_flight.release_lost(lost);
         }
     }

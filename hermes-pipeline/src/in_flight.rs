@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use metrics::Gauge;
 use tokio::sync::Semaphore;
 
-use crate::panic_message::catch_panic_now;
+use crate::panic_message::{catch_panic_now, log_caught};
 
 pub(crate) struct InFlight {
     /// Free slots.
@@ -66,9 +66,7 @@ impl InFlight {
         if n > 0 {
             let now = self.messages.fetch_add(n, Ordering::AcqRel) + n;
             self.peak.fetch_max(now, Ordering::Relaxed);
-            if let Err(panic) = catch_panic_now(|| self.gauge.increment(n as f64)) {
-                tracing::error!(%panic, "the in-flight gauge panicked");
-            }
+            self.gauge(|gauge| gauge.increment(n as f64));
         }
     }
 
@@ -100,9 +98,15 @@ impl InFlight {
         if n > 0 {
             self.messages.fetch_sub(n, Ordering::AcqRel);
             self.slots.add_permits(n);
-            if let Err(panic) = catch_panic_now(|| self.gauge.decrement(n as f64)) {
-                tracing::error!(%panic, "the in-flight gauge panicked");
-            }
+            self.gauge(|gauge| gauge.decrement(n as f64));
+        }
+    }
+
+    /// Updates the gauge with `update`, logging a panic there (a metrics
+    /// recorder may panic) rather than raising it.
+    fn gauge(&self, update: impl FnOnce(&Gauge)) {
+        if let Err(panic) = catch_panic_now(|| update(&self.gauge)) {
+            log_caught(|| tracing::error!(%panic, "the in-flight gauge panicked"));
         }
     }
 

@@ -25,6 +25,14 @@ pub(crate) fn catch_panic_now<T>(call: impl FnOnce() -> T) -> Result<T, String> 
     std::panic::catch_unwind(AssertUnwindSafe(call)).map_err(|payload| panic_message(&*payload))
 }
 
+/// Logs with `log`, catching a panic there: a log that runs after a panic,
+/// or while one unwinds, may meet the subscriber that panicked, and must not
+/// stop what logs it (a supervisor, which would leave its stage dead; a drop,
+/// which would leave slots unfreed).
+pub(crate) fn log_caught(log: impl FnOnce()) {
+    let _ = catch_panic_now(log);
+}
+
 /// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {

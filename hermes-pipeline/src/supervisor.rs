@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::panic_message::{catch_panic, catch_panic_now};
+use crate::panic_message::{catch_panic, log_caught};
 
 /// The first pause before a stage stopped by a panic is restarted; it
 /// doubles with each restart, up to [`RESTART_BACKOFF_MAX`], so a panic on
@@ -97,10 +97,4 @@ pub(crate) async fn supervise<S: Supervised>(
             return;
         }
     }
-}
-
-/// Logs with `log`: a panic there (the subscriber may be what panicked) must
-/// not stop the supervisor, which would leave its stage dead.
-pub(crate) fn log_caught(log: impl FnOnce()) {
-    let _ = catch_panic_now(log);
 }
