@@ -5,14 +5,12 @@
 //! never sending a byte, or by sending nothing after its last request.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::service::Service;
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulConnection;
@@ -73,10 +71,15 @@ pub async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         let activity = Arc::new(Activity::new());
-        let service = Tracked {
-            inner: TowerToHyperService::new(router.clone()),
-            activity: activity.clone(),
-        };
+        let (inner, tracked) = (TowerToHyperService::new(router.clone()), activity.clone());
+        let service = service_fn(move |request| {
+            let in_progress = tracked.request_started();
+            let response = inner.call(request);
+            async move {
+                let _in_progress = in_progress;
+                response.await
+            }
+        });
         let connection = builder
             .serve_connection(TokioIo::new(tcp), service)
             .into_owned();
@@ -107,14 +110,12 @@ async fn drive<C>(
     C::Error: std::fmt::Display,
 {
     tokio::pin!(connection);
-    let mut shut_down = false;
-    // Set when shut down for being idle: it must be gone by then.
-    let mut drop_at = None;
+    let mut closing = Closing::Open;
     loop {
-        let deadline = if shut_down {
-            drop_at
-        } else {
-            Some(activity.idle_until(read_timeout))
+        let deadline = match closing {
+            Closing::Open => Some(activity.idle_until(read_timeout)),
+            Closing::Draining => None,
+            Closing::Idle { drop_at } => Some(drop_at),
         };
         let timer = async move {
             match deadline {
@@ -129,12 +130,12 @@ async fn drive<C>(
                 }
                 return;
             }
-            () = stopping.cancelled(), if !shut_down => {
+            () = stopping.cancelled(), if matches!(closing, Closing::Open) => {
                 connection.as_mut().graceful_shutdown();
-                shut_down = true;
+                closing = Closing::Draining;
             }
             () = timer => {
-                if shut_down {
+                if let Closing::Idle { .. } = closing {
                     tracing::debug!("an idle connection did not close: dropped");
                     return;
                 }
@@ -148,11 +149,22 @@ async fn drive<C>(
                 }
                 tracing::debug!("idle for the read timeout: connection closed");
                 connection.as_mut().graceful_shutdown();
-                shut_down = true;
-                drop_at = Some(Instant::now() + read_timeout);
+                closing = Closing::Idle {
+                    drop_at: Instant::now() + read_timeout,
+                };
             }
         }
     }
+}
+
+/// How far a connection is in closing.
+enum Closing {
+    /// Serving; closed once idle.
+    Open,
+    /// Shut down gracefully as the server stops: its requests finish first.
+    Draining,
+    /// Shut down gracefully for being idle: dropped if not gone by `drop_at`.
+    Idle { drop_at: Instant },
 }
 
 /// Whether a failed `accept` was about that one connection only (reset or
@@ -196,14 +208,16 @@ impl Activity {
         self.opened + last_end + timeout
     }
 
-    /// Whether a request ever ended; asked once none is in progress, when
-    /// that is whether one ever came.
+    /// Whether a request ever came: one is in progress, or one ended.
     fn had_a_request(&self) -> bool {
-        self.last_end_us.load(Ordering::Acquire) > 0
+        self.in_flight.load(Ordering::Acquire) > 0 || self.last_end_us.load(Ordering::Acquire) > 0
     }
 
-    fn request_started(&self) {
+    /// A request started: in progress until the returned guard is dropped
+    /// (when its response is ready, or when the connection drops it).
+    fn request_started(self: &Arc<Self>) -> InProgress {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InProgress(self.clone())
     }
 
     fn request_ended(&self) {
@@ -217,50 +231,11 @@ impl Activity {
     }
 }
 
-/// A connection's service that records its requests' [`Activity`].
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: Service<R>, R> Service<R> for Tracked<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = TrackedFuture<S::Future>;
-
-    fn call(&self, request: R) -> Self::Future {
-        self.activity.request_started();
-        TrackedFuture {
-            inner: self.inner.call(request),
-            _request: InProgress(self.activity.clone()),
-        }
-    }
-}
-
-/// A request in progress until dropped: when its response is ready, or when
-/// the connection drops it.
+/// A request in progress, until dropped.
 struct InProgress(Arc<Activity>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.0.request_ended();
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A request's future, which counts as in progress until it completes or
-    /// is dropped.
-    struct TrackedFuture<F> {
-        #[pin]
-        inner: F,
-        _request: InProgress,
-    }
-}
-
-impl<F: Future> Future for TrackedFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
     }
 }
