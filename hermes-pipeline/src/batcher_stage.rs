@@ -223,8 +223,7 @@ impl<H: Handler> Supervised for Batching<H> {
         self.timers.clear();
         let lost = self.stage.inbox.release_held(self.stopped_with.len());
         let concurrency = self.stage.concurrency.load(Ordering::Relaxed);
-        self.processors.truncate(concurrency);
-        self.outstanding.truncate(concurrency);
+        self.cut_to(concurrency);
         self.next = 0;
         let failed = self.stopped_with.len();
         log_caught(|| {
@@ -509,6 +508,13 @@ impl<H: Handler> Batching<H> {
         }
     }
 
+    /// Keeps the first `concurrency` batch processors (and their outstanding
+    /// counts), dropping the others' senders.
+    fn cut_to(&mut self, concurrency: usize) {
+        self.processors.truncate(concurrency);
+        self.outstanding.truncate(concurrency);
+    }
+
     /// Starts batch processor `index`, with its own outstanding counts.
     fn start(&self, index: usize) -> (mpsc::UnboundedSender<Batch<H::Data>>, Outstanding) {
         let outstanding = Outstanding::default();
@@ -539,8 +545,7 @@ impl<H: Handler> Batching<H> {
                 }
             }
         }
-        self.processors.truncate(resize.concurrency);
-        self.outstanding.truncate(resize.concurrency);
+        self.cut_to(resize.concurrency);
         self.grow_to(resize.concurrency);
         self.next = 0;
         self.stage
