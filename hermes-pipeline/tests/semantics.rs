@@ -823,8 +823,7 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
                 };
                 let (ingress, pipeline, _) = ten_in_flight("processor-restarts", options, false);
                 let acks = Recorder::new();
-                let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
-                let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
+                let tracked = acks.tracking();
                 let lost = ingress.test_message(tracked(1)).await;
                 assert_failed_with(&lost, "dropped");
                 assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
@@ -832,7 +831,7 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
                 assert!(pipeline.is_healthy(), "{:?}", pipeline.stopped_stages());
                 let ids = [3u64, 5, 7, 9, 11, 15, 17, 19, 20, 21];
                 let outcomes = within_10s(
-                    ingress.test_batch(ids.map(tracked)),
+                    ingress.test_batch(ids.map(&tracked)),
                     "the restarted processor took the messages",
                 )
                 .await;
@@ -842,8 +841,7 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
                 assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
                 assert_eq!(pipeline.in_flight(), 0);
                 // Each handled once and acknowledged once; the lost one not at all.
-                let mut acked: Vec<_> = acks.acks().into_iter().collect();
-                acked.sort_unstable_by_key(|(id, _)| *id);
+                let acked = acks.sorted_acks();
                 let once: Vec<_> = ids.map(|id| (id, vec![Status::Ok])).into();
                 assert_eq!(acked, once, "partitioned: {partitioned}");
             });
@@ -872,14 +870,13 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             let ingress = builder.ingress(10);
             let pipeline = builder.start().unwrap();
             let acks = Recorder::new();
-            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
-            let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
+            let tracked = acks.tracking();
             let keyed = |id| {
                 let mut message = tracked(id);
                 message.put_batch_key("open");
                 message
             };
-            for outcome in ingress.test_batch([1, 2, 3].map(tracked)).await {
+            for outcome in ingress.test_batch([1, 2, 3].map(&tracked)).await {
                 assert_failed_with(&outcome, "dropped");
             }
             assert_eq!(pipeline.in_flight(), 0);
@@ -900,7 +897,7 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             // The restarted batcher batches the next messages, restarting
             // its batch processor, and keeps its keyed batches apart.
             let outcomes = within_10s(
-                ingress.test_batch([7, 8, 9].map(tracked)),
+                ingress.test_batch([7, 8, 9].map(&tracked)),
                 "the restarted batcher took the messages",
             )
             .await;
@@ -915,8 +912,7 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             assert_eq!(open.await, Outcome::Succeeded);
             assert_eq!(pipeline.in_flight(), 0);
             // Each acknowledged once; the lost ones not at all.
-            let mut acked: Vec<_> = acks.acks().into_iter().collect();
-            acked.sort_unstable_by_key(|(id, _)| *id);
+            let acked = acks.sorted_acks();
             let mut once: Vec<_> = [7, 8, 9].map(|id| (id, vec![Status::Ok])).into();
             once.push((100, vec![Status::Failed(STOPPED_BY_A_PANIC.into())]));
             once.push((200, vec![Status::Ok]));
@@ -960,9 +956,8 @@ fn a_batcher_stopped_by_a_panic_after_the_drain_deadline_still_fails_its_open_ba
             let ingress = builder.ingress(10);
             let pipeline = builder.start().unwrap();
             let acks = Recorder::new();
-            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
-            let tracked = |id| Message::new(id).with_acknowledger(acknowledger.clone());
-            for outcome in ingress.test_batch([1, 2, 3].map(tracked)).await {
+            let tracked = acks.tracking();
+            for outcome in ingress.test_batch([1, 2, 3].map(&tracked)).await {
                 assert_failed_with(&outcome, "dropped");
             }
             let mut open = tracked(100);
@@ -1107,7 +1102,7 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
             let (ingress, pipeline, batches) =
                 ten_in_flight("gauge-panics-up", processors, batched);
             let acks = Recorder::new();
-            let acknowledger: Arc<dyn Acknowledger<u64>> = acks.clone();
+            let tracked = acks.tracking();
             // The gauge panics each time the producer stage admits messages
             // it was handed: they go on all the same, and the second round
             // needs every slot back.
@@ -1115,9 +1110,7 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
                 // From 20 on: the handler fails 13.
                 let ids = 20 + round * 10..30 + round * 10;
                 let outcomes = within_10s(
-                    ingress.test_batch(
-                        ids.map(|id| Message::new(id).with_acknowledger(acknowledger.clone())),
-                    ),
+                    ingress.test_batch(ids.map(&tracked)),
                     "every message was acknowledged",
                 )
                 .await;
@@ -1128,8 +1121,7 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
                 assert_eq!(pipeline.in_flight(), 0, "batched: {batched}");
             }
             assert!(!pipeline.drain(Duration::from_secs(5)).await.forced);
-            let mut acked: Vec<_> = acks.acks().into_iter().collect();
-            acked.sort_unstable_by_key(|(id, _)| *id);
+            let acked = acks.sorted_acks();
             let once: Vec<_> = (20..40u64).map(|id| (id, vec![Status::Ok])).collect();
             assert_eq!(acked, once, "batched: {batched}");
             if batched {

@@ -98,6 +98,19 @@ impl Recorder {
         self.acks.lock().unwrap().clone()
     }
 
+    /// Every id acknowledged, with its statuses, by id.
+    pub fn sorted_acks(&self) -> Vec<(u64, Vec<Status>)> {
+        let mut acks: Vec<_> = self.acks().into_iter().collect();
+        acks.sort_unstable_by_key(|(id, _)| *id);
+        acks
+    }
+
+    /// Makes message `id`, acknowledged to this recorder.
+    pub fn tracking(self: &Arc<Self>) -> impl Fn(u64) -> Message<u64> + use<> {
+        let acknowledger: Arc<dyn Acknowledger<u64>> = self.clone();
+        move |id| Message::new(id).with_acknowledger(acknowledger.clone())
+    }
+
     pub fn acked(&self) -> usize {
         self.acked.load(Ordering::SeqCst)
     }
