@@ -601,6 +601,28 @@ impl HeldWrites {
             client,
         }
     }
+
+    /// Polls every 10 ms until a batch write of the host waits for the lock
+    /// and `ready` says the test's own condition holds too (`None`; else
+    /// what it still waits for; it may assert). Fails after 60 s, with the
+    /// host's log.
+    async fn wait_for_a_waiting_write(&self, mut ready: impl AsyncFnMut() -> Option<String>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let not_yet = ready().await;
+            let waiting = lock_waiters(&self.pool).await;
+            if not_yet.is_none() && waiting >= 1 {
+                return;
+            }
+            let not_yet = not_yet.map(|what| format!("{what}, ")).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "{not_yet}{waiting} writes waiting for the lock after 60 s:\n{}",
+                self.host.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// The host gets `signal` (named `name` in its log) while it holds `HELD`
@@ -609,20 +631,16 @@ impl HeldWrites {
 /// wait, and once the lock is released commit all of them, answer each 202,
 /// and exit 0 without reaching its drain deadline.
 async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, name: &str) {
-    let HeldWrites {
-        mut host,
-        config_path,
-        verifier,
-        route,
-        pool,
-        lock,
-        client,
-    } = HeldWrites::start(&format!("held-{name}")).await;
-    let url = host.url().to_owned();
-    let held: Vec<_> = (0..HELD)
+    let mut held = HeldWrites::start(&format!("held-{name}")).await;
+    let url = held.host.url().to_owned();
+    let requests: Vec<_> = (0..HELD)
         .map(|n| {
             let event = Event::new(1_000_000 + n);
-            let (client, route, verifier) = (client.clone(), route.clone(), verifier.clone());
+            let (client, route, verifier) = (
+                held.client.clone(),
+                held.route.clone(),
+                held.verifier.clone(),
+            );
             tokio::spawn(async move {
                 let answer = deliver(&client, &route, &verifier, &event.body).await;
                 (event.provider_message_id, answer)
@@ -632,28 +650,20 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
 
     // All HELD are in the pipeline (its in-flight gauge) and a batch write
     // waits for the lock.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let in_flight = in_flight(&client, &url).await;
-        let waiting = lock_waiters(&pool).await;
-        if in_flight == HELD && waiting >= 1 {
-            break;
-        }
+    held.wait_for_a_waiting_write(async || {
+        let in_flight = in_flight(&held.client, &url).await;
         assert!(
-            in_flight <= HELD && held.iter().all(|task| !task.is_finished()),
+            in_flight <= HELD && requests.iter().all(|task| !task.is_finished()),
             "an answer while writes are held: in flight {in_flight}:\n{}",
-            host.log_text()
+            held.host.log_text()
         );
-        assert!(
-            Instant::now() < deadline,
-            "in flight {in_flight} of {HELD}, {waiting} writes waiting for the lock after 60 s:\n{}",
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (in_flight < HELD).then(|| format!("in flight {in_flight} of {HELD}"))
+    })
+    .await;
 
-    host.signal(signal);
-    host.wait_for_line(&format!("{name} received"), Duration::from_secs(30))
+    held.host.signal(signal);
+    held.host
+        .wait_for_line(&format!("{name} received"), Duration::from_secs(30))
         .await;
 
     // Stops accepting: the listener is closed once the shutdown began (the
@@ -667,7 +677,7 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
             Ok(_) => assert!(
                 Instant::now() < deadline,
                 "still accepting connections 10 s after {name}:\n{}",
-                host.log_text()
+                held.host.log_text()
             ),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -677,9 +687,11 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
         .build()
         .expect("client");
     let late = Event::new(2_000_000);
-    let signed = verifier.sign(&late.body, &route, "", SystemTime::now());
+    let signed = held
+        .verifier
+        .sign(&late.body, &held.route, "", SystemTime::now());
     let sent = fresh
-        .post(&route)
+        .post(&held.route)
         .headers(signed)
         .header("content-type", "application/json")
         .body(late.body)
@@ -692,25 +704,25 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
 
     // Draining: still running, nothing answered, nothing committed.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Ok(Some(status)) = host.child.try_wait() {
+    if let Ok(Some(status)) = held.host.child.try_wait() {
         panic!(
             "hermes exited ({status}) with {HELD} writes pending:\n{}",
-            host.log_text()
+            held.host.log_text()
         );
     }
     assert!(
-        held.iter().all(|task| !task.is_finished()),
+        requests.iter().all(|task| !task.is_finished()),
         "answered before its write could commit"
     );
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events")
-        .fetch_one(&pool)
+        .fetch_one(&held.pool)
         .await
         .expect("count");
     assert_eq!(stored, 0, "committed while the lock was held");
 
-    lock.rollback().await.expect("release the lock");
+    held.lock.rollback().await.expect("release the lock");
     let mut answered: HashMap<String, i64> = HashMap::new();
-    for task in held {
+    for task in requests {
         let (provider_message_id, answer) = task.await.expect("request task");
         let Answer::Accepted {
             id,
@@ -719,13 +731,13 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
         else {
             panic!(
                 "{provider_message_id} answered {answer:?}, not a first 202:\n{}",
-                host.log_text()
+                held.host.log_text()
             );
         };
         answered.insert(provider_message_id, id);
     }
-    let status = host.exit_status(Duration::from_secs(30)).await;
-    let log = host.log_text();
+    let status = held.host.exit_status(Duration::from_secs(30)).await;
+    let log = held.host.log_text();
     assert!(status.success(), "{status}:\n{log}");
     assert!(
         !log.contains("drain deadline"),
@@ -736,7 +748,7 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
     // Each held event stored once, under the id of its 202; nothing else.
     let stored: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, body->>'provider_message_id' FROM webhook_events ORDER BY id")
-            .fetch_all(&pool)
+            .fetch_all(&held.pool)
             .await
             .expect("query events");
     let mut stored_ids: Vec<(String, i64)> = stored.into_iter().map(|(id, m)| (m, id)).collect();
@@ -745,7 +757,7 @@ async fn signal_with_held_writes_drains_them_and_exits_0(signal: libc::c_int, na
     answered.sort();
     assert_eq!(answered.len(), HELD);
     assert_eq!(stored_ids, answered, "stored exactly the 202s, once each");
-    let _ = std::fs::remove_file(&config_path);
+    let _ = std::fs::remove_file(&held.config_path);
 }
 
 /// The host's `hermes_pipeline_in_flight` gauge for the webhooks pipeline.
@@ -783,40 +795,31 @@ async fn sigint_with_held_writes_stops_accepting_drains_them_and_exits_0() {
 /// with the status of a death by that signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_during_the_drain_exits_at_once() {
-    let HeldWrites {
-        mut host,
-        config_path,
-        verifier,
-        route,
-        pool,
-        lock,
-        client,
-    } = HeldWrites::start("second-signal").await;
+    let mut held = HeldWrites::start("second-signal").await;
     let event = Event::new(3_000_000);
-    let held = tokio::spawn(async move { deliver(&client, &route, &verifier, &event.body).await });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lock_waiters(&pool).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no write waiting for the lock after 60 s:\n{}",
-            host.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (client, route, verifier) = (
+        held.client.clone(),
+        held.route.clone(),
+        held.verifier.clone(),
+    );
+    let request =
+        tokio::spawn(async move { deliver(&client, &route, &verifier, &event.body).await });
+    held.wait_for_a_waiting_write(async || None).await;
 
-    host.signal(libc::SIGTERM);
-    host.wait_for_line("SIGTERM received", Duration::from_secs(30))
+    held.host.signal(libc::SIGTERM);
+    held.host
+        .wait_for_line("SIGTERM received", Duration::from_secs(30))
         .await;
-    host.signal(libc::SIGINT);
-    let status = host.exit_status(Duration::from_secs(10)).await;
-    let log = host.log_text();
+    held.host.signal(libc::SIGINT);
+    let status = held.host.exit_status(Duration::from_secs(10)).await;
+    let log = held.host.log_text();
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}:\n{log}");
     assert!(log.contains("SIGINT received again"), "{log}");
-    lock.rollback().await.expect("release the lock");
+    held.lock.rollback().await.expect("release the lock");
     // The held request lost its answer with the process: not a 202.
-    let answer = held.await.expect("request task");
+    let answer = request.await.expect("request task");
     assert!(!matches!(answer, Answer::Accepted { .. }), "{answer:?}");
-    let _ = std::fs::remove_file(&config_path);
+    let _ = std::fs::remove_file(&held.config_path);
 }
 
 /// SIGTERM amid a steady load, requests arriving while the host closes: it
