@@ -124,8 +124,8 @@ impl Host {
             &[
                 ("DATABASE_URL", database_url),
                 ("HERMES_LISTEN", "127.0.0.1:0"),
+                ("RUST_LOG", log_level),
             ],
-            Some(log_level),
         )
         .stdout(Stdio::null())
         .stderr(log_file)

@@ -29,8 +29,8 @@ async fn the_demo_serves_drives_itself_and_reports_what_postgres_holds() {
         &[
             ("DATABASE_URL", &database_url),
             ("HERMES_LISTEN", "127.0.0.1:0"),
+            ("RUST_LOG", "warn"),
         ],
-        Some("warn"),
         Duration::from_secs(120),
     )
     .await;

@@ -27,8 +27,8 @@ struct Hermes {
 impl Hermes {
     /// Starts `hermes args…` as [`child::hermes`] sets it up, collecting
     /// its stdout and stderr.
-    fn spawn(args: &[&str], env: &[(&str, &str)], rust_log: Option<&str>) -> Self {
-        let mut child = child::hermes(args, env, rust_log)
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = child::hermes(args, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -56,8 +56,8 @@ impl Hermes {
             &[
                 ("DATABASE_URL", database_url),
                 ("HERMES_LISTEN", "127.0.0.1:0"),
+                ("RUST_LOG", rust_log),
             ],
-            Some(rust_log),
         )
     }
 
@@ -271,11 +271,14 @@ async fn a_bad_config_is_one_json_error_line_with_json_logs_and_a_plain_line_wit
     // RUST_LOG unset, off, or letting only another crate through: the error
     // is there whatever the filter.
     for rust_log in [None, Some("off"), Some("hermes_pipeline=debug")] {
+        let env: Vec<(&str, &str)> = rust_log
+            .map(|filter| ("RUST_LOG", filter))
+            .into_iter()
+            .collect();
         for command in ["serve", "migrate", "demo"] {
             let mut hermes = Hermes::spawn(
                 &["--log-format", "json", command, "--config", &config],
-                &[],
-                rust_log,
+                &env,
             );
             let status = hermes.exit_status(Duration::from_secs(30)).await;
             assert_eq!(status.code(), Some(1), "{command}: {}", hermes.output());
@@ -303,7 +306,6 @@ async fn a_bad_config_is_one_json_error_line_with_json_logs_and_a_plain_line_wit
     let mut hermes = Hermes::spawn(
         &["serve", "--config", &config],
         &[("HERMES_LOG_FORMAT", "json")],
-        None,
     );
     assert_eq!(
         hermes.exit_status(Duration::from_secs(30)).await.code(),
@@ -311,7 +313,7 @@ async fn a_bad_config_is_one_json_error_line_with_json_logs_and_a_plain_line_wit
     );
     json_lines(&hermes.stderr());
     // Text: a line for a person.
-    let mut hermes = Hermes::spawn(&["serve", "--config", &config], &[], None);
+    let mut hermes = Hermes::spawn(&["serve", "--config", &config], &[]);
     assert_eq!(
         hermes.exit_status(Duration::from_secs(30)).await.code(),
         Some(1)
@@ -331,7 +333,7 @@ async fn json_logs_of_migrate_and_of_serve_until_sigterm_are_json_lines_only() {
         ("DATABASE_URL", database_url.as_str()),
         ("HERMES_LISTEN", "127.0.0.1:0"),
     ];
-    let mut migrate = Hermes::spawn(&["--log-format", "json", "migrate"], &env, None);
+    let mut migrate = Hermes::spawn(&["--log-format", "json", "migrate"], &env);
     let status = migrate.exit_status(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}\n{}", migrate.output());
     let lines = json_lines(&migrate.stderr());
@@ -343,7 +345,7 @@ async fn json_logs_of_migrate_and_of_serve_until_sigterm_are_json_lines_only() {
         migrate.stderr()
     );
 
-    let mut serve = Hermes::spawn(&["--log-format", "json", "serve"], &env, None);
+    let mut serve = Hermes::spawn(&["--log-format", "json", "serve"], &env);
     serve
         .wait_for(true, "hermes is listening", Duration::from_secs(60))
         .await;

@@ -12,8 +12,7 @@ use std::time::Duration;
 async fn migrate(database_url: &str, format: &str) -> (bool, String) {
     let output = child::run_to_end(
         &["migrate", "--log-format", format],
-        &[("DATABASE_URL", database_url)],
-        Some("trace"),
+        &[("DATABASE_URL", database_url), ("RUST_LOG", "trace")],
         Duration::from_secs(60),
     )
     .await;

@@ -20,9 +20,9 @@ const HOST_ENV: [&str; 4] = [
 ];
 
 /// `hermes args…` in [`tmp_dir`] (no `hermes.toml` there), with `env` set,
-/// none of the host's own variables inherited otherwise, `RUST_LOG` as given
-/// (unset for `None`), stdin closed, and killed when dropped.
-pub fn hermes(args: &[&str], env: &[(&str, &str)], rust_log: Option<&str>) -> Command {
+/// none of the host's own variables inherited otherwise (`RUST_LOG` among
+/// them: unset unless `env` sets it), stdin closed, and killed when dropped.
+pub fn hermes(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hermes"));
     command.args(args).current_dir(tmp_dir());
     for name in HOST_ENV {
@@ -32,21 +32,13 @@ pub fn hermes(args: &[&str], env: &[(&str, &str)], rust_log: Option<&str>) -> Co
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if let Some(filter) = rust_log {
-        command.env("RUST_LOG", filter);
-    }
     command
 }
 
 /// Runs `hermes args…`, set up as [`hermes`] does, to its end: its exit
 /// status and output. Panics if it is still running after `limit`.
-pub async fn run_to_end(
-    args: &[&str],
-    env: &[(&str, &str)],
-    rust_log: Option<&str>,
-    limit: Duration,
-) -> Output {
-    let output = hermes(args, env, rust_log).output();
+pub async fn run_to_end(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let output = hermes(args, env).output();
     tokio::time::timeout(limit, output)
         .await
         .unwrap_or_else(|_| panic!("hermes {args:?} still running after {limit:?}"))
