@@ -681,26 +681,19 @@ impl Bench {
             .map(|event| (event.event_id, event.delivery_id.as_str()))
             .unzip();
         let mut conn = PgConnection::connect(&self.database_url).await?;
-        let stored: i64 = if names_event_ids {
-            sqlx::query_scalar(
-                "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
-                 JOIN webhook_events e
-                   ON e.id = a.id AND e.body->>'provider_message_id' = a.delivery",
-            )
-            .bind(&ids)
-            .bind(&deliveries)
-            .fetch_one(&mut conn)
-            .await?
-        } else {
-            sqlx::query_scalar(
-                "SELECT count(*) FROM unnest($1::text[]) AS a(delivery)
-                 WHERE EXISTS (SELECT 1 FROM webhook_events e
-                               WHERE e.body->>'provider_message_id' = a.delivery)",
-            )
-            .bind(&deliveries)
-            .fetch_one(&mut conn)
-            .await?
-        };
+        // With `names_event_ids`, the stored row must also be the one the
+        // 202 named (`id` is the key: at most one row matches).
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
+             WHERE EXISTS (SELECT 1 FROM webhook_events e
+                           WHERE e.body->>'provider_message_id' = a.delivery
+                             AND (NOT $3 OR e.id = a.id))",
+        )
+        .bind(&ids)
+        .bind(&deliveries)
+        .bind(names_event_ids)
+        .fetch_one(&mut conn)
+        .await?;
         conn.close().await?;
         Ok((accepted.len() as u64).saturating_sub(u64::try_from(stored).unwrap_or(0)))
     }
