@@ -706,30 +706,41 @@ impl sqlx::Encode<'_, sqlx::Postgres> for Picky {
     }
 }
 
+/// In both a transaction and autocommit; the rows are large enough that the
+/// COPY has sent some before it meets the bad one.
 async fn a_row_the_client_cannot_encode_is_rejected(mode: Mode) {
+    const BAD: usize = 150;
     let pool = setup().await;
-    let statement = UnnestInsert::builder("events", |e: &Event| e.id.clone())
-        .key_column("id", "text", |e: &Event| e.id.clone())
-        .column("amount", "bigint", |e: &Event| Picky(e.amount))
-        .column("payload", "jsonb", |e: &Event| JsonText(e.payload.clone()))
-        .optimistic_copy(mode == Mode::Copy)
-        .build()
-        .expect("valid statement");
-    let writer = BatchWriter::new(pool.clone(), statement, fast_retries());
-    let mut rows = events(0..20);
-    rows[7].amount = -3;
-    let outcomes = writer.write(&rows).await.expect("write");
-    for (i, outcome) in outcomes.iter().enumerate() {
-        match outcome {
-            RowOutcome::Rejected(reason) if i == 7 => {
-                assert!(reason.code.is_empty());
-                assert!(reason.message.contains("refusing to encode -3"), "{reason}");
-            }
-            RowOutcome::Inserted if i != 7 => {}
-            other => panic!("row {i}: unexpected {other:?}"),
+    for single in [false, true] {
+        truncate(&pool).await;
+        let statement = UnnestInsert::builder("events", |e: &Event| e.id.clone())
+            .key_column("id", "text", |e: &Event| e.id.clone())
+            .column("amount", "bigint", |e: &Event| Picky(e.amount))
+            .column("payload", "jsonb", |e: &Event| JsonText(e.payload.clone()))
+            .optimistic_copy(mode == Mode::Copy)
+            .build()
+            .expect("valid statement");
+        let writer =
+            BatchWriter::new(pool.clone(), statement, fast_retries()).single_statement(single);
+        let filler = "x".repeat(1000);
+        let mut rows = events(0..200);
+        for row in &mut rows {
+            row.payload = format!(r#"{{"id":"{}","filler":"{filler}"}}"#, row.id);
         }
+        rows[BAD].amount = -3;
+        let outcomes = writer.write(&rows).await.expect("write");
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                RowOutcome::Rejected(reason) if i == BAD => {
+                    assert!(reason.code.is_empty());
+                    assert!(reason.message.contains("refusing to encode -3"), "{reason}");
+                }
+                RowOutcome::Inserted if i != BAD => {}
+                other => panic!("single_statement({single}), row {i}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(count(&pool).await, 199);
     }
-    assert_eq!(count(&pool).await, 19);
 }
 
 in_both_modes! {

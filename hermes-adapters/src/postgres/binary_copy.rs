@@ -1,6 +1,8 @@
 //! Rows in PostgreSQL's binary `COPY` format, with each field encoded by
 //! sqlx's [`Encode`], ready for [`PgCopyIn::send`](sqlx::postgres::PgCopyIn::send)
-//! after `COPY table (columns) FROM STDIN (FORMAT binary)`.
+//! after `COPY table (columns) FROM STDIN (FORMAT binary)`, whole or in
+//! chunks: [`BinaryCopy::pending`] is what was written since the last
+//! [`BinaryCopy::clear`].
 //!
 //! In binary `COPY` every field must be in the exact binary format of its
 //! column's type (a `String` suits `text`, not `jsonb`; use
@@ -16,7 +18,8 @@ use sqlx::{Encode, Postgres};
 /// The signature, flags and header extension length that open binary COPY data.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-/// A buffer of rows in binary `COPY` format (header, rows, trailer).
+/// A buffer of rows in binary `COPY` format (header, rows, trailer), which
+/// can be sent and cleared as it fills.
 pub struct BinaryCopy {
     buf: PgArgumentBuffer,
     rows: usize,
@@ -66,15 +69,25 @@ impl BinaryCopy {
         Ok(())
     }
 
-    /// Rows started so far.
+    /// Rows started so far, cleared ones included.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// The complete data, trailer included.
-    pub fn finish(mut self) -> Vec<u8> {
+    /// The bytes written since the buffer was made or last cleared.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Drops the pending bytes (once sent), keeping the buffer's room and
+    /// the count of rows.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Appends the trailer that ends the data: no row may follow.
+    pub fn end(&mut self) {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
-        std::mem::take(&mut *self.buf)
     }
 }
 
@@ -91,12 +104,33 @@ mod tests {
         copy.row(2);
         copy.field(&"").expect("empty");
         copy.field(&7i32).expect("int");
+        copy.end();
         assert_eq!(copy.rows(), 2);
-        let bytes = copy.finish();
         let mut expected = HEADER.to_vec();
         expected.extend_from_slice(&[0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff]);
         expected.extend_from_slice(&[0, 2, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 7]);
         expected.extend_from_slice(&[0xff, 0xff]);
-        assert_eq!(bytes, expected);
+        assert_eq!(copy.pending(), expected);
+    }
+
+    #[test]
+    fn cleared_bytes_leave_the_rest_and_the_row_count() {
+        let mut copy = BinaryCopy::with_capacity(64);
+        copy.row(1);
+        copy.field(&1i32).expect("int");
+        let mut sent = copy.pending().to_vec();
+        copy.clear();
+        copy.row(1);
+        copy.field(&2i32).expect("int");
+        copy.end();
+        sent.extend_from_slice(copy.pending());
+        assert_eq!(copy.rows(), 2);
+        let mut whole = BinaryCopy::with_capacity(64);
+        for value in [1i32, 2] {
+            whole.row(1);
+            whole.field(&value).expect("int");
+        }
+        whole.end();
+        assert_eq!(sent, whole.pending());
     }
 }

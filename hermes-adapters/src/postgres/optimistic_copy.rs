@@ -10,9 +10,14 @@
 //! format error (a binary format the column does not take), which switches
 //! the `COPY` off for good. A transient error (a lost connection, a timeout)
 //! fails the attempt, which the writer retries, `COPY` first.
+//!
+//! The rows are encoded and sent in chunks of [`CHUNK_BYTES`] as the
+//! `COPY` runs, so the server parses and stores one chunk while the next is
+//! encoded, instead of waiting for the whole batch.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use sqlx::error::BoxDynError;
 use sqlx::{Connection, PgConnection};
 
 use super::binary_copy::BinaryCopy;
@@ -21,9 +26,10 @@ use super::retry::{ErrorClass, classify};
 /// The most batches in a row that skip the `COPY` after it met an existing key.
 const MAX_SKIP: u32 = 64;
 
-/// The most a batch's buffer reserves before its rows are written (it grows
-/// as needed beyond).
-const MAX_RESERVE: usize = 8 << 20;
+/// The encoded bytes sent as one `CopyData` message (a row longer than
+/// this goes in a message of its own size): what the server reads from its
+/// socket at a time.
+const CHUNK_BYTES: usize = 64 << 10;
 
 /// A `COPY` statement tried first for each batch, with its back-off.
 #[derive(Debug)]
@@ -36,8 +42,6 @@ pub struct OptimisticCopy {
     skip: AtomicU32,
     /// What `skip` is set to after the next conflict (doubled each time).
     penalty: AtomicU32,
-    /// Bytes per row of the last data, to size the next buffer.
-    bytes_per_row: AtomicUsize,
 }
 
 /// Why an optimistic `COPY` did not store the batch.
@@ -73,7 +77,6 @@ impl OptimisticCopy {
             disabled: AtomicBool::new(false),
             skip: AtomicU32::new(0),
             penalty: AtomicU32::new(0),
-            bytes_per_row: AtomicUsize::new(0),
         }
     }
 
@@ -92,26 +95,22 @@ impl OptimisticCopy {
                 .is_err()
     }
 
-    /// An empty buffer for `rows` rows, sized like the last batch's rows,
-    /// but never reserving more than [`MAX_RESERVE`] ahead: one huge row must
-    /// not make the next batch of small ones reserve rows × its size.
-    pub fn buffer(&self, rows: usize) -> BinaryCopy {
-        let per_row = self.bytes_per_row.load(Ordering::Relaxed).max(16);
-        BinaryCopy::with_capacity(rows.saturating_mul(per_row).min(MAX_RESERVE) + 64)
-    }
-
-    /// Runs the `COPY` with `data` on `conn`: in a transaction inside a
-    /// savepoint it rolls back to on failure, in autocommit on its own (a
-    /// failed `COPY` stores nothing). On success every row is stored.
+    /// Runs the `COPY` of `rows`, each written into the data by `encode`
+    /// (a [`BinaryCopy::row`] and its fields), on `conn`: in a transaction
+    /// inside a savepoint it rolls back to on failure, in autocommit on its
+    /// own (a failed `COPY` stores nothing). On success every row is stored.
+    /// A row `encode` fails on fails the `COPY` with
+    /// [`CopyFailure::Fallback`].
     ///
     /// A `COPY` that stores fewer rows than it was given (a `BEFORE INSERT`
     /// trigger skipped some) fails with [`CopyFailure::Abort`]: which rows are
     /// missing cannot be told, so none may be reported stored.
-    pub async fn run(&self, conn: &mut PgConnection, data: BinaryCopy) -> Result<(), CopyFailure> {
-        let rows = data.rows();
-        let data = data.finish();
-        self.bytes_per_row
-            .store(data.len() / rows.max(1) + 1, Ordering::Relaxed);
+    pub async fn run<R>(
+        &self,
+        conn: &mut PgConnection,
+        rows: impl IntoIterator<Item = R>,
+        encode: impl FnMut(R, &mut BinaryCopy) -> Result<(), BoxDynError>,
+    ) -> Result<(), CopyFailure> {
         let savepoint = conn.is_in_transaction();
         if savepoint {
             sqlx::query("SAVEPOINT hermes_copy")
@@ -119,12 +118,12 @@ impl OptimisticCopy {
                 .await
                 .map_err(CopyFailure::Abort)?;
         }
-        let error = match send(conn, &self.sql, data).await {
-            Ok(stored) if usize::try_from(stored).is_ok_and(|stored| stored == rows) => {
+        let error = match stream(conn, &self.sql, rows, encode).await {
+            Ok((stored, rows)) if usize::try_from(stored).is_ok_and(|stored| stored == rows) => {
                 self.penalty.store(0, Ordering::Relaxed);
                 return Ok(());
             }
-            Ok(stored) => {
+            Ok((stored, rows)) => {
                 return Err(CopyFailure::Abort(sqlx::Error::Protocol(format!(
                     "COPY stored {stored} of {rows} rows (a trigger on the table skipped \
                      some); which ones cannot be told, so the batch fails"
@@ -202,12 +201,30 @@ fn is_format_error(error: &sqlx::Error) -> bool {
         if db.code().is_some_and(|code| matches!(&*code, "22P03" | "42804" | "08P01" | "XX000")))
 }
 
-/// Runs `COPY ... FROM STDIN` with `data` as its whole input; returns how
-/// many rows it stored.
-async fn send(conn: &mut PgConnection, sql: &str, data: Vec<u8>) -> Result<u64, sqlx::Error> {
+/// Runs `COPY ... FROM STDIN` of `rows`, encoded by `encode` and sent
+/// chunk by chunk; returns how many rows the server stored and how many
+/// were sent.
+async fn stream<R>(
+    conn: &mut PgConnection,
+    sql: &str,
+    rows: impl IntoIterator<Item = R>,
+    mut encode: impl FnMut(R, &mut BinaryCopy) -> Result<(), BoxDynError>,
+) -> Result<(u64, usize), sqlx::Error> {
     let mut copy = conn.copy_in_raw(sql).await?;
+    let mut data = BinaryCopy::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
     // A failed send means a broken connection; dropping `copy` then queues
     // a CopyFail, and the writer discards the connection with the attempt.
-    copy.send(data).await?;
-    copy.finish().await
+    for row in rows {
+        if let Err(error) = encode(row, &mut data) {
+            copy.abort("a row could not be encoded").await?;
+            return Err(sqlx::Error::Encode(error));
+        }
+        if data.pending().len() >= CHUNK_BYTES {
+            copy.send(data.pending()).await?;
+            data.clear();
+        }
+    }
+    data.end();
+    copy.send(data.pending()).await?;
+    Ok((copy.finish().await?, data.rows()))
 }

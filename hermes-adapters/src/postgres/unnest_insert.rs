@@ -490,17 +490,12 @@ where
         fast: &'a CopyFastPath,
         sorted: &'a [&'a R],
     ) -> BoxFuture<'a, Result<(), CopyFailure>> {
-        Box::pin(async move {
-            let mut data = fast.copy.buffer(sorted.len());
-            for row in sorted {
-                data.row(fast.fields);
-                for column in &self.columns {
-                    (column.encode)(row, &mut data)
-                        .map_err(|e| CopyFailure::Fallback(sqlx::Error::Encode(e)))?;
-                }
-            }
-            fast.copy.run(conn, data).await
-        })
+        Box::pin(fast.copy.run(conn, sorted, |row, data| {
+            data.row(fast.fields);
+            self.columns
+                .iter()
+                .try_for_each(|column| (column.encode)(row, data))
+        }))
     }
 }
 

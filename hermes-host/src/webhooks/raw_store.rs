@@ -81,16 +81,16 @@ impl RawEventStore {
         sorted: &[&Arc<WebhookEvent>],
         ids: &[i64],
     ) -> Result<(), CopyFailure> {
-        let mut data = self.copy.buffer(sorted.len());
-        for (row, id) in sorted.iter().zip(ids) {
-            data.row(COPY_FIELDS);
-            data.field(id)
-                .and_then(|()| data.field(&row.source.as_ref()))
-                .and_then(|()| data.field(&row.idempotency_key.as_str()))
-                .and_then(|()| data.field(&JsonText(row.body.as_str())))
-                .and_then(|()| data.field(&row.received_at))
-                .map_err(|error| CopyFailure::Fallback(sqlx::Error::Encode(error)))?;
-        }
-        self.copy.run(conn, data).await
+        let rows = sorted.iter().zip(ids);
+        self.copy
+            .run(conn, rows, |(row, id), data| {
+                data.row(COPY_FIELDS);
+                data.field(id)?;
+                data.field(&row.source.as_ref())?;
+                data.field(&row.idempotency_key.as_str())?;
+                data.field(&JsonText(row.body.as_str()))?;
+                data.field(&row.received_at)
+            })
+            .await
     }
 }
