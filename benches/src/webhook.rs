@@ -135,7 +135,7 @@ pub fn run_e2e(options: &Options) -> anyhow::Result<()> {
             let limit_after = bench.pg_copy_limit().await?;
             let limit = (limit_before + limit_after) / 2.0;
             let lost = bench
-                .count_not_stored(&stats.accepted(), server.names_event_ids)
+                .count_not_stored(&stats.accepted(), server.event_ids)
                 .await?;
             let accepted = closed.statuses.get(&202).copied().unwrap_or(0);
             let accepted_per_sec = accepted as f64 / secs;
@@ -391,7 +391,7 @@ pub fn run_overload(
         let samples = sampler.stop().await;
 
         let lost = bench
-            .count_not_stored(&stats.accepted(), host.names_event_ids)
+            .count_not_stored(&stats.accepted(), host.event_ids)
             .await?;
         let answered: u64 = overload.statuses.values().sum();
         let unavailable = overload.statuses.get(&503).copied().unwrap_or(0);
@@ -579,7 +579,7 @@ impl Bench {
         let mut command = Command::new(&self.hermes_bin);
         command.arg("serve").arg("--config").arg(&config_path);
         let log = self.dir.join(format!("{name}.log"));
-        HostProcess::start(command, &self.database_url, &log, true).await
+        HostProcess::start(command, &self.database_url, &log, EventIds::Named).await
     }
 
     /// Starts the bare server (`hermes-bare-webhook`, next to this
@@ -593,7 +593,13 @@ impl Bench {
             );
         }
         let log = self.dir.join("bare.log");
-        HostProcess::start(Command::new(bin), &self.database_url, &log, false).await
+        HostProcess::start(
+            Command::new(bin),
+            &self.database_url,
+            &log,
+            EventIds::NotNamed,
+        )
+        .await
     }
 
     /// Rows per second that Postgres alone stores of the same 1 KB event rows
@@ -665,7 +671,7 @@ impl Bench {
     }
 
     /// How many of the `accepted` events are not stored. With
-    /// `names_event_ids` (the host), each must be stored under the id its
+    /// [`EventIds::Named`] (the host), each must be stored under the id its
     /// 202 named, and that row must hold the body sent with that delivery id
     /// (its `provider_message_id`): so a 202 that named another event's row
     /// counts, not only one whose row is missing. Without (the bare server,
@@ -674,14 +680,14 @@ impl Bench {
     async fn count_not_stored(
         &self,
         accepted: &[AcceptedEvent],
-        names_event_ids: bool,
+        event_ids: EventIds,
     ) -> anyhow::Result<u64> {
         let (ids, deliveries): (Vec<i64>, Vec<&str>) = accepted
             .iter()
             .map(|event| (event.event_id, event.delivery_id.as_str()))
             .unzip();
         let mut conn = PgConnection::connect(&self.database_url).await?;
-        // With `names_event_ids`, the stored row must also be the one the
+        // With named ids, the stored row must also be the one the
         // 202 named (`id` is the key: at most one row matches).
         let stored: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM unnest($1::bigint[], $2::text[]) AS a(id, delivery)
@@ -691,7 +697,7 @@ impl Bench {
         )
         .bind(&ids)
         .bind(&deliveries)
-        .bind(names_event_ids)
+        .bind(event_ids == EventIds::Named)
         .fetch_one(&mut conn)
         .await?;
         conn.close().await?;
@@ -742,20 +748,27 @@ struct HostProcess {
     child: Child,
     url: String,
     log: PathBuf,
-    /// Whether its 202s name the stored event's id (the bare server's name
-    /// none: id 0).
-    names_event_ids: bool,
+    /// Whether its 202s name the stored event's id.
+    event_ids: EventIds,
+}
+
+/// Whether a server's 202s name the stored event's id: the host's do, the
+/// bare server's say id 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventIds {
+    Named,
+    NotNamed,
 }
 
 impl HostProcess {
     /// Runs `command` on `database_url`, listening on a free port, its
-    /// stderr into `log`, and waits until it is ready; `names_event_ids`:
-    /// whether its 202s name the stored event's id.
+    /// stderr into `log`, and waits until it is ready; `event_ids`: whether
+    /// its 202s name the stored event's id.
     async fn start(
         mut command: Command,
         database_url: &str,
         log: &Path,
-        names_event_ids: bool,
+        event_ids: EventIds,
     ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -779,7 +792,7 @@ impl HostProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
             log: log.to_owned(),
-            names_event_ids,
+            event_ids,
         };
         host.wait_ready().await?;
         Ok(host)
