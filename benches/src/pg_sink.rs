@@ -63,7 +63,7 @@ use crate::report::{emit, median_by, round3};
 pub const BATCH_SIZE: usize = 1000;
 
 /// Runs per measurement; the median is reported.
-pub const RUNS: usize = 3;
+pub const RUNS: usize = 5;
 
 /// Rows per slice: each run alternates the methods slice by slice.
 pub const SLICE_ROWS: usize = 20_000;
