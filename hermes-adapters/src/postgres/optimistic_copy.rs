@@ -99,8 +99,8 @@ impl OptimisticCopy {
     /// (a [`BinaryCopy::row`] and its fields), on `conn`: in a transaction
     /// inside a savepoint it rolls back to on failure, in autocommit on its
     /// own (a failed `COPY` stores nothing). On success every row is stored.
-    /// A row `encode` fails on fails the `COPY` with
-    /// [`CopyFailure::Fallback`].
+    /// If `encode` fails on a row, the `COPY` is abandoned (a `CopyFail`) and
+    /// this returns [`CopyFailure::Fallback`].
     ///
     /// A `COPY` that stores fewer rows than it was given (a `BEFORE INSERT`
     /// trigger skipped some) fails with [`CopyFailure::Abort`]: which rows are
