@@ -21,6 +21,7 @@ pub mod config;
 pub mod database;
 pub mod demo;
 pub mod http;
+pub mod quote;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -204,6 +204,21 @@ async fn malformed_too_large_unknown_and_unstorable_are_400_413_404() {
     let reply = h.post("nope", b"{}".to_vec(), Default::default()).await;
     assert_eq!(reply.status, 404, "{reply:?}");
     assert!(reply.error().contains("nope"), "{reply:?}");
+    // A huge name is not echoed whole.
+    let huge = "n".repeat(10_000);
+    let reply = h.post(&huge, b"{}".to_vec(), Default::default()).await;
+    assert_eq!(reply.status, 404, "{reply:?}");
+    assert!(reply.error().len() < 200, "{reply:?}");
+    // Another method: 405, Allow naming what the source takes.
+    let response = h
+        .client
+        .put(format!("{}/webhooks/sms", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    assert!(response.text().await.unwrap().contains("PUT"));
     let reply = h.post("%FF", b"{}".to_vec(), Default::default()).await;
     assert_eq!(reply.status, 404, "{reply:?}");
     assert!(reply.error().contains("UTF-8"), "{reply:?}");
@@ -729,6 +744,16 @@ async fn twilio_form_posts_are_stored_as_json_objects() {
     let other = "https://hooks.example.com/webhooks/twilio?tenant=8";
     let (status, reply) = send("tenant=7", form, other, true).await;
     assert_eq!(status, 401, "{reply}");
+    // A field that does not decode to UTF-8 (Latin-1's é) is refused, not
+    // stored with U+FFFD in place of what was sent.
+    let latin1: &[u8] = b"From=%2B15550103&Body=caf%E9";
+    let (status, reply) = send("tenant=7", latin1, configured, true).await;
+    assert_eq!(status, 400, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"Body\"") && error.contains("UTF-8"),
+        "{reply}"
+    );
     assert_eq!(h.count("webhook_events").await, 4);
 }
 
@@ -955,6 +980,17 @@ async fn a_meta_source_answers_the_subscription_handshake() {
             error["error"].as_str().unwrap().contains(says),
             "{path}: {body}"
         );
+    }
+    // Other methods: 405, Allow naming what each source takes.
+    for (source, allow) in [("whatsapp", "GET, HEAD, POST"), ("messenger", "POST")] {
+        let response = h
+            .client
+            .delete(format!("{}/webhooks/{source}", h.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{source}");
+        assert_eq!(response.headers()["allow"], allow, "{source}");
     }
     assert_nothing_stored(&h).await;
 }

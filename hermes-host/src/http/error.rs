@@ -5,6 +5,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::quote::shortened;
+
 /// An HTTP error answer: a status, a message saying what was wrong, and for
 /// 503s a `Retry-After` in whole seconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +104,13 @@ impl IntoResponse for ApiError {
 
 /// The router's fallback: 404 for any unknown path.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {}", uri.path()))
+    ApiError::not_found(format!("no route for {}", shortened(uri.path())))
 }
 
 /// The router's answer to a known path with the wrong method.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}", uri.path()),
+        format!("{method} is not allowed on {}", shortened(uri.path())),
     )
 }

@@ -18,7 +18,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route(
             "/webhooks/{source}",
-            post(endpoint::receive).get(subscription::answer),
+            post(endpoint::receive)
+                .get(subscription::answer)
+                .fallback(subscription::other_method),
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -1,12 +1,14 @@
 //! `POST /webhooks/{source}`: verify, parse, normalize, enqueue, and answer
-//! 202 once the event is committed. A JSON body is stored as it came; a
-//! form-encoded one (`application/x-www-form-urlencoded`) as the JSON object
-//! of its fields (see [`form_body_json`]).
+//! 202 once the event is committed. A JSON body is stored as `jsonb`, which
+//! keeps its values but not its text (keys reordered, the last of repeated
+//! keys, numbers written out: `1e2` as `100`); a form-encoded one
+//! (`application/x-www-form-urlencoded`) as the JSON object of its fields
+//! (see [`form_body_json`]).
 //!
 //! | status | when |
 //! |---|---|
 //! | 202 | committed: `{"id": <event id>, "duplicate": <bool>}` |
-//! | 400 | the body is not UTF-8 JSON (nor a form), or JSON Postgres cannot store (see [`jsonb`]), or the delivery id is over 256 bytes |
+//! | 400 | the body is not UTF-8 JSON (nor a form whose fields decode to UTF-8), or JSON Postgres cannot store (see [`jsonb`]), or the delivery id is over 256 bytes |
 //! | 401 | bad, missing or stale signature |
 //! | 404 | no source of that name (or a name that is not UTF-8) |
 //! | 413 | the body is larger than the source's `max_body_bytes` |
@@ -35,6 +37,7 @@ use super::normalize::{NormalizeError, NormalizedMessage, normalize, normalize_t
 use super::source::Source;
 use crate::config::Normalize;
 use crate::http::{ApiError, AppState};
+use crate::quote::shortened;
 
 /// The body of a 202.
 #[derive(Debug, Serialize)]
@@ -85,7 +88,8 @@ pub async fn receive(
         .body_is_form(&parts.headers, &url)
     {
         // JSON by construction, normalized from the tree it is written from.
-        let fields = form_body_json(&body);
+        let fields = form_body_json(&body)
+            .map_err(|why| ApiError::bad_request(format!("malformed body: {why}")))?;
         let text = fields.to_string();
         refuse_unstorable(&text)?;
         let message = normalize(source.normalize(), &fields).map_err(unprocessable)?;
@@ -196,11 +200,12 @@ pub(super) fn find_source(
             "unknown webhook source: the name is not valid UTF-8",
         ));
     };
-    state
-        .sources
-        .get(&source_name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("unknown webhook source {source_name:?}")))
+    state.sources.get(&source_name).cloned().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "unknown webhook source {:?}",
+            shortened(&source_name)
+        ))
+    })
 }
 
 /// Reads the body, refusing (413) as soon as it is known to exceed `max`:

@@ -22,6 +22,7 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::Normalize;
+use crate::quote::shortened;
 
 /// Most attachments an sms may carry.
 pub const MAX_SMS_ATTACHMENTS: usize = 10;
@@ -272,18 +273,11 @@ fn address(
             field,
             format!(
                 "{:?} is not an E.164 phone number ('+', then 2 to 15 digits, the first not 0)",
-                truncate(value)
+                shortened(value)
             ),
         )),
-        Channel::Email => email(value).ok_or_else(|| {
-            NormalizeError::new(
-                field,
-                format!(
-                    "{:?} is not an email address (local@domain.tld)",
-                    truncate(value)
-                ),
-            )
-        }),
+        Channel::Email => email(value)
+            .map_err(|why| NormalizeError::new(field, format!("{:?} {why}", shortened(value)))),
     }
 }
 
@@ -297,12 +291,32 @@ pub fn is_e164(value: &str) -> bool {
         && !digits.starts_with('0')
 }
 
-/// The lower-cased address if `value` looks like `local@domain.tld`.
-pub fn email(value: &str) -> Option<String> {
-    if value.len() > 254 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return None;
+/// The longest email address, in bytes (RFC 5321's path limit).
+const MAX_EMAIL_LEN: usize = 254;
+/// The longest local part of an email address, in bytes.
+const MAX_LOCAL_PART_LEN: usize = 64;
+
+/// The lower-cased address if `value` looks like `local@domain.tld`, else
+/// why not.
+pub fn email(value: &str) -> Result<String, String> {
+    if value.len() > MAX_EMAIL_LEN {
+        return Err(format!(
+            "is {} bytes long, longer than the {MAX_EMAIL_LEN} an email address may be",
+            value.len()
+        ));
     }
-    let (local, domain) = value.rsplit_once('@')?;
+    let not_an_address = || "is not an email address (local@domain.tld)".to_owned();
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(not_an_address());
+    }
+    let (local, domain) = value.rsplit_once('@').ok_or_else(not_an_address)?;
+    if local.len() > MAX_LOCAL_PART_LEN {
+        return Err(format!(
+            "has a local part (before the @) of {} bytes, longer than the \
+             {MAX_LOCAL_PART_LEN} an email address may have",
+            local.len()
+        ));
+    }
     let domain_ok = !domain.is_empty()
         && domain.contains('.')
         && !domain.starts_with('.')
@@ -311,8 +325,12 @@ pub fn email(value: &str) -> Option<String> {
         && domain
             .chars()
             .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
-    let local_ok = !local.is_empty() && local.len() <= 64 && !local.contains('@');
-    (domain_ok && local_ok).then(|| value.to_lowercase())
+    let local_ok = !local.is_empty() && !local.contains('@');
+    if domain_ok && local_ok {
+        Ok(value.to_lowercase())
+    } else {
+        Err(not_an_address())
+    }
 }
 
 fn attachments(
@@ -348,12 +366,19 @@ fn attachments(
         .iter()
         .enumerate()
         .map(|(index, item)| match item {
+            Value::String(url) if url.len() > MAX_URL_LEN => Err(NormalizeError::new(
+                FIELD,
+                format!(
+                    "item {index}: a URL of {} bytes, longer than the {MAX_URL_LEN} accepted",
+                    url.len()
+                ),
+            )),
             Value::String(url) if is_url(url) => Ok(url.clone()),
             Value::String(url) => Err(NormalizeError::new(
                 FIELD,
                 format!(
                     "item {index}: {:?} is not an absolute http(s) URL",
-                    truncate(url)
+                    shortened(url)
                 ),
             )),
             other => Err(NormalizeError::new(
@@ -373,8 +398,7 @@ fn is_url(value: &str) -> bool {
         .or_else(|| value.strip_prefix("http://"));
     match rest {
         Some(rest) => {
-            value.len() <= MAX_URL_LEN
-                && !rest.is_empty()
+            !rest.is_empty()
                 && !rest.starts_with('/')
                 && !value.chars().any(|c| c.is_whitespace() || c.is_control())
         }
@@ -404,7 +428,7 @@ fn timestamp_of(value: Option<&Value>) -> Result<DateTime<Utc>, NormalizeError> 
         Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| {
-                NormalizeError::new(FIELD, format!("{:?} is not {FORMS}: {e}", truncate(text)))
+                NormalizeError::new(FIELD, format!("{:?} is not {FORMS}: {e}", shortened(text)))
             }),
         Some(Value::Number(number)) => {
             let parsed = if let Some(seconds) = number.as_i64() {
@@ -424,17 +448,6 @@ fn timestamp_of(value: Option<&Value>) -> Result<DateTime<Utc>, NormalizeError> 
             FIELD,
             format!("must be {FORMS}, not {}", type_name(other)),
         )),
-    }
-}
-
-/// At most 64 characters of `value`, for error messages.
-fn truncate(value: &str) -> String {
-    if value.chars().count() <= 64 {
-        value.to_owned()
-    } else {
-        let mut short: String = value.chars().take(64).collect();
-        short.push('…');
-        short
     }
 }
 
@@ -565,6 +578,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.reason.contains("25"), "{error}");
+    }
+
+    #[test]
+    fn too_long_values_are_refused_for_their_length() {
+        let email = |from: &str| {
+            normalize(
+                Normalize::Email,
+                &json!({"from": from, "to": "bob@example.org", "timestamp": 0}),
+            )
+            .unwrap_err()
+        };
+        let error = email(&format!("a@{}.com", "b".repeat(250)));
+        assert!(error.reason.contains("longer than the 254"), "{error}");
+        assert!(error.reason.contains('…'), "quoted whole: {error}");
+        let error = email(&format!("{}@example.com", "a".repeat(65)));
+        assert!(error.reason.contains("local part"), "{error}");
+        assert!(error.reason.contains("64"), "{error}");
+
+        let long_url = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
+        let error = sms(
+            json!({"from": "+14155550100", "to": "+14155550101", "timestamp": 0,
+                               "attachments": ["https://example.com/ok", long_url]}),
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "attachments");
+        assert!(error.reason.contains("item 1"), "{error}");
+        assert!(error.reason.contains("longer than the 2048"), "{error}");
     }
 
     #[test]

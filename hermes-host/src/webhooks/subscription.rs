@@ -11,10 +11,13 @@
 //! | 403 | the token does not match |
 //! | 404 | no source of that name |
 //! | 405 | the source has no handshake: not `meta`, or no `verify_token` |
+//!
+//! Any method other than `GET`, `HEAD` and `POST` is a 405 whose `Allow`
+//! lists what that source takes (see [`other_method`]).
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hermes_adapters::webhook::{SubscriptionError, meta_subscription_challenge};
 
@@ -29,15 +32,14 @@ pub async fn answer(
 ) -> Result<Response, ApiError> {
     let source = find_source(&state, source_name)?;
     let Some(token) = source.verify_token() else {
-        let error = ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
+        return Ok(not_allowed(
+            ONLY_POST,
             format!(
                 "GET is Meta's subscription handshake; source {:?} has none (it needs scheme \
                  \"meta\" and a verify_token): webhooks are POSTed",
                 source.name()
             ),
-        );
-        return Ok(([(header::ALLOW, "POST")], error).into_response());
+        ));
     };
     let challenge = meta_subscription_challenge(query.as_deref().unwrap_or_default(), token)
         .map_err(|error| match error {
@@ -49,4 +51,32 @@ pub async fn answer(
         challenge,
     )
         .into_response())
+}
+
+/// `Allow` for a source without a handshake.
+const ONLY_POST: &str = "POST";
+
+/// Handles any other method on `/webhooks/{source}`: 405 with the methods
+/// the source takes in `Allow` (`GET` and `HEAD` only with a handshake),
+/// or 404 for no such source.
+pub async fn other_method(
+    State(state): State<AppState>,
+    method: Method,
+    source_name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let source = find_source(&state, source_name)?;
+    let allow = match source.verify_token() {
+        Some(_) => "GET, HEAD, POST",
+        None => ONLY_POST,
+    };
+    Ok(not_allowed(
+        allow,
+        format!("{method} is not allowed on a webhook source; it takes {allow}"),
+    ))
+}
+
+/// 405 with `allow` in its `Allow` header.
+fn not_allowed(allow: &'static str, message: String) -> Response {
+    let error = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, message);
+    ([(header::ALLOW, allow)], error).into_response()
 }
