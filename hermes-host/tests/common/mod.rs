@@ -123,13 +123,17 @@ impl Harness {
         self.post(source, body, headers).await
     }
 
-    pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
+    /// Sends a `method` request without a body to `path`.
+    pub async fn request(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.client
+            .request(method, format!("{}{path}", self.url))
             .send()
             .await
-            .expect("request completes");
+            .expect("request completes")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.request(reqwest::Method::GET, path).await;
         let status = response.status().as_u16();
         (status, response.text().await.expect("body"))
     }
