@@ -356,6 +356,9 @@ const MAX_EVENTS: u64 = 1 << 20;
 /// its most, the pipeline's default in-flight bound stays within its own
 /// limit (`u32::MAX`).
 const MAX_TASKS: u64 = 256;
+/// The largest connection pool: sqlx reserves room for every connection
+/// allowed, up front.
+const MAX_CONNECTIONS: u64 = 10_000;
 /// An hour, the longest wait (batch timeout, drain) a setting may name.
 const HOUR_MS: u64 = 3_600_000;
 /// A day, the longest `Retry-After` or replay window a setting may name.
@@ -655,12 +658,12 @@ impl Config {
             (
                 "database.max_connections",
                 u64::from(db.max_connections),
-                u64::MAX,
+                MAX_CONNECTIONS,
             ),
             (
                 "database.acquire_timeout_ms",
                 db.acquire_timeout_ms,
-                u64::MAX,
+                HOUR_MS,
             ),
             // Postgres takes an `int` of milliseconds.
             (
@@ -691,6 +694,17 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "webhooks.max_in_flight ({max}) must be at least webhooks.batch_size ({})",
                 w.batch_size
+            )));
+        }
+        if let Some(url) = &self.database.url
+            && !["postgres://", "postgresql://"]
+                .iter()
+                .any(|scheme| url.trim_start().starts_with(scheme))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "database.url (or {DATABASE_URL_ENV}) {:?} must start with postgres:// or \
+                 postgresql://",
+                redact_url(url)
             )));
         }
         if let Some(url) = &self.http.public_url
@@ -930,6 +944,16 @@ mod tests {
                 "retry_after_secs",
             ),
             (|c| c.database.acquire_timeout_ms = 0, "acquire_timeout_ms"),
+            (
+                |c| c.database.acquire_timeout_ms = HOUR_MS + 1,
+                "acquire_timeout_ms",
+            ),
+            (|c| c.database.max_connections = 10_001, "max_connections"),
+            (
+                |c| c.database.url = Some("mysql://u:pw@db/hermes".into()),
+                "postgres://",
+            ),
+            (|c| c.database.max_connections = u32::MAX, "max_connections"),
             (
                 |c| c.database.statement_timeout_ms = 0,
                 "statement_timeout_ms",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hermes_adapters::postgres::{LocalPostgres, LocalPostgresError};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::config::{DatabaseConfig, redact_url};
 
@@ -25,6 +25,9 @@ pub const APPLICATION_NAME: &str = "hermes";
 
 /// How long closing the pool waits for connections in use.
 pub const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the attempt that finds why the pool could not connect may take.
+const CAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pooled connection idle this long is pinged before it is handed out.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
@@ -104,9 +107,25 @@ impl Database {
                     Ok(true)
                 })
             })
-            .connect_with(options)
-            .await
-            .map_err(connect_error)?;
+            .connect_with(options.clone())
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool retried until its acquire timeout and kept no cause:
+            // one more attempt tells it (refused, a bad password, no such
+            // database…).
+            Err(sqlx::Error::PoolTimedOut) => {
+                let cause =
+                    match tokio::time::timeout(CAUSE_TIMEOUT, PgConnection::connect_with(&options))
+                        .await
+                    {
+                        Ok(Err(cause)) => cause,
+                        _ => sqlx::Error::PoolTimedOut,
+                    };
+                return Err(connect_error(cause));
+            }
+            Err(error) => return Err(connect_error(error)),
+        };
         Ok(Self {
             pool,
             url: shown,
@@ -162,5 +181,26 @@ impl Database {
                 POOL_CLOSE_TIMEOUT.as_secs()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_says_so_not_that_the_pool_timed_out() {
+        // Nothing listens on port 1 of loopback.
+        let config = DatabaseConfig {
+            url: Some("postgres://nobody@127.0.0.1:1/none".into()),
+            acquire_timeout_ms: 200,
+            ..DatabaseConfig::default()
+        };
+        let message = Database::connect(&config)
+            .await
+            .expect_err("nothing listens there")
+            .to_string();
+        assert!(message.contains("refused"), "{message}");
+        assert!(!message.contains("timed out"), "{message}");
     }
 }

@@ -39,8 +39,9 @@ pub enum ConfigError {
     /// No secret was configured.
     #[error("a webhook source needs at least one secret")]
     NoSecrets,
-    /// A configured secret is empty (an empty literal or an empty variable).
-    #[error("webhook secret #{position} is empty")]
+    /// A configured secret is empty or only whitespace (a literal, or the
+    /// variable it names).
+    #[error("webhook secret #{position} is empty or only whitespace")]
     EmptySecret {
         /// 1-based position of the secret in the configured list.
         position: usize,

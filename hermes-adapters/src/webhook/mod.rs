@@ -265,7 +265,7 @@ impl Verifier {
     /// A verifier for `scheme` accepting a signature made with any of
     /// `secrets`; [`Verifier::sign`] uses the first.
     ///
-    /// Fails without secrets, with an empty secret, or (Standard Webhooks)
+    /// Fails without secrets, with an empty or blank secret, or (Standard Webhooks)
     /// with a secret that is neither `whsec_<base64>` nor base64.
     pub fn new(scheme: Scheme, secrets: Vec<Secret>) -> Result<Self, ConfigError> {
         if secrets.is_empty() {
@@ -276,7 +276,7 @@ impl Verifier {
             .enumerate()
             .map(|(index, secret)| {
                 let position = index + 1;
-                if secret.is_empty() {
+                if secret.is_blank() {
                     return Err(ConfigError::EmptySecret { position });
                 }
                 match scheme {
@@ -441,6 +441,10 @@ mod tests {
         assert_eq!(
             Verifier::new(Scheme::GitHub, vec![Secret::from("a"), Secret::from("")]).unwrap_err(),
             ConfigError::EmptySecret { position: 2 }
+        );
+        assert_eq!(
+            Verifier::new(Scheme::GitHub, vec![Secret::from(" \t\n")]).unwrap_err(),
+            ConfigError::EmptySecret { position: 1 }
         );
     }
 

@@ -64,9 +64,10 @@ impl Secret {
         &self.0
     }
 
-    /// Whether the secret has no bytes at all.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Whether the secret has no bytes but ASCII whitespace, if any: a
+    /// variable set to spaces by mistake, say.
+    pub fn is_blank(&self) -> bool {
+        self.0.iter().all(u8::is_ascii_whitespace)
     }
 }
 
@@ -133,7 +134,7 @@ mod tests {
     fn env_reference_uses_the_process_environment() {
         // PATH is set in every environment cargo test runs in.
         let secret = Secret::from_config("env:PATH").unwrap();
-        assert!(!secret.is_empty());
+        assert!(!secret.is_blank());
     }
 
     #[test]

@@ -110,8 +110,8 @@ impl Source {
             }
             Some(setting) => {
                 let token = Secret::from_config(&setting.0).map_err(|e| error(e.to_string()))?;
-                if token.is_empty() {
-                    return Err(error("verify_token is empty".into()));
+                if token.is_blank() {
+                    return Err(error("verify_token is empty or only whitespace".into()));
                 }
                 Some(token)
             }
