@@ -46,11 +46,27 @@ pub struct DemoArgs {
     pub config: ConfigArgs,
     /// Stop after this long (e.g. `10s`, `2m`; Ctrl-C or SIGTERM stops it
     /// sooner, with the summary as well); default: until Ctrl-C.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = positive_duration)]
     pub duration: Option<std::time::Duration>,
-    /// Connections sending valid SMS webhooks as fast as the host answers.
-    #[arg(long, default_value_t = 32)]
-    pub connections: usize,
+    /// Connections sending valid SMS webhooks as fast as the host answers
+    /// (1 to 10000).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=MAX_DEMO_CONNECTIONS))]
+    pub connections: u64,
+}
+
+/// The most connections `hermes demo` opens: each is a task with its own
+/// connection and buffers, so far more only exhausts memory or file
+/// descriptors (99999999999 aborted on an allocation failure).
+const MAX_DEMO_CONNECTIONS: u64 = 10_000;
+
+/// A duration as humantime reads it (`10s`, `2m`), more than zero: a zero
+/// `--duration` would start everything only to stop at once.
+fn positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration.is_zero() {
+        return Err("the duration must be more than 0".to_owned());
+    }
+    Ok(duration)
 }
 
 /// Where the configuration comes from.
@@ -73,7 +89,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(args.config.config.as_deref())?;
             let options = DemoOptions {
                 duration: args.duration,
-                connections: args.connections.max(1),
+                connections: usize::try_from(args.connections)
+                    .context("--connections does not fit in usize")?,
             };
             demo::run(config, options).await
         }

@@ -103,14 +103,43 @@ async fn send_and_report(
             }
         }
     }
-    traffic.stop.store(true, Ordering::Relaxed);
-    for task in traffic.tasks {
-        let _ = task.await;
-    }
-    // Every request has its answer now, so every 202 is committed: count them.
+    stop_traffic(traffic.stop, traffic.tasks).await;
+    // Every 202 counted was committed before it was sent. A request abandoned
+    // at the end may still commit after the count below, so Postgres can
+    // come to hold a few more events than the run says it had accepted.
     let elapsed = started.elapsed();
     let pool = server.database().pool();
     summary(elapsed, &traffic.sms, &traffic.email, &traffic.forged, pool).await
+}
+
+/// How long requests already in flight when the demo ends get to be answered
+/// (and counted) before the senders are dropped. The senders' own request
+/// time-out is 30 s: waiting for it would hold `--duration 2s` with
+/// thousands of connections open for half a minute.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops the senders: no request is sent after this is called; those in
+/// flight get [`IN_FLIGHT_GRACE`] to be answered, then the sender tasks are
+/// aborted (dropping their requests, which the summary reports as
+/// abandoned). Returns once every sender task has ended; aborting one drops
+/// its workers, so the counters stop moving (a worker mid-poll on another
+/// thread may record one last answer).
+async fn stop_traffic(stop: Arc<AtomicBool>, mut tasks: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    let answered = tokio::time::timeout(IN_FLIGHT_GRACE, async {
+        for task in &mut tasks {
+            let _ = task.await;
+        }
+    })
+    .await;
+    if answered.is_err() {
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Fails, before anything starts, when configured sources lack one the demo
@@ -279,6 +308,13 @@ fn accepted(snapshot: &Snapshot) -> u64 {
     snapshot.statuses.get(&202).copied().unwrap_or(0)
 }
 
+/// Requests sent that have neither an answer nor an error: once the senders
+/// have ended, those abandoned in flight at the end.
+fn unanswered(snapshot: &Snapshot) -> u64 {
+    let answered: u64 = snapshot.statuses.values().sum();
+    snapshot.sent.saturating_sub(answered + snapshot.errors)
+}
+
 /// Counts by status, then requests that got no answer (connection errors,
 /// time-outs), if any: `202:10575 401:5 no answer:3`.
 fn statuses(snapshots: &[Snapshot]) -> String {
@@ -357,7 +393,14 @@ async fn summary(
         forged.sent,
         forged.statuses.get(&401).copied().unwrap_or(0)
     );
+    let abandoned: u64 = [&sms, &email, &forged].into_iter().map(unanswered).sum();
     println!("  by status: {}", statuses(&[sms, email, forged]));
+    if abandoned > 0 {
+        println!(
+            "  abandoned: {abandoned} of the requests sent, still unanswered {:?} after the end",
+            IN_FLIGHT_GRACE
+        );
+    }
     println!(
         "  in Postgres: {} events, {} parties, {} conversations, {} messages ({} accepted this run)",
         count("webhook_events").await?,
