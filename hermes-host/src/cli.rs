@@ -103,7 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// through: an error that ends the process (a configuration error, say) is
 /// never filtered out.
 pub fn report_error(format: LogFormat, error: &anyhow::Error) {
-    let message = format!("{error:#}");
+    let message = error_message(error);
     match format {
         LogFormat::Text => eprintln!("hermes: error: {message}"),
         LogFormat::Json => {
@@ -119,6 +119,24 @@ pub fn report_error(format: LogFormat, error: &anyhow::Error) {
     }
 }
 
+/// `error` and its causes, `: `-separated, each once: a cause whose text the
+/// message already holds (an error that prints its source, as
+/// "cannot read configuration file x: No such file…" does) is not repeated.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
 /// The command's own messages on stderr are plain lines for a person in text
 /// mode. In json mode every stderr line must be JSON: they are `tracing`
 /// events instead, or nothing where the server already logs the same (its
@@ -128,9 +146,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     let text = format == LogFormat::Text;
     let mut signals = Signals::listen().context("cannot listen for SIGTERM and SIGINT")?;
     let config = Config::load(args.config.as_deref())?;
-    if config.webhooks.sources.is_empty() {
-        tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
-    }
+    let no_sources = config.webhooks.sources.is_empty();
     let Some(server) = signals.unless(Server::start(config)).await else {
         if text {
             eprintln!("hermes: stopped during startup");
@@ -140,6 +156,10 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
         return Ok(());
     };
     let server = server?;
+    // Once the configuration proved valid: not beside the error that ends it.
+    if no_sources {
+        tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
+    }
     if text {
         eprintln!(
             "hermes: listening on {} (Postgres: {})",
@@ -172,4 +192,28 @@ async fn migrate(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     }
     database.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use anyhow::Context as _;
+
+    use super::*;
+
+    #[test]
+    fn a_cause_the_message_already_holds_is_not_repeated() {
+        let error = anyhow::Error::new(
+            Config::from_file(Path::new("/nonexistent/hermes.toml")).unwrap_err(),
+        );
+        let message = error_message(&error);
+        assert_eq!(message.matches("No such file").count(), 1, "{message}");
+        assert!(message.contains("/nonexistent/hermes.toml"), "{message}");
+        // A context's cause that it does not hold is kept.
+        let error = Err::<(), _>(std::io::Error::other("disk on fire"))
+            .context("cannot write")
+            .unwrap_err();
+        assert_eq!(error_message(&error), "cannot write: disk on fire");
+    }
 }
