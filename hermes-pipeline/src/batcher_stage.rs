@@ -217,14 +217,14 @@ impl<H: Handler> Supervised for Batching<H> {
             .take()
             .into_iter()
             .chain(self.keyed.drain().map(|(_, batch)| batch));
-        let mut stopped_with: Vec<_> = open.flat_map(|batch| batch.messages).collect();
-        Message::fail_all(&mut stopped_with, STOPPED_BY_A_PANIC);
-        self.stopped_with.append(&mut stopped_with);
+        // Empty before: `settle` takes what the last recovery kept.
+        self.stopped_with
+            .extend(open.flat_map(|batch| batch.messages));
+        Message::fail_all(&mut self.stopped_with, STOPPED_BY_A_PANIC);
         self.timers.clear();
         let lost = self.stage.inbox.release_held(self.stopped_with.len());
         let concurrency = self.stage.concurrency.load(Ordering::Relaxed);
         self.cut_to(concurrency);
-        self.next = 0;
         let failed = self.stopped_with.len();
         log_caught(|| {
             tracing::error!(
@@ -509,10 +509,12 @@ impl<H: Handler> Batching<H> {
     }
 
     /// Keeps the first `concurrency` batch processors (and their outstanding
-    /// counts), dropping the others' senders.
+    /// counts), dropping the others' senders, and starts the round robin
+    /// again from the first.
     fn cut_to(&mut self, concurrency: usize) {
         self.processors.truncate(concurrency);
         self.outstanding.truncate(concurrency);
+        self.next = 0;
     }
 
     /// Starts batch processor `index`, with its own outstanding counts.
@@ -547,7 +549,6 @@ impl<H: Handler> Batching<H> {
         }
         self.cut_to(resize.concurrency);
         self.grow_to(resize.concurrency);
-        self.next = 0;
         self.stage
             .concurrency
             .store(resize.concurrency, Ordering::Relaxed);

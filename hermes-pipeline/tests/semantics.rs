@@ -917,12 +917,8 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
             once.push((100, vec![Status::Failed(STOPPED_BY_A_PANIC.into())]));
             once.push((200, vec![Status::Ok]));
             assert_eq!(acked, once);
-            let mut handled: Vec<Vec<u64>> = batches
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(.., ids)| ids.clone())
+            let mut handled: Vec<Vec<u64>> = (batches.triggers_and_ids().into_iter())
+                .map(|(_, ids)| ids)
                 .collect();
             handled.sort_unstable();
             assert_eq!(handled, vec![vec![7, 8, 9], vec![200]]);
@@ -981,7 +977,7 @@ fn a_batcher_stopped_by_a_panic_after_the_drain_deadline_still_fails_its_open_ba
             let batcher = StoppedStage::Batcher("default".into());
             assert!(pipeline.stopped_stages().contains(&batcher));
             // The open batch's message failed once; the lost ones not at all.
-            let acked: Vec<_> = acks.acks().into_iter().collect();
+            let acked = acks.sorted_acks();
             let once = vec![(100, vec![Status::Failed(STOPPED_BY_A_PANIC.into())])];
             assert_eq!(acked, once);
         });
