@@ -119,14 +119,15 @@ pub fn report_error(format: LogFormat, error: &anyhow::Error) {
     }
 }
 
-/// `error` and its causes, `: `-separated, each once: a cause whose text the
-/// message already holds (an error that prints its source, as
-/// "cannot read configuration file x: No such file…" does) is not repeated.
+/// `error` and its causes, `: `-separated, each once. Many errors, ours and
+/// our dependencies' (sqlx's I/O error, say), print their source at the end
+/// of their own message and also return it as their source: a cause the
+/// message already ends with is not printed again.
 fn error_message(error: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if message.contains(&text) {
+        if message.ends_with(&text) {
             continue;
         }
         if !message.is_empty() {

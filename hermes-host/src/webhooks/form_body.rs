@@ -48,8 +48,10 @@ fn decode(encoded: &[u8]) -> Option<String> {
     } else {
         Cow::Borrowed(encoded)
     };
-    let bytes: Cow<[u8]> = percent_decode(&spaced).into();
-    String::from_utf8(bytes.into_owned()).ok()
+    percent_decode(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(Cow::into_owned)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use hermes_adapters::webhook::{SubscriptionError, meta_subscription_challenge};
 
 use super::endpoint::find_source;
+use super::source::Source;
 use crate::http::{ApiError, AppState};
 
 /// Handles `GET /webhooks/{source}`.
@@ -33,7 +34,7 @@ pub async fn answer(
     let source = find_source(&state, source_name)?;
     let Some(token) = source.verify_token() else {
         return Ok(not_allowed(
-            ONLY_POST,
+            allow(&source),
             format!(
                 "GET is Meta's subscription handshake; source {:?} has none (it needs scheme \
                  \"meta\" and a verify_token): webhooks are POSTed",
@@ -53,26 +54,28 @@ pub async fn answer(
         .into_response())
 }
 
-/// `Allow` for a source without a handshake.
-const ONLY_POST: &str = "POST";
-
 /// Handles any other method on `/webhooks/{source}`: 405 with the methods
-/// the source takes in `Allow` (`GET` and `HEAD` only with a handshake),
-/// or 404 for no such source.
+/// the source takes in `Allow`, or 404 for no such source.
 pub async fn other_method(
     State(state): State<AppState>,
     method: Method,
     source_name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let source = find_source(&state, source_name)?;
-    let allow = match source.verify_token() {
-        Some(_) => "GET, HEAD, POST",
-        None => ONLY_POST,
-    };
+    let allow = allow(&source);
     Ok(not_allowed(
         allow,
         format!("{method} is not allowed on a webhook source; it takes {allow}"),
     ))
+}
+
+/// The methods `source` takes: `POST`, and `GET` and `HEAD` with a
+/// handshake.
+fn allow(source: &Source) -> &'static str {
+    match source.verify_token() {
+        Some(_) => "GET, HEAD, POST",
+        None => "POST",
+    }
 }
 
 /// 405 with `allow` in its `Allow` header.
