@@ -748,7 +748,7 @@ fn a_processor_panicking_outside_its_handlers_keeps_its_place_and_frees_the_slot
             if partitioned {
                 options = options.partition_by(|message| message.data);
             }
-            let (ingress, pipeline, _) = ten_in_flight("processor-panics", options, false);
+            let (ingress, pipeline, _) = ten_in_flight("processor-panics", options, None);
             let lost = ingress.test_message(1u64).await;
             assert_failed_with(&lost, "dropped");
             assert_eq!(pipeline.in_flight(), 0, "partitioned: {partitioned}");
@@ -821,7 +821,7 @@ fn a_processor_stopped_by_a_panic_is_restarted_in_its_place() {
                 } else {
                     ProcessorOptions::new().concurrency(1)
                 };
-                let (ingress, pipeline, _) = ten_in_flight("processor-restarts", options, false);
+                let (ingress, pipeline, _) = ten_in_flight("processor-restarts", options, None);
                 let acks = Recorder::new();
                 let tracked = acks.tracking();
                 let lost = ingress.test_message(tracked(1)).await;
@@ -862,13 +862,11 @@ fn a_batcher_stopped_by_a_panic_is_restarted_in_its_place() {
     let subscriber = FirstErrorPanics::from("hermes_pipeline::batcher_stage");
     tracing::subscriber::with_default(subscriber, || {
         with_recorder_paused(&recorder, async {
-            let (handler, batches) = Collect::new();
-            let mut builder = Pipeline::builder("batcher-restarts", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .max_in_flight(10)
-                .batcher("default", batches_of(3, Duration::from_secs(3600)));
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+            let (ingress, pipeline, batches) = ten_in_flight(
+                "batcher-restarts",
+                ProcessorOptions::new().concurrency(1),
+                Some(batches_of(3, Duration::from_secs(3600))),
+            );
             let acks = Recorder::new();
             let tracked = acks.tracking();
             let keyed = |id| {
@@ -937,20 +935,15 @@ fn a_batcher_stopped_by_a_panic_after_the_drain_deadline_still_fails_its_open_ba
     let subscriber = FirstErrorPanics::from("hermes_pipeline::batcher_stage");
     tracing::subscriber::with_default(subscriber, || {
         with_recorder_paused(&recorder, async {
-            let (handler, _) = Collect::new();
             let size_of = |message: &Message<u64>| {
                 assert_ne!(message.data, 50, "no size for 50");
                 1
             };
-            let mut builder = Pipeline::builder("batcher-stops-late", handler)
-                .processors(ProcessorOptions::new().concurrency(1))
-                .max_in_flight(10)
-                .batcher(
-                    "default",
-                    batches_of(3, Duration::from_secs(3600)).max_batch_bytes(100, size_of),
-                );
-            let ingress = builder.ingress(10);
-            let pipeline = builder.start().unwrap();
+            let (ingress, pipeline, _) = ten_in_flight(
+                "batcher-stops-late",
+                ProcessorOptions::new().concurrency(1),
+                Some(batches_of(3, Duration::from_secs(3600)).max_batch_bytes(100, size_of)),
+            );
             let acks = Recorder::new();
             let tracked = acks.tracking();
             for outcome in ingress.test_batch([1, 2, 3].map(&tracked)).await {
@@ -1036,19 +1029,19 @@ impl metrics::GaugeFn for DecrementPanics {
 }
 
 /// A `Collect` pipeline named `name`, with `processors`, room for 10
-/// messages in flight and, if `batched`, a default batcher of 10; fed by the
-/// returned ingress, of 10.
+/// messages in flight and `batcher`, if any, as its default batcher; fed by
+/// the returned ingress, of 10.
 fn ten_in_flight(
     name: &str,
     processors: ProcessorOptions<u64>,
-    batched: bool,
+    batcher: Option<BatcherOptions<u64>>,
 ) -> (Ingress<u64>, Pipeline<Collect>, Arc<Batches>) {
     let (handler, batches) = Collect::new();
     let mut builder = Pipeline::builder(name, handler)
         .processors(processors)
         .max_in_flight(10);
-    if batched {
-        builder = builder.batcher("default", batches_of(10, Duration::from_millis(1)));
+    if let Some(batcher) = batcher {
+        builder = builder.batcher("default", batcher);
     }
     let ingress = builder.ingress(10);
     let pipeline = builder.start().unwrap();
@@ -1061,7 +1054,8 @@ fn a_panicking_in_flight_gauge_leaks_no_slot() {
         let recorder = Panicky::gauge(telemetry::IN_FLIGHT, DecrementPanics);
         with_recorder_paused(&recorder, async {
             let processors = ProcessorOptions::new().concurrency(1);
-            let (ingress, pipeline, _) = ten_in_flight("gauge-panics", processors, batched);
+            let batcher = batched.then(|| batches_of(10, Duration::from_millis(1)));
+            let (ingress, pipeline, _) = ten_in_flight("gauge-panics", processors, batcher);
             // Every acknowledgement panics as it frees the slots, after
             // the completions resolved; the stage acknowledging frees them
             // anyway, though the gauge panics again. The second round
@@ -1095,8 +1089,9 @@ fn a_panicking_in_flight_gauge_loses_no_produced_message() {
         let recorder = Panicky::gauge(telemetry::IN_FLIGHT, IncrementPanics);
         with_recorder_paused(&recorder, async {
             let processors = ProcessorOptions::new().concurrency(1);
+            let batcher = batched.then(|| batches_of(10, Duration::from_millis(1)));
             let (ingress, pipeline, batches) =
-                ten_in_flight("gauge-panics-up", processors, batched);
+                ten_in_flight("gauge-panics-up", processors, batcher);
             let acks = Recorder::new();
             let tracked = acks.tracking();
             // The gauge panics each time the producer stage admits messages
