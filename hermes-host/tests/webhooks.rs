@@ -280,6 +280,25 @@ async fn invalid_payloads_are_422_naming_the_field_and_store_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_long_provider_message_id_is_422_and_stores_nothing() {
+    let h = start("").await;
+    let mut payload = sms("+14155550100", "+14155550101", "x");
+    // Well within the source's max_body_bytes (4096): refused for itself.
+    payload["provider_message_id"] = json!("a".repeat(1000));
+    let reply = h.deliver("sms", &payload, "long-id").await;
+    assert_eq!(reply.status, 422, "{reply:?}");
+    assert_eq!(reply.json["field"], "provider_message_id", "{reply:?}");
+    assert!(
+        reply
+            .error()
+            .contains("1000 bytes long, longer than the 255 accepted"),
+        "{reply:?}"
+    );
+
+    assert_nothing_stored(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_resolve_parties_conversations_and_attachments() {
     let h = start("").await;
     let (alice, bob) = ("+14155550100", "+442071838750");

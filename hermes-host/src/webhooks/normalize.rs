@@ -11,7 +11,9 @@
 //! `body`, `attachments` and `provider_message_id` are optional; other keys
 //! are ignored (and kept in the stored raw event). `timestamp` is RFC 3339 or
 //! seconds since the Unix epoch. sms needs E.164 numbers and at most 10
-//! attachments; email needs addresses (lower-cased) and at most 25.
+//! attachments; email needs addresses (lower-cased) and at most 25. A
+//! `provider_message_id`, when given, must not be empty (or white space
+//! only) nor longer than [`MAX_PROVIDER_MESSAGE_ID_LEN`] bytes.
 
 use std::cell::Cell;
 use std::fmt;
@@ -30,6 +32,8 @@ pub const MAX_SMS_ATTACHMENTS: usize = 10;
 pub const MAX_EMAIL_ATTACHMENTS: usize = 25;
 /// Longest accepted attachment URL, in bytes.
 pub const MAX_URL_LEN: usize = 2048;
+/// Longest accepted `provider_message_id`, in bytes.
+pub const MAX_PROVIDER_MESSAGE_ID_LEN: usize = 255;
 
 /// A message's channel kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +208,7 @@ pub fn normalize(
     let from = address(channel, object, "from")?;
     let to = address(channel, object, "to")?;
     let body = optional_string(object, "body")?;
-    let provider_message_id = optional_string(object, "provider_message_id")?;
+    let provider_message_id = provider_message_id(object)?;
     let attachments = attachments(channel, object)?;
     let sent_at = timestamp(object)?;
     Ok(Some(NormalizedMessage {
@@ -259,6 +263,28 @@ fn optional_string(
             format!("must be a string, not {}", type_name(other)),
         )),
     }
+}
+
+/// The optional `provider_message_id`: not blank, and at most
+/// [`MAX_PROVIDER_MESSAGE_ID_LEN`] bytes.
+fn provider_message_id(object: &Map<String, Value>) -> Result<Option<String>, NormalizeError> {
+    const FIELD: &str = "provider_message_id";
+    let Some(id) = optional_string(object, FIELD)? else {
+        return Ok(None);
+    };
+    if id.trim().is_empty() {
+        return Err(NormalizeError::new(FIELD, "must not be empty"));
+    }
+    if id.len() > MAX_PROVIDER_MESSAGE_ID_LEN {
+        return Err(NormalizeError::new(
+            FIELD,
+            format!(
+                "is {} bytes long, longer than the {MAX_PROVIDER_MESSAGE_ID_LEN} accepted",
+                id.len()
+            ),
+        ));
+    }
+    Ok(Some(id))
 }
 
 fn address(
@@ -605,6 +631,44 @@ mod tests {
         assert_eq!(error.field, "attachments");
         assert!(error.reason.contains("item 1"), "{error}");
         assert!(error.reason.contains("longer than the 2048"), "{error}");
+
+        let base = json!({"from": "+14155550100", "to": "+14155550101", "timestamp": 0});
+        let with_id = |id: String| {
+            let mut payload = base.clone();
+            payload["provider_message_id"] = json!(id);
+            sms(payload)
+        };
+        let longest = "a".repeat(MAX_PROVIDER_MESSAGE_ID_LEN);
+        let message = with_id(longest.clone()).unwrap().unwrap();
+        assert_eq!(message.provider_message_id, Some(longest));
+        let error = with_id("a".repeat(10_000)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "field `provider_message_id`: is 10000 bytes long, longer than the 255 accepted"
+        );
+        // Bytes, not characters: 128 two-byte characters are 256 bytes.
+        let error = with_id("é".repeat(128)).unwrap_err();
+        assert!(error.reason.contains("256 bytes"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_provider_message_id_is_refused() {
+        for id in ["", " ", "\t\n"] {
+            let error = sms(json!({"from": "+14155550100", "to": "+14155550101",
+                                   "timestamp": 0, "provider_message_id": id}))
+            .unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                "field `provider_message_id`: must not be empty",
+                "{id:?}"
+            );
+        }
+        let email = normalize(
+            Normalize::Email,
+            &json!({"from": "a@b.co", "to": "c@d.co", "timestamp": 0, "provider_message_id": ""}),
+        )
+        .unwrap_err();
+        assert_eq!(email.field, "provider_message_id");
     }
 
     #[test]
