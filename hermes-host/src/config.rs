@@ -87,8 +87,13 @@ pub enum ConfigError {
         message: String,
     },
     /// Another setting is out of range.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+    #[error("invalid configuration{}: {message}", in_file(.path))]
+    Invalid {
+        /// The file the settings came from, if any.
+        path: Option<PathBuf>,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 fn in_file(path: &Option<PathBuf>) -> String {
@@ -110,6 +115,19 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// `[shutdown]`: how long a graceful shutdown may take.
     pub shutdown: ShutdownConfig,
+    /// Where the settings came from, to name it in errors.
+    #[serde(skip)]
+    origin: Origin,
+}
+
+/// Where a [`Config`]'s settings came from: set by [`Config::from_file`]
+/// and [`Config::apply_env`], read by [`Config::validate`].
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    /// The file read, if any.
+    file: Option<PathBuf>,
+    /// Whether `database.url` was set by `DATABASE_URL`.
+    database_url_from_env: bool,
 }
 
 /// `[http]`.
@@ -576,10 +594,12 @@ impl Config {
     }
 
     fn parse(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|error| ConfigError::Parse {
+        let mut config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.map(Path::to_owned),
             message: parse_error_message(text, &error),
-        })
+        })?;
+        config.origin.file = path.map(Path::to_owned);
+        Ok(config)
     }
 
     /// Applies `HERMES_LISTEN` and `DATABASE_URL` from the process environment.
@@ -610,6 +630,7 @@ impl Config {
         }
         if let Some(url) = read(DATABASE_URL_ENV)?.filter(|url| !url.trim().is_empty()) {
             self.database.url = Some(url);
+            self.origin.database_url_from_env = true;
         }
         Ok(())
     }
@@ -630,6 +651,10 @@ impl Config {
     fn validate_sizes(&self) -> Result<(), ConfigError> {
         let w = &self.webhooks;
         let (db, to) = (&self.database, |n: usize| n as u64);
+        let invalid = |message: String| ConfigError::Invalid {
+            path: self.origin.file.clone(),
+            message,
+        };
         // Each setting from 1 to its bound.
         let ranges = [
             (
@@ -680,18 +705,16 @@ impl Config {
         ]);
         for (name, value, max) in ranges {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+                return Err(invalid(format!("{name} must be at least 1")));
             }
             if value > max {
-                return Err(ConfigError::Invalid(format!(
-                    "{name} must be at most {max}"
-                )));
+                return Err(invalid(format!("{name} must be at most {max}")));
             }
         }
         if let Some(max) = w.max_in_flight
             && max < w.batch_size
         {
-            return Err(ConfigError::Invalid(format!(
+            return Err(invalid(format!(
                 "webhooks.max_in_flight ({max}) must be at least webhooks.batch_size ({})",
                 w.batch_size
             )));
@@ -701,16 +724,23 @@ impl Config {
                 .iter()
                 .any(|scheme| url.trim_start().starts_with(scheme))
         {
-            return Err(ConfigError::Invalid(format!(
-                "database.url (or {DATABASE_URL_ENV}) {:?} must start with postgres:// or \
-                 postgresql://",
+            let message = format!(
+                "{:?} must start with postgres:// or postgresql://",
                 redact_url(url)
-            )));
+            );
+            return Err(if self.origin.database_url_from_env {
+                ConfigError::Env {
+                    name: DATABASE_URL_ENV,
+                    message,
+                }
+            } else {
+                invalid(format!("database.url {message}"))
+            });
         }
         if let Some(url) = &self.http.public_url
             && !is_http_url(url)
         {
-            return Err(ConfigError::Invalid(format!(
+            return Err(invalid(format!(
                 "http.public_url {:?} must start with http:// or https://",
                 redact_url(url)
             )));
@@ -925,6 +955,49 @@ mod tests {
             "host=db password=*** sslmode=require"
         );
         assert_eq!(redact_url("hooks.example.com/x"), "hooks.example.com/x");
+    }
+
+    #[test]
+    fn an_invalid_setting_names_the_file_or_the_variable() {
+        let file = Path::new("/etc/hermes/hermes.toml");
+        let config = Config::parse("[database]\nmax_connections = 20000", Some(file)).unwrap();
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "invalid configuration in /etc/hermes/hermes.toml: \
+             database.max_connections must be at most 10000"
+        );
+        // Without a file, none is named.
+        let error = Config::from_toml_str("[database]\nmax_connections = 0")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "invalid configuration: database.max_connections must be at least 1"
+        );
+
+        let bad_url = "[database]\nurl = \"mysql://u:pw@db/x\"";
+        let error = Config::parse(bad_url, Some(file))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("invalid configuration in /etc/hermes/hermes.toml: database.url"),
+            "{error}"
+        );
+        // A URL from DATABASE_URL names the variable, not the file.
+        let mut config = Config::parse("", Some(file)).unwrap();
+        config
+            .apply_env_with(|name| (name == DATABASE_URL_ENV).then(|| "mysql://u:pw@db/x".into()))
+            .unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "environment variable DATABASE_URL: \"mysql://u:***@db/x\" must start with \
+             postgres:// or postgresql://"
+        );
     }
 
     #[test]
