@@ -412,6 +412,11 @@ async fn health_ready_and_metrics() {
         metrics.contains("hermes_http_request_duration_seconds_bucket"),
         "{metrics}"
     );
+    // Batch sizes are a histogram too, not a summary.
+    assert!(
+        metrics.contains("hermes_pipeline_batch_size_bucket"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("hermes_pipeline_succeeded_total"),
         "{metrics}"
