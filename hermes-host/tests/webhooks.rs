@@ -825,6 +825,11 @@ async fn a_stalled_database_gets_503_not_a_hang() {
     let elapsed = started.elapsed();
     assert_eq!(reply.status, 503, "{reply:?}");
     assert!(reply.retry_after.is_some(), "{reply:?}");
+    // What to do, not the database's own error (which the log has).
+    assert_eq!(
+        reply.json["error"],
+        "the database is unavailable; retry later (a redelivery is stored once)"
+    );
     assert!(
         attempts.len() <= policy.attempts as usize,
         "{} attempts seen, the policy allows {}",

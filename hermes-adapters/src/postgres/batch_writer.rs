@@ -8,6 +8,7 @@ use std::fmt;
 use sqlx::error::DatabaseError;
 use sqlx::{Connection, PgConnection, PgPool};
 
+use super::circuit_breaker::CircuitBreaker;
 use super::guarded_connection::GuardedConnection;
 use super::retry::{ErrorClass, RetryPolicy, classify};
 use super::statement::{BatchStatement, Written};
@@ -104,6 +105,12 @@ pub enum WriteError {
         /// The last error.
         source: sqlx::Error,
     },
+    /// No connection to the database could be opened (refused, timed out,
+    /// the server starting or shutting down), by this write or by another
+    /// of the same writer less than a probe's interval ago: the write failed
+    /// at once instead of retrying. Worth trying again later.
+    #[error("the database is unreachable")]
+    Unavailable,
     /// An error no retry will fix and that no row in particular caused: a
     /// broken statement, a missing table or privilege, a closed pool.
     #[error("database error: {0}")]
@@ -121,7 +128,10 @@ pub enum WriteError {
 impl WriteError {
     /// Whether trying the same batch again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, WriteError::RetriesExhausted { .. })
+        matches!(
+            self,
+            WriteError::RetriesExhausted { .. } | WriteError::Unavailable
+        )
     }
 }
 
@@ -148,6 +158,10 @@ pub enum InBatchDuplicates {
 ///   [`BatchWriter::single_statement`]);
 /// - **retries of transient errors** with the [`RetryPolicy`]'s jittered
 ///   exponential back-off;
+/// - **failing fast while the database is unreachable**: once a connection
+///   cannot be opened, writes (of this writer and its clones) fail at once
+///   with [`WriteError::Unavailable`] instead of waiting out connection
+///   attempts, until a background probe opens one again;
 /// - **poison-row isolation**: when the database rejects the batch for a data
 ///   or constraint error, the batch is split in halves, each written in its
 ///   own transaction, recursively, until the offending rows are alone; those
@@ -160,12 +174,18 @@ pub struct BatchWriter<S> {
     retry: RetryPolicy,
     duplicates: InBatchDuplicates,
     single_statement: bool,
+    breaker: CircuitBreaker,
 }
 
 /// Why one attempt failed.
 enum AttemptError {
     Sql(sqlx::Error),
-    OutcomeCount { expected: usize, got: usize },
+    /// No connection could be opened: the circuit breaker is open.
+    Unreachable,
+    OutcomeCount {
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// `written` if the statement returned one outcome per row of `rows`.
@@ -203,6 +223,7 @@ impl<S: BatchStatement> BatchWriter<S> {
             retry,
             duplicates: InBatchDuplicates::KeepFirst,
             single_statement: false,
+            breaker: CircuitBreaker::default(),
         }
     }
 
@@ -372,8 +393,14 @@ impl<S: BatchStatement> BatchWriter<S> {
     ) -> Result<Vec<Written>, RangeError> {
         let mut attempt = 1;
         loop {
+            if self.breaker.is_open() {
+                return Err(RangeError::Fail(WriteError::Unavailable));
+            }
             let error = match self.attempt(rows).await {
                 Ok(written) => return Ok(written),
+                Err(AttemptError::Unreachable) => {
+                    return Err(RangeError::Fail(WriteError::Unavailable));
+                }
                 Err(AttemptError::OutcomeCount { expected, got }) => {
                     return Err(RangeError::Fail(WriteError::OutcomeCount { expected, got }));
                 }
@@ -421,7 +448,13 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// server that no longer answers: it leaves the pool (see
     /// [`GuardedConnection`]).
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
-        let mut conn = GuardedConnection::acquire(&self.pool).await?;
+        let mut conn = match GuardedConnection::acquire(&self.pool).await {
+            Ok(conn) => conn,
+            Err(error) if self.breaker.connection_failed(&self.pool, &error) => {
+                return Err(AttemptError::Unreachable);
+            }
+            Err(error) => return Err(error.into()),
+        };
         let run = self.run(&mut conn, rows);
         let result = match self.retry.attempt_timeout {
             None => run.await,

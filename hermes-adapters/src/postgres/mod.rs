@@ -18,6 +18,7 @@
 
 pub mod batch_writer;
 pub mod binary_copy;
+mod circuit_breaker;
 pub mod guarded_connection;
 pub mod json_text;
 pub mod local;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome};
+use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome, WriteError};
 use hermes_pipeline::{
     BatchInfo, BatcherOptions, ConfigError, Handler, Ingress, Message, Pipeline, ProcessorContext,
     ProcessorOptions,
@@ -56,14 +56,27 @@ impl Handler for IngestHandler {
             Ok(outcomes) => record_outcomes(batch, &outcomes),
             Err(error) => {
                 let transient = error.is_transient();
-                tracing::error!(batch = info.size, %error, "webhook batch not written");
-                let reason = format!("the event could not be stored: {error}");
+                if matches!(error, WriteError::Unavailable) {
+                    // Said once when the database became unreachable.
+                    tracing::debug!(batch = info.size, %error, "webhook batch not written");
+                } else {
+                    tracing::error!(batch = info.size, %error, "webhook batch not written");
+                }
+                // The client learns what to do, the log why: the database's
+                // error text is the operator's business. A failed write may
+                // still have committed (its connection lost at the commit):
+                // a redelivery then gets its 202 as a duplicate.
+                let reason = if transient {
+                    "the database is unavailable; retry later (a redelivery is stored once)"
+                } else {
+                    "the event could not be stored because of a database error"
+                };
                 for message in batch.iter_mut() {
                     message.data.set_fate(Fate::Failed {
                         transient,
-                        reason: reason.clone(),
+                        reason: reason.into(),
                     });
-                    message.fail(reason.clone());
+                    message.fail(reason);
                 }
             }
         }

@@ -26,8 +26,9 @@
 //!   a `postgres` process working in that directory), reuses it and its port;
 //!   a `postmaster.pid` naming any other process (left by a server that was
 //!   not shut down cleanly, its pid maybe reused after a restart) is removed.
-//!   Otherwise starts one with `pg_ctl` on a
-//!   free loopback port, listening on 127.0.0.1 only, and on a Unix socket in
+//!   Otherwise starts one with `pg_ctl` on the loopback port it last used
+//!   while that is free (its URL then stays the same across restarts), else
+//!   on any free one, listening on 127.0.0.1 only, and on a Unix socket in
 //!   the data directory when that path fits in a socket address and can be
 //!   written in `unix_socket_directories` as is. The socket
 //!   needs no password (only the directory's owner reaches it); TCP needs the

@@ -51,6 +51,14 @@ pub(super) fn write_hermes_conf(
     )
 }
 
+/// The port `hermes.conf` last gave the server, if it can be read.
+pub(super) fn last_port(data_dir: &Path) -> Option<u16> {
+    let text = read_regular_file(&data_dir.join(HERMES_CONF), 4096).ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|line| line.strip_prefix("port = ")?.trim().parse().ok())
+}
+
 /// Who may connect: through the socket, whoever can enter the data directory
 /// (mode 0700: its owner), without a password; over TCP, every local user can
 /// reach the server, so only with the password of [`TCP_PASSWORD_FILE`]. A

@@ -14,7 +14,7 @@ use super::init::{init_in_place, init_staged, make_traversable};
 use super::lock::lock_dir;
 use super::runner::{Runner, run};
 use super::server::{ServerState, remove_stale_pid_file};
-use super::settings::write_hermes_conf;
+use super::settings::{last_port, write_hermes_conf};
 use super::{
     LocalPostgres, LocalPostgresConfig, LocalPostgresError, SERVER_LOG, START_ATTEMPTS, io_err,
 };
@@ -71,7 +71,8 @@ pub(super) fn start_blocking(
             ServerState::Stale { pid, port } => remove_stale_pid_file(&data_dir, pid, port)?,
             ServerState::NotRunning => {}
         }
-        let port = free_port().map_err(io_err("choosing a free port for", &data_dir))?;
+        let port =
+            port_for(&data_dir, attempt).map_err(io_err("choosing a free port for", &data_dir))?;
         write_hermes_conf(&data_dir, port, config, &runner)?;
         tracing::info!(data_dir = %data_dir.display(), port, "starting a private PostgreSQL");
         let mut cmd = runner.command("pg_ctl");
@@ -108,6 +109,21 @@ pub(super) fn start_blocking(
         data_dir,
         reason: last_error,
     })
+}
+
+/// The port to start on: at the first attempt, the one the cluster last
+/// used while nothing else listens on it, so that its URL stays the same
+/// across restarts (and clients holding it find the server again); else any
+/// free port.
+fn port_for(data_dir: &Path, attempt: u32) -> io::Result<u16> {
+    if attempt == 1
+        && let Some(port) = last_port(data_dir)
+        && port != 0
+        && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    {
+        return Ok(port);
+    }
+    free_port()
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.

@@ -1,0 +1,99 @@
+//! The batch writer through a database outage: a private cluster of its own,
+//! stopped, then started again.
+
+use std::time::{Duration, Instant};
+
+use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
+use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome, UnnestInsert, WriteError};
+use sqlx::postgres::PgPoolOptions;
+
+/// Rows `(id, amount)` stored by the key `id`.
+fn insert_rows() -> UnnestInsert<(String, i64), String> {
+    UnnestInsert::builder("rows", |row: &(String, i64)| row.0.clone())
+        .key_column("id", "text", |row: &(String, i64)| row.0.clone())
+        .column("amount", "bigint", |row: &(String, i64)| row.1)
+        .build()
+        .expect("valid statement")
+}
+
+fn rows(range: std::ops::Range<i64>) -> Vec<(String, i64)> {
+    range.map(|i| (format!("row-{i}"), i)).collect()
+}
+
+#[tokio::test]
+async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_back() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hermes-pg-outage-test");
+    let config = LocalPostgresConfig::new(&dir, "outage").durability(Durability::Relaxed);
+    let pg = LocalPostgres::start_with(config.clone())
+        .await
+        .expect("start the cluster");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&pg.url())
+        .await
+        .expect("connect");
+    sqlx::query("DROP TABLE IF EXISTS rows")
+        .execute(&pool)
+        .await
+        .expect("drop table");
+    sqlx::query("CREATE TABLE rows (id text PRIMARY KEY, amount bigint NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("create table");
+    let writer = BatchWriter::new(pool.clone(), insert_rows(), RetryPolicy::default());
+    let outcomes = writer.write(&rows(0..10)).await.expect("write while up");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+
+    let port = pg.port();
+    pg.stop().await.expect("stop the cluster");
+    // The first write finds the server gone, without retrying for the
+    // policy's 10 s...
+    let started = Instant::now();
+    let error = writer.write(&rows(10..20)).await.expect_err("server down");
+    assert!(matches!(error, WriteError::Unavailable), "{error}");
+    assert!(error.is_transient());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // ... and later writes, concurrent ones too, fail at once without
+    // waiting for a connection of their own.
+    let started = Instant::now();
+    let batch = rows(10..20);
+    let writes = futures::future::join_all((0..20).map(|_| writer.write(&batch))).await;
+    for result in writes {
+        let error = result.expect_err("down");
+        assert!(matches!(error, WriteError::Unavailable), "{error}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Started again on the same port: the same pool and writer resume.
+    let pg = LocalPostgres::start_with(config)
+        .await
+        .expect("restart the cluster");
+    assert_eq!(pg.port(), port, "a restart keeps the port while it is free");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let outcomes = loop {
+        match writer.write(&rows(10..20)).await {
+            Ok(outcomes) => break outcomes,
+            Err(WriteError::Unavailable) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no write after the restart: {error}"),
+        }
+    };
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM rows")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(stored, 20);
+    pool.close().await;
+    pg.stop().await.expect("stop the cluster");
+}
