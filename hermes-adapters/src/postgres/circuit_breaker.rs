@@ -68,7 +68,10 @@ async fn probe(pool: PgPool, open: Arc<AtomicBool>) {
                 );
                 break;
             }
-            Err(error) if classify(&error) != ErrorClass::Transient => break,
+            Err(error) if classify(&error) != ErrorClass::Transient => {
+                tracing::warn!(%error, "database probe: an error that waiting does not mend");
+                break;
+            }
             Err(error) => tracing::debug!(%error, "database still unreachable"),
         }
     }
