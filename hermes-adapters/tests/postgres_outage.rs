@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use hermes_adapters::postgres::local::{Durability, LocalPostgres, LocalPostgresConfig};
+use hermes_adapters::postgres::local::{
+    Durability, LocalPostgres, LocalPostgresConfig, test_database,
+};
 use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome, UnnestInsert, WriteError};
 use sqlx::postgres::PgPoolOptions;
 
@@ -47,11 +49,17 @@ async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_ba
 
     let port = pg.port();
     pg.stop().await.expect("stop the cluster");
-    // The first write finds the server gone, without retrying for the
-    // policy's 10 s...
+    // The first write retries a refused connection for about a second (a
+    // blip would be over), not for the policy's 10 s...
     let started = Instant::now();
     let error = writer.write(&rows(10..20)).await.expect_err("server down");
-    assert!(matches!(error, WriteError::Unavailable), "{error}");
+    assert!(
+        matches!(
+            error,
+            WriteError::Unavailable | WriteError::RetriesExhausted { .. }
+        ),
+        "{error}"
+    );
     assert!(error.is_transient());
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -96,4 +104,44 @@ async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_ba
     assert_eq!(stored, 20);
     pool.close().await;
     pg.stop().await.expect("stop the cluster");
+}
+
+/// A pool that times out only because its connections are all busy is not
+/// an outage: the write retries per its policy, and the next one, once a
+/// connection is free, goes through at once.
+#[tokio::test]
+async fn a_busy_pool_is_retried_not_taken_for_an_outage() {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect(&test_database().await)
+        .await
+        .expect("connect");
+    sqlx::query("CREATE TABLE rows (id text PRIMARY KEY, amount bigint NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("create table");
+    let retry = RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(10), 5);
+    let writer = BatchWriter::new(pool.clone(), insert_rows(), retry);
+    let held = pool.acquire().await.expect("the only connection");
+    let error = writer
+        .write(&rows(0..10))
+        .await
+        .expect_err("no connection free");
+    assert!(
+        matches!(
+            error,
+            WriteError::RetriesExhausted {
+                attempts: 5,
+                source: sqlx::Error::PoolTimedOut
+            }
+        ),
+        "{error}"
+    );
+    drop(held);
+    let outcomes = writer
+        .write(&rows(0..10))
+        .await
+        .expect("a connection is free");
+    assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
 }

@@ -73,7 +73,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                         BATCH_SIZE_BUCKETS,
                     )
                 })
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+                .expect("the bucket lists are not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {

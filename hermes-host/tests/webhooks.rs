@@ -828,7 +828,7 @@ async fn a_stalled_database_gets_503_not_a_hang() {
     // What to do, not the database's own error (which the log has).
     assert_eq!(
         reply.json["error"],
-        "the database is unavailable; retry later (a redelivery is stored once)"
+        "the event could not be stored now; retry later (a redelivery is stored once)"
     );
     assert!(
         attempts.len() <= policy.attempts as usize,

@@ -8,7 +8,7 @@ use std::fmt;
 use sqlx::error::DatabaseError;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use super::circuit_breaker::CircuitBreaker;
+use super::circuit_breaker::{Admission, CircuitBreaker};
 use super::guarded_connection::GuardedConnection;
 use super::retry::{ErrorClass, RetryPolicy, classify};
 use super::statement::{BatchStatement, Written};
@@ -105,10 +105,11 @@ pub enum WriteError {
         /// The last error.
         source: sqlx::Error,
     },
-    /// No connection to the database could be opened (refused, timed out,
-    /// the server starting or shutting down), by this write or by another
-    /// of the same writer less than a probe's interval ago: the write failed
-    /// at once instead of retrying. Worth trying again later.
+    /// The database is unreachable: connections to it (refused, timed out,
+    /// the server starting or shutting down) have kept failing, for this
+    /// write or for others of the same writer, and none has opened since.
+    /// The write stopped retrying, or did not try at all. Worth trying again
+    /// later.
     #[error("the database is unreachable")]
     Unavailable,
     /// An error no retry will fix and that no row in particular caused: a
@@ -158,10 +159,11 @@ pub enum InBatchDuplicates {
 ///   [`BatchWriter::single_statement`]);
 /// - **retries of transient errors** with the [`RetryPolicy`]'s jittered
 ///   exponential back-off;
-/// - **failing fast while the database is unreachable**: once a connection
-///   cannot be opened, writes (of this writer and its clones) fail at once
-///   with [`WriteError::Unavailable`] instead of waiting out connection
-///   attempts, until a background probe opens one again;
+/// - **failing fast while the database is unreachable**: once connections
+///   have failed for a second, or for the pool's whole `acquire_timeout`,
+///   writes (of this writer and its clones) fail at once with
+///   [`WriteError::Unavailable`] instead of waiting out connection attempts,
+///   and one write every 0.5 s first checks whether the database is back;
 /// - **poison-row isolation**: when the database rejects the batch for a data
 ///   or constraint error, the batch is split in halves, each written in its
 ///   own transaction, recursively, until the offending rows are alone; those
@@ -393,8 +395,14 @@ impl<S: BatchStatement> BatchWriter<S> {
     ) -> Result<Vec<Written>, RangeError> {
         let mut attempt = 1;
         loop {
-            if self.breaker.is_open() {
-                return Err(RangeError::Fail(WriteError::Unavailable));
+            match self.breaker.admit() {
+                Admission::Closed => {}
+                Admission::Probe(probe) => {
+                    if !probe.database_is_back(&self.pool).await {
+                        return Err(RangeError::Fail(WriteError::Unavailable));
+                    }
+                }
+                Admission::Refused => return Err(RangeError::Fail(WriteError::Unavailable)),
             }
             let error = match self.attempt(rows).await {
                 Ok(written) => return Ok(written),
@@ -449,7 +457,10 @@ impl<S: BatchStatement> BatchWriter<S> {
     /// [`GuardedConnection`]).
     async fn attempt(&self, rows: &[&S::Row]) -> Result<Vec<Written>, AttemptError> {
         let mut conn = match GuardedConnection::acquire(&self.pool).await {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                self.breaker.connection_opened();
+                conn
+            }
             Err(error) if self.breaker.connection_failed(&self.pool, &error) => {
                 return Err(AttemptError::Unreachable);
             }

@@ -66,8 +66,10 @@ impl Handler for IngestHandler {
                 // error text is the operator's business. A failed write may
                 // still have committed (its connection lost at the commit):
                 // a redelivery then gets its 202 as a duplicate.
-                let reason = if transient {
+                let reason = if matches!(error, WriteError::Unavailable) {
                     "the database is unavailable; retry later (a redelivery is stored once)"
+                } else if transient {
+                    "the event could not be stored now; retry later (a redelivery is stored once)"
                 } else {
                     "the event could not be stored because of a database error"
                 };
