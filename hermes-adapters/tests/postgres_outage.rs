@@ -7,6 +7,7 @@ use hermes_adapters::postgres::local::{
     Durability, LocalPostgres, LocalPostgresConfig, test_database,
 };
 use hermes_adapters::postgres::{BatchWriter, RetryPolicy, RowOutcome, UnnestInsert, WriteError};
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 /// Rows `(id, amount)` stored by the key `id`.
@@ -22,6 +23,31 @@ fn rows(range: std::ops::Range<i64>) -> Vec<(String, i64)> {
     range.map(|i| (format!("row-{i}"), i)).collect()
 }
 
+/// A pool of `max_connections` on `url`, waiting `acquire_timeout` for a
+/// connection, whose database has a fresh, empty table `rows`.
+async fn pool_with_rows_table(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .connect(url)
+        .await
+        .expect("connect");
+    for statement in [
+        "DROP TABLE IF EXISTS rows",
+        "CREATE TABLE rows (id text PRIMARY KEY, amount bigint NOT NULL)",
+    ] {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect(statement);
+    }
+    pool
+}
+
 #[tokio::test]
 async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_back() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hermes-pg-outage-test");
@@ -29,20 +55,7 @@ async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_ba
     let pg = LocalPostgres::start_with(config.clone())
         .await
         .expect("start the cluster");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect(&pg.url())
-        .await
-        .expect("connect");
-    sqlx::query("DROP TABLE IF EXISTS rows")
-        .execute(&pool)
-        .await
-        .expect("drop table");
-    sqlx::query("CREATE TABLE rows (id text PRIMARY KEY, amount bigint NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("create table");
+    let pool = pool_with_rows_table(&pg.url(), 4, Duration::from_secs(2)).await;
     let writer = BatchWriter::new(pool.clone(), insert_rows(), RetryPolicy::default());
     let outcomes = writer.write(&rows(0..10)).await.expect("write while up");
     assert!(outcomes.iter().all(|o| *o == RowOutcome::Inserted));
@@ -66,6 +79,9 @@ async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_ba
         "{:?}",
         started.elapsed()
     );
+    // ... the next one at the latest finds the outage declared...
+    let error = writer.write(&rows(10..20)).await.expect_err("server down");
+    assert!(matches!(error, WriteError::Unavailable), "{error}");
     // ... and later writes, concurrent ones too, fail at once without
     // waiting for a connection of their own.
     let started = Instant::now();
@@ -111,16 +127,7 @@ async fn writes_fail_at_once_while_the_database_is_down_and_resume_when_it_is_ba
 /// connection is free, goes through at once.
 #[tokio::test]
 async fn a_busy_pool_is_retried_not_taken_for_an_outage() {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_millis(300))
-        .connect(&test_database().await)
-        .await
-        .expect("connect");
-    sqlx::query("CREATE TABLE rows (id text PRIMARY KEY, amount bigint NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("create table");
+    let pool = pool_with_rows_table(&test_database().await, 1, Duration::from_millis(300)).await;
     let retry = RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(10), 5);
     let writer = BatchWriter::new(pool.clone(), insert_rows(), retry);
     let held = pool.acquire().await.expect("the only connection");
