@@ -12,6 +12,16 @@ use crate::server::Server;
 use crate::shutdown::Signals;
 use crate::telemetry::{self, LogFormat};
 
+/// `eprintln!` that does not panic when stderr cannot be written (a closed
+/// pipe, a full disk): losing a line is no reason to end the process, or to
+/// end it with a panic instead of its exit code.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Hermes: webhook ingestion (and more workloads to come) on hermes-pipeline
 /// and Postgres.
 #[derive(Debug, Parser)]
@@ -105,12 +115,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn report_error(format: LogFormat, error: &anyhow::Error) {
     let message = error_message(error);
     match format {
-        LogFormat::Text => eprintln!("hermes: error: {message}"),
+        LogFormat::Text => say!("hermes: error: {message}"),
         LogFormat::Json => {
             let unfiltered = tracing_subscriber::fmt()
                 .json()
                 .flatten_event(true)
                 .with_writer(std::io::stderr)
+                .log_internal_errors(false)
                 .finish();
             tracing::subscriber::with_default(unfiltered, || {
                 tracing::error!(error = %message, "hermes failed");
@@ -150,7 +161,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     let no_sources = config.webhooks.sources.is_empty();
     let Some(server) = signals.unless(Server::start(config)).await else {
         if text {
-            eprintln!("hermes: stopped during startup");
+            say!("hermes: stopped during startup");
         } else {
             tracing::info!("stopped during startup");
         }
@@ -162,7 +173,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
         tracing::warn!("no [[webhooks.sources]] configured: every POST /webhooks/... answers 404");
     }
     if text {
-        eprintln!(
+        say!(
             "hermes: listening on {} (Postgres: {})",
             server.url(),
             server.database().url()
@@ -170,7 +181,7 @@ async fn serve(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     }
     let report = server.run_until_signal(signals).await;
     if report.forced && text {
-        eprintln!("hermes: stopped; the drain deadline passed before everything was committed");
+        say!("hermes: stopped; the drain deadline passed before everything was committed");
     }
     Ok(())
 }
@@ -181,13 +192,13 @@ async fn migrate(args: ConfigArgs, format: LogFormat) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     let database = Database::connect(&config.database).await?;
     if text {
-        eprintln!("hermes: migrating Postgres at {}", database.url());
+        say!("hermes: migrating Postgres at {}", database.url());
     }
     database.migrate().await?;
     let known = MIGRATOR.iter().count();
     let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     if text {
-        eprintln!("hermes: {known} migrations known, schema at version {latest}");
+        say!("hermes: {known} migrations known, schema at version {latest}");
     } else {
         tracing::info!(known, version = latest, "migrations applied");
     }

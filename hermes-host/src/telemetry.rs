@@ -34,7 +34,10 @@ pub fn init_tracing(format: LogFormat) {
     let filter = filter.add_directive(SILENCED.parse().expect("a valid constant directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Its report of a line it could not write is an `eprintln!`, which
+        // panics where the line could not be written: in whatever task logged.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
