@@ -129,7 +129,8 @@ pub enum ErrorClass {
 /// `08` (connection exceptions) but `08P01` protocol_violation, `57P01`
 /// admin_shutdown, `57P02` crash_shutdown, `57P03` cannot_connect_now,
 /// `57P05` idle_session_timeout, `25P03` idle_in_transaction_session_timeout
-/// (a pooled connection the server ended), `53300` too_many_connections, `53200` out_of_memory, `57014`
+/// (a pooled connection the server ended), `53300` too_many_connections, `53200` out_of_memory,
+/// `53100` disk_full (space may be freed), `57014`
 /// query_canceled (a statement timeout), `55P03` lock_not_available and
 /// `25006` read_only_sql_transaction (a replica, until failover completes).
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
@@ -152,11 +153,12 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         // Serialization failure, deadlock, shutdowns, a session or a
         // transaction ended for idling (idle_session_timeout,
         // idle_in_transaction_session_timeout, met by a pooled connection),
-        // too many connections, out of memory, a statement timeout or cancel,
+        // too many connections, out of memory or disk space, a statement
+        // timeout or cancel,
         // a lock timeout, and a read-only server (a replica, until failover
         // completes).
         "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "57P05" | "25P03" | "53300" | "53200"
-        | "57014" | "55P03" | "25006" => ErrorClass::Transient,
+        | "53100" | "57014" | "55P03" | "25006" => ErrorClass::Transient,
         // Connection exceptions, but a protocol violation repeats itself.
         "08P01" => ErrorClass::Fatal,
         c if c.starts_with("08") => ErrorClass::Transient,
@@ -180,7 +182,7 @@ mod tests {
     fn sqlstates_are_classified() {
         for code in [
             "40001", "40P01", "08006", "08003", "57P01", "57P02", "57P03", "57P05", "25P03",
-            "57014", "55P03", "25006",
+            "57014", "55P03", "25006", "53300", "53200", "53100",
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Transient, "{code}");
         }
