@@ -283,3 +283,29 @@ async fn a_non_empty_directory_without_a_cluster_is_refused() {
         .collect();
     assert_eq!(entries, ["lost+found"]);
 }
+
+/// Run as root, a cluster directory belonging to another user (not root,
+/// not the server's user) is refused, not taken over: its owner keeps it.
+#[tokio::test]
+async fn as_root_another_users_cluster_is_refused_and_left_alone() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // Only root could take it over.
+    }
+    let dir = cluster_dir("hermes-pg-other-owner-test");
+    std::fs::create_dir_all(&dir).expect("create");
+    std::fs::write(dir.join("PG_VERSION"), "15\n").expect("write PG_VERSION");
+    // nobody's uid and group on Debian.
+    let nobody = 65534;
+    std::os::unix::fs::chown(&dir, Some(nobody), Some(nobody)).expect("chown");
+    let message = LocalPostgres::start(&dir, "hermes")
+        .await
+        .expect_err("another user's directory")
+        .to_string();
+    assert!(
+        message.contains("belongs to the user with uid 65534") && message.contains("chown -R"),
+        "{message}"
+    );
+    assert_eq!(std::fs::metadata(&dir).expect("stat").uid(), nobody);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

@@ -205,6 +205,22 @@ pub enum LocalPostgresError {
         /// What it holds: the first names, in order.
         contents: String,
     },
+    /// Running as root, the data directory belongs to another user than
+    /// root and the one the server would run as: taking it over would lock
+    /// that user (and a server of theirs still running) out of it.
+    #[error(
+        "{} belongs to the user with uid {owner}, not to root or '{run_as}': run hermes as          that user, or choose another data directory (or, if it is no longer theirs, `chown -R          {run_as} {}` it yourself)",
+        path.display(),
+        path.display()
+    )]
+    OwnedByAnotherUser {
+        /// The data directory.
+        path: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// The user the server runs as.
+        run_as: String,
+    },
     /// The cluster was made by another major version of PostgreSQL than the
     /// server binaries found.
     #[error(

@@ -46,6 +46,15 @@ pub(super) fn start_blocking(
         init_in_place(&runner, &data_dir)?;
     } else if let Some(run_as) = &runner.run_as {
         let meta = std::fs::metadata(&data_dir).map_err(io_err("reading", &data_dir))?;
+        // Root's own directory (made by an older version) is adopted;
+        // another user's is not.
+        if meta.uid() != run_as.uid && meta.uid() != 0 {
+            return Err(LocalPostgresError::OwnedByAnotherUser {
+                path: data_dir,
+                owner: meta.uid(),
+                run_as: run_as.user.clone(),
+            });
+        }
         if meta.uid() != run_as.uid {
             let mut cmd = Command::new("chown");
             cmd.arg("-R")
