@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster_keeper;
 pub mod config;
 pub mod database;
 pub mod demo;

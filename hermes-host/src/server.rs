@@ -97,6 +97,7 @@ impl Server {
                 pipeline: crate::webhooks::PIPELINE_NAME,
                 source,
             })?;
+        let keeper = database.local().cloned().map(crate::cluster_keeper::keep);
         let upkeep_handle = metrics.clone();
         let upkeep = tokio::spawn(async move {
             let mut interval = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
@@ -117,6 +118,9 @@ impl Server {
             Ok(listener) => listener,
             Err(error) => {
                 upkeep.abort();
+                if let Some(keeper) = &keeper {
+                    keeper.abort();
+                }
                 ingest.pipeline().drain(Duration::ZERO).await;
                 return Err(error);
             }
@@ -144,6 +148,7 @@ impl Server {
             stop: Some(stop),
             serve,
             upkeep,
+            keeper,
             drain_timeout: config.shutdown.drain_timeout(),
         })
     }
@@ -178,6 +183,9 @@ pub struct RunningServer {
     stop: Option<oneshot::Sender<()>>,
     serve: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    /// Restarts the private cluster if its server dies (none with
+    /// `DATABASE_URL`).
+    keeper: Option<JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
@@ -247,6 +255,9 @@ impl RunningServer {
             }
         }
         self.upkeep.abort();
+        if let Some(keeper) = &self.keeper {
+            keeper.abort();
+        }
         self.database.close().await;
         tracing::info!(forced = drained.forced, "hermes stopped");
         ShutdownReport {

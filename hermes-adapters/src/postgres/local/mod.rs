@@ -385,6 +385,16 @@ impl LocalPostgres {
         self.server.pid
     }
 
+    /// Whether this server still runs: its data directory's
+    /// `postmaster.pid` names it, and its process is a `postgres` working
+    /// there. Reads a few small files (blocking, briefly).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self.runner.server_state(&self.data_dir),
+            Ok(server::ServerState::Running(running)) if running.pid == self.server.pid
+        )
+    }
+
     /// The loopback TCP port the server listens on (also the number in its
     /// Unix socket's name).
     pub fn port(&self) -> u16 {
