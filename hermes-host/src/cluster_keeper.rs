@@ -17,11 +17,10 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Starts the task that checks `local`'s server every [`CHECK_INTERVAL`] and
 /// starts it again when its process is gone. Abort the task to stop.
-pub fn keep(local: LocalPostgres) -> JoinHandle<()> {
+pub fn keep(mut local: LocalPostgres) -> JoinHandle<()> {
     tokio::spawn(async move {
         let data_dir: PathBuf = local.data_dir().to_owned();
         let port = local.port();
-        let mut local = local;
         let mut interval = tokio::time::interval(CHECK_INTERVAL);
         loop {
             interval.tick().await;
