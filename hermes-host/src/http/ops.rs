@@ -45,8 +45,10 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         }
         Err(_) => {
             return Err(ApiError::unavailable(
+                // A refused TCP connection ends here too: the pool retries
+                // it until its acquire timeout, past this one.
                 format!(
-                    "database did not answer within {} s",
+                    "database not reached within {} s (down, refusing connections or stalled)",
                     READY_DB_TIMEOUT.as_secs()
                 ),
                 state.retry_after_secs,
