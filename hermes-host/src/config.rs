@@ -96,6 +96,20 @@ pub enum ConfigError {
     },
 }
 
+/// Whether `url` names Postgres: else why not (its password redacted).
+fn check_database_url(url: &str) -> Result<(), String> {
+    if ["postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| url.trim_start().starts_with(scheme))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{:?} must start with postgres:// or postgresql://",
+        redact_url(url)
+    ))
+}
+
 fn in_file(path: &Option<PathBuf>) -> String {
     match path {
         Some(path) => format!(" in {}", path.display()),
@@ -115,19 +129,9 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// `[shutdown]`: how long a graceful shutdown may take.
     pub shutdown: ShutdownConfig,
-    /// Where the settings came from, to name it in errors.
+    /// The file the settings were read from, if any, to name it in errors.
     #[serde(skip)]
-    origin: Origin,
-}
-
-/// Where a [`Config`]'s settings came from: set by [`Config::from_file`]
-/// and [`Config::apply_env`], read by [`Config::validate`].
-#[derive(Debug, Clone, Default)]
-struct Origin {
-    /// The file read, if any.
     file: Option<PathBuf>,
-    /// Whether `database.url` was set by `DATABASE_URL`.
-    database_url_from_env: bool,
 }
 
 /// `[http]`.
@@ -598,7 +602,7 @@ impl Config {
             path: path.map(Path::to_owned),
             message: parse_error_message(text, &error),
         })?;
-        config.origin.file = path.map(Path::to_owned);
+        config.file = path.map(Path::to_owned);
         Ok(config)
     }
 
@@ -629,8 +633,11 @@ impl Config {
             })?;
         }
         if let Some(url) = read(DATABASE_URL_ENV)?.filter(|url| !url.trim().is_empty()) {
+            check_database_url(&url).map_err(|message| ConfigError::Env {
+                name: DATABASE_URL_ENV,
+                message,
+            })?;
             self.database.url = Some(url);
-            self.origin.database_url_from_env = true;
         }
         Ok(())
     }
@@ -652,7 +659,7 @@ impl Config {
         let w = &self.webhooks;
         let (db, to) = (&self.database, |n: usize| n as u64);
         let invalid = |message: String| ConfigError::Invalid {
-            path: self.origin.file.clone(),
+            path: self.file.clone(),
             message,
         };
         // Each setting from 1 to its bound.
@@ -719,23 +726,9 @@ impl Config {
                 w.batch_size
             )));
         }
-        if let Some(url) = &self.database.url
-            && !["postgres://", "postgresql://"]
-                .iter()
-                .any(|scheme| url.trim_start().starts_with(scheme))
-        {
-            let message = format!(
-                "{:?} must start with postgres:// or postgresql://",
-                redact_url(url)
-            );
-            return Err(if self.origin.database_url_from_env {
-                ConfigError::Env {
-                    name: DATABASE_URL_ENV,
-                    message,
-                }
-            } else {
-                invalid(format!("database.url {message}"))
-            });
+        if let Some(url) = &self.database.url {
+            check_database_url(url)
+                .map_err(|message| invalid(format!("database.url {message}")))?;
         }
         if let Some(url) = &self.http.public_url
             && !is_http_url(url)
@@ -989,10 +982,10 @@ mod tests {
         );
         // A URL from DATABASE_URL names the variable, not the file.
         let mut config = Config::parse("", Some(file)).unwrap();
-        config
+        let error = config
             .apply_env_with(|name| (name == DATABASE_URL_ENV).then(|| "mysql://u:pw@db/x".into()))
-            .unwrap();
-        let error = config.validate().unwrap_err().to_string();
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             error,
             "environment variable DATABASE_URL: \"mysql://u:***@db/x\" must start with \
