@@ -56,22 +56,24 @@ impl Handler for IngestHandler {
             Ok(outcomes) => record_outcomes(batch, &outcomes),
             Err(error) => {
                 let transient = error.is_transient();
-                if matches!(error, WriteError::Unavailable) {
-                    // Said once when the database became unreachable.
-                    tracing::debug!(batch = info.size, %error, "webhook batch not written");
-                } else {
-                    tracing::error!(batch = info.size, %error, "webhook batch not written");
-                }
                 // The client learns what to do, the log why: the database's
                 // error text is the operator's business. A failed write may
                 // still have committed (its connection lost at the commit):
                 // a redelivery then gets its 202 as a duplicate.
-                let reason = if matches!(error, WriteError::Unavailable) {
-                    "the database is unavailable; retry later (a redelivery is stored once)"
-                } else if transient {
-                    "the event could not be stored now; retry later (a redelivery is stored once)"
-                } else {
-                    "the event could not be stored because of a database error"
+                let reason = match &error {
+                    WriteError::Unavailable => {
+                        // Logged once, when the database became unreachable.
+                        tracing::debug!(batch = info.size, %error, "webhook batch not written");
+                        "the database is unavailable; retry later (a redelivery is stored once)"
+                    }
+                    _ => {
+                        tracing::error!(batch = info.size, %error, "webhook batch not written");
+                        if transient {
+                            "the event could not be stored now; retry later (a redelivery is stored once)"
+                        } else {
+                            "the event could not be stored because of a database error"
+                        }
+                    }
                 };
                 for message in batch.iter_mut() {
                     message.data.set_fate(Fate::Failed {
