@@ -4,13 +4,10 @@
 //! are stored again without restarting the host. Meanwhile requests get 503
 //! (the batch writer's circuit breaker).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use hermes_adapters::postgres::LocalPostgres;
 use tokio::task::JoinHandle;
-
-use crate::database::LOCAL_DATABASE;
 
 /// How often the server's process is checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -19,7 +16,6 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// starts it again when its process is gone. Abort the task to stop.
 pub fn keep(mut local: LocalPostgres) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let data_dir: PathBuf = local.data_dir().to_owned();
         let port = local.port();
         let mut interval = tokio::time::interval(CHECK_INTERVAL);
         loop {
@@ -33,10 +29,10 @@ pub fn keep(mut local: LocalPostgres) -> JoinHandle<()> {
             }
             tracing::warn!(
                 pid = local.pid(),
-                data_dir = %data_dir.display(),
+                data_dir = %local.data_dir().display(),
                 "the private PostgreSQL stopped: starting it again"
             );
-            match LocalPostgres::start(&data_dir, LOCAL_DATABASE).await {
+            match local.start_again().await {
                 Ok(started) if started.port() == port => {
                     tracing::info!(
                         pid = started.pid(),

@@ -303,9 +303,12 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalP
 /// call [`LocalPostgres::stop`] to shut it down.
 #[derive(Clone)]
 pub struct LocalPostgres {
+    /// `config.data_dir`, absolute.
     data_dir: PathBuf,
     server: Running,
-    database: String,
+    /// What it was started with: [`LocalPostgres::start_again`] starts it
+    /// the same way.
+    config: LocalPostgresConfig,
     reused: bool,
     runner: Runner,
 }
@@ -315,7 +318,7 @@ impl fmt::Debug for LocalPostgres {
         f.debug_struct("LocalPostgres")
             .field("data_dir", &self.data_dir)
             .field("server", &self.server)
-            .field("database", &self.database)
+            .field("database", &self.config.database)
             .field("reused", &self.reused)
             .field("bindir", &self.runner.bindir)
             .field("run_as", &self.runner.run_as.as_ref().map(|r| &r.user))
@@ -340,13 +343,13 @@ impl LocalPostgres {
         let pg = blocking(move || start_blocking(&config)).await?;
         pg.wait_ready().await?;
         pg.set_tcp_password().await?;
-        pg.create_database(&pg.database).await?;
+        pg.create_database(&pg.config.database).await?;
         Ok(pg)
     }
 
     /// The URL of the database given at start (see [`LocalPostgres::url_for`]).
     pub fn url(&self) -> String {
-        self.url_for(&self.database)
+        self.url_for(&self.config.database)
     }
 
     /// The URL of a database of this cluster: through its Unix socket,
@@ -385,6 +388,16 @@ impl LocalPostgres {
         self.server.pid
     }
 
+    /// Starts this cluster again as [`LocalPostgres::start_with`] started
+    /// it (reusing its server if that runs), say after its server died.
+    pub async fn start_again(&self) -> Result<Self, LocalPostgresError> {
+        Self::start_with(LocalPostgresConfig {
+            data_dir: self.data_dir.clone(),
+            ..self.config.clone()
+        })
+        .await
+    }
+
     /// Whether this server still runs: its data directory's
     /// `postmaster.pid` names it, and its process is a `postgres` working
     /// there. Reads a few small files (blocking, briefly).
@@ -413,7 +426,7 @@ impl LocalPostgres {
 
     /// The database given at start.
     pub fn database(&self) -> &str {
-        &self.database
+        &self.config.database
     }
 
     /// Whether the server was already running and was reused rather than started.

@@ -72,7 +72,7 @@ pub(super) fn start_blocking(
                 return Ok(LocalPostgres {
                     data_dir,
                     server: running,
-                    database: config.database.clone(),
+                    config: config.clone(),
                     reused: true,
                     runner,
                 });
@@ -99,7 +99,7 @@ pub(super) fn start_blocking(
                     return Ok(LocalPostgres {
                         data_dir,
                         server: running,
-                        database: config.database.clone(),
+                        config: config.clone(),
                         reused: false,
                         runner,
                     });
