@@ -60,8 +60,12 @@ pub struct DemoArgs {
     pub duration: Option<std::time::Duration>,
     /// Connections sending valid SMS webhooks as fast as the host answers
     /// (1 to 10000).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=MAX_DEMO_CONNECTIONS))]
-    pub connections: u64,
+    #[arg(
+        long,
+        default_value_t = 32,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DEMO_CONNECTIONS)
+    )]
+    pub connections: usize,
 }
 
 /// The most connections `hermes demo` opens: each is a task with its own
@@ -99,8 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(args.config.config.as_deref())?;
             let options = DemoOptions {
                 duration: args.duration,
-                connections: usize::try_from(args.connections)
-                    .context("--connections does not fit in usize")?,
+                connections: args.connections,
             };
             demo::run(config, options).await
         }
