@@ -226,15 +226,7 @@ fn read_log(path: &Path) -> String {
 
 /// Sends `event` once, signed now.
 async fn deliver(client: &reqwest::Client, url: &str, verifier: &Verifier, body: &[u8]) -> Answer {
-    let headers = verifier.sign(body, url, "", SystemTime::now());
-    let response = client
-        .post(url)
-        .headers(headers)
-        .header("content-type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await;
-    let Ok(response) = response else {
+    let Ok(response) = child::post_signed(client, url, verifier, body).await else {
         return Answer::Unanswered;
     };
     let status = response.status().as_u16();

@@ -5,7 +5,7 @@
 mod child;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use child::{exit_within, send_signal, tmp_dir, wait_for_output};
 use hermes_adapters::postgres::LocalPostgres;
@@ -31,13 +31,7 @@ normalize = "none"
 async fn post(client: &reqwest::Client, url: &str, verifier: &Verifier, n: u32) -> Option<u16> {
     let body = format!(r#"{{"n":{n}}}"#);
     let route = format!("{url}/webhooks/raw");
-    let headers = verifier.sign(body.as_bytes(), &route, "", SystemTime::now());
-    let reply = client
-        .post(route)
-        .header("content-type", "application/json")
-        .headers(headers)
-        .body(body)
-        .send()
+    let reply = child::post_signed(client, &route, verifier, body.as_bytes())
         .await
         .ok()?;
     Some(reply.status().as_u16())

@@ -1,13 +1,15 @@
 //! Shared by the tests that run the `hermes` binary as a child process: how
-//! it is started, its working directory, signals, waiting on its output, and
-//! a database that never answers.
+//! it is started, its working directory, signals, waiting on its output, a
+//! database that never answers, and signed deliveries to it.
 
 // Each test uses only some of these.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use hermes_adapters::webhook::Verifier;
 
 use tokio::process::{Child, Command};
 
@@ -122,4 +124,22 @@ pub async fn exit_within(
         Ok(status) => status.expect("wait for hermes"),
         Err(_) => panic!("hermes still running after {limit:?}:\n{}", output()),
     }
+}
+
+/// POSTs the JSON `body` to the webhook route `url`, signed now by
+/// `verifier` as its provider would.
+pub async fn post_signed(
+    client: &reqwest::Client,
+    url: &str,
+    verifier: &Verifier,
+    body: &[u8],
+) -> reqwest::Result<reqwest::Response> {
+    let headers = verifier.sign(body, url, "", SystemTime::now());
+    client
+        .post(url)
+        .headers(headers)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
 }
